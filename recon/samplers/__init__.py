@@ -1,0 +1,3 @@
+"""recon.samplers (under construction; see the issues)."""
+
+__all__: list[str] = []

@@ -274,7 +274,8 @@ def test_angle_weights_sum_and_missing_wedge():
     rand = torch.sort(torch.rand(50, generator=torch.Generator().manual_seed(1)) * math.pi).values
     assert float(angle_weights(rand, math.pi).sum()) == pytest.approx(math.pi)
     limited = torch.deg2rad(torch.arange(0.0, 120.0, 2.0, dtype=torch.float64))  # a 60° missing wedge
-    torch.testing.assert_close(angle_weights(limited, math.pi), torch.full((60,), math.radians(2.0), dtype=torch.float64))
+    expected = torch.full((60,), math.radians(2.0), dtype=torch.float64)
+    torch.testing.assert_close(angle_weights(limited, math.pi), expected)
 
 
 def test_fan_beam_fbp_quality():

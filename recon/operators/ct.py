@@ -306,7 +306,7 @@ def _backproject_1d(q, detector_coordinate, wts, n_pix):
 
 def _fan_defaults(radius: float, source_to_center, source_to_detector):
     dso = 4.0 * radius if source_to_center is None else float(source_to_center)
-    dsd = 2.0 * dso if source_to_detector is None else float(source_to_detector)
+    dsd = 1.5 * dso if source_to_detector is None else float(source_to_detector)
     if not dso > radius:
         raise ValueError(
             f"source_to_center must exceed the radius of the image ({radius:g} mm) so that the source is "
@@ -333,7 +333,8 @@ class FanBeamCT(_CTBase):
         detector_spacing: column spacing on the detector in mm (default 1).
         spacing: pixel spacing in mm, a number or ``(sy, sx)``.
         source_to_center: source to rotation axis distance in mm (default: twice the image diagonal).
-        source_to_detector: source to detector distance in mm (default: twice ``source_to_center``).
+        source_to_detector: source to detector distance in mm (default: 1.5 × ``source_to_center``, a
+            magnification of 1.5, as on clinical C-arms).
         noise_model, matrix_memory: as in ``ParallelBeamCT``.
 
     Shapes: ``(B, C, H, W) → (B, C, V, N)``.

@@ -22,6 +22,7 @@ __all__ = [
     "SHEPP_LOGAN_3D",
     "ellipse_line_integrals",
     "ellipsoid_line_integrals",
+    "random_ct_phantom",
     "shepp_logan",
     "shepp_logan_3d",
 ]
@@ -181,3 +182,60 @@ def ellipsoid_line_integrals(
     sz, sy, sx = (float(spacing),) * 3 if isinstance(spacing, (int, float)) else tuple(map(float, spacing))
     shapes = _ellipses_mm(SHEPP_LOGAN_3D, 0.5 * min(D * sz, H * sy, W * sx), 3)
     return _chord_lengths(shapes, p.to(torch.float64), d.to(torch.float64))
+
+
+def random_ct_phantom(
+    img_size: Sequence[int] = (128, 128), generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A random CT-like slice in HU, ``(H, W)``: air, a body outline with a fat layer, soft-tissue organs,
+    bones of varying density, optional lungs and contrast-filled vessels, and smooth tissue texture.
+
+    Used to augment the training data of the built-in CT prior; every random draw comes from ``generator``,
+    so a phantom is reproducible from its seed.
+    """
+    H, W = (int(s) for s in img_size)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def u(lo, hi, n=()):
+        return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+    ys = torch.linspace(-1, 1, H, dtype=torch.float64)[:, None] * (H / max(H, W))
+    xs = torch.linspace(-1, 1, W, dtype=torch.float64)[None, :] * (W / max(H, W))
+
+    def ellipse(cx, cy, a, b, phi):
+        c, s = math.cos(phi), math.sin(phi)
+        dx, dy = xs - cx, ys - cy
+        return ((c * dx + s * dy) / a) ** 2 + ((-s * dx + c * dy) / b) ** 2 <= 1
+
+    img = torch.full((H, W), -1000.0, dtype=torch.float64)
+    a, b = float(u(0.55, 0.95)), float(u(0.45, 0.85))
+    cx, cy, phi = float(u(-0.08, 0.08)), float(u(-0.08, 0.08)), float(u(-0.3, 0.3))
+    body = ellipse(cx, cy, a, b, phi)
+    img[body] = float(u(-120, -80))  # subcutaneous fat
+    t = float(u(0.04, 0.12))
+    inner = ellipse(cx, cy, a - t, b - t, phi)
+    img[inner] = float(u(20, 50))  # muscle / soft tissue
+    if float(u(0, 1)) < 0.5:  # lungs (thorax) or not (abdomen, head)
+        for side in (-1, 1):
+            img[ellipse(cx + side * a * 0.45, cy - 0.05, a * 0.32, b * 0.6, side * float(u(0, 0.3))) & inner] = float(
+                u(-900, -750)
+            )
+    for _ in range(int(u(2, 7))):  # organs
+        oa, ob = float(u(0.05, 0.3)), float(u(0.05, 0.3))
+        ox, oy = float(u(-0.6, 0.6)) * (a - oa), float(u(-0.6, 0.6)) * (b - ob)
+        img[ellipse(cx + ox, cy + oy, oa, ob, float(u(0, math.pi))) & inner] = float(u(-50, 90))
+    for _ in range(int(u(1, 6))):  # bones: dense cortex around a less dense core
+        ba, bb = float(u(0.03, 0.12)), float(u(0.03, 0.12))
+        bx, by, bphi = float(u(-0.8, 0.8)) * (a - ba), float(u(-0.8, 0.8)) * (b - bb), float(u(0, math.pi))
+        img[ellipse(cx + bx, cy + by, ba, bb, bphi) & inner] = float(u(600, 1500))
+        img[ellipse(cx + bx, cy + by, 0.6 * ba, 0.6 * bb, bphi) & inner] = float(u(150, 400))
+    for _ in range(int(u(0, 5))):  # contrast-filled vessels
+        r = float(u(0.01, 0.04))
+        img[ellipse(cx + float(u(-0.5, 0.5)) * a, cy + float(u(-0.5, 0.5)) * b, r, r, 0.0) & inner] = float(u(150, 300))
+    # smooth texture inside the body: low-pass filtered noise of a few HU to tens of HU
+    noise = torch.randn((1, 1, H, W), generator=g, dtype=torch.float64)
+    k = max(3, int(0.04 * max(H, W)) | 1)
+    kernel = torch.ones(1, 1, k, k, dtype=torch.float64) / k**2
+    texture = torch.nn.functional.conv2d(noise, kernel, padding=k // 2)[0, 0] * k * float(u(2, 12))
+    img = torch.where(body, img + texture, img)
+    return img.to(dtype)

@@ -1,0 +1,287 @@
+"""DiffusionPrior, schedules, the recon prior format and training, against closed forms and round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recon.priors import DiffusionPrior, EDMSchedule, IntensityWindow, VESchedule, VPSchedule, load_prior, save_prior
+from recon.priors.networks import ConditionedUNet
+from recon.priors.schedules import alpha_bar_from_sigma, karras_sigmas, log_snr_from_sigma, sigma_from_log_snr
+from recon.priors.train import TrainConfig, sample_unconditional, train_prior
+
+# ---------------------------------------------------------------------------------------------
+# Schedules against the published formulas
+# ---------------------------------------------------------------------------------------------
+
+
+def test_vp_linear_schedule_matches_ddpm():
+    """ᾱ_t = Π(1 - β_s), β linear from 1e-4 to 0.02 over 1000 steps (Ho et al. 2020), computed with numpy."""
+    sched = VPSchedule("linear", 1000)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    t = torch.arange(1000, dtype=torch.float64)
+    np.testing.assert_allclose(sched.sigma(t).numpy(), np.sqrt((1 - abar) / abar), rtol=1e-10)
+    np.testing.assert_allclose(alpha_bar_from_sigma(sched.sigma(t)).numpy(), abar, rtol=1e-10)
+
+
+def test_vp_cosine_schedule_matches_nichol_dhariwal():
+    """ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), s = 0.008, away from the β clip at the end."""
+    sched = VPSchedule("cosine", 1000)
+    f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    t = np.arange(1, 900)
+    np.testing.assert_allclose(sched.alphas_cumprod[t - 1].numpy(), f(t) / f(0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("sched", [VPSchedule("linear"), VPSchedule("cosine"), VESchedule(), EDMSchedule()])
+def test_time_sigma_round_trip(sched):
+    sig = torch.exp(torch.linspace(math.log(sched.sigma_min) + 1e-6, math.log(sched.sigma_max) - 1e-6, 97)).double()
+    torch.testing.assert_close(sched.sigma(sched.t(sig)), sig, rtol=1e-9, atol=0)
+    torch.testing.assert_close(sigma_from_log_snr(log_snr_from_sigma(sig)), sig)
+
+
+def test_karras_sigmas():
+    s = karras_sigmas(10, 0.002, 80.0)
+    assert s.shape == (11,) and s[-1] == 0
+    assert float(s[0]) == pytest.approx(80.0) and float(s[-2]) == pytest.approx(0.002)
+    assert (torch.diff(s) < 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every schedule × parameterization gives the same x̂0 for the same (exact) denoiser
+# ---------------------------------------------------------------------------------------------
+M0, S0 = 0.3, 0.7  # analytic prior: every pixel x0 ~ N(M0, S0²) independently
+
+
+def exact_x0(x, sigma):
+    return M0 + S0**2 / (S0**2 + sigma**2) * (x - M0)
+
+
+class AnalyticNet(nn.Module):
+    """Outputs what a perfectly trained network of the given schedule and parameterization would output,
+    each written from the parameterization's definition (not from DiffusionPrior's inverse formulas)."""
+
+    def __init__(self, schedule, parameterization):
+        super().__init__()
+        self.schedule, self.p = schedule, parameterization
+
+    def sigma_from_condition(self, cond):
+        cond = cond.double()
+        if self.schedule.kind == "vp":
+            return self.schedule.sigma(cond)  # fractional DDPM step
+        if self.schedule.kind == "ve":
+            return cond  # NCSN++ is conditioned on sigma
+        return torch.exp(4 * cond)  # EDM c_noise = ln(sigma)/4
+
+    def forward(self, x_in, cond):
+        x_in = x_in.double()
+        sigma = self.sigma_from_condition(cond).reshape(-1, 1, 1, 1)
+        if self.schedule.kind == "vp":
+            c = 1 / torch.sqrt(1 + sigma**2)
+        elif self.schedule.kind == "edm":
+            c = 1 / torch.sqrt(sigma**2 + self.schedule.sigma_data**2)
+        else:
+            c = torch.ones_like(sigma)
+        x = x_in / c
+        x0 = exact_x0(x, sigma)
+        eps = (x - x0) / sigma  # E[n | x]
+        if self.p == "eps":
+            return eps
+        if self.p == "x0":
+            return x0
+        if self.p == "v":  # Salimans & Ho: v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0
+            abar = 1 / (1 + sigma**2)
+            return torch.sqrt(abar) * eps - torch.sqrt(1 - abar) * x0
+        if self.p == "score":  # score of the network's own input x_in = c (x0 + σ n)
+            return (c * x0 - x_in) / (c * sigma) ** 2
+        sd = self.schedule.sigma_data  # EDM: D = c_skip x + c_out F
+        return (x0 - sd**2 / (sigma**2 + sd**2) * x) / (sigma * sd / torch.sqrt(sigma**2 + sd**2))
+
+
+@pytest.mark.parametrize(
+    "schedule, parameterization",
+    [(VPSchedule(), "eps"), (VPSchedule("cosine"), "x0"), (VPSchedule(), "v"), (VPSchedule(), "score"),
+     (VESchedule(), "eps"), (VESchedule(), "x0"), (VESchedule(), "score"), (EDMSchedule(), "edm"),
+     (EDMSchedule(), "eps")],
+)
+def test_every_parameterization_returns_the_exact_tweedie_estimate(schedule, parameterization):
+    prior = DiffusionPrior(AnalyticNet(schedule, parameterization), schedule, parameterization)
+    x = torch.randn(5, 1, 6, 7, dtype=torch.float64) * 3
+    sigma = torch.tensor([0.02, 0.1, 0.5, 2.0, 10.0], dtype=torch.float64)
+    expected = exact_x0(x, sigma.reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(prior.denoise(x, sigma), expected, rtol=1e-5, atol=1e-5)
+    # the score is that of N(M0, S0² + σ²), checked by autograd of its log density
+    xr = x.clone().requires_grad_(True)
+    logp = (-0.5 * (xr - M0) ** 2 / (S0**2 + sigma.reshape(-1, 1, 1, 1) ** 2)).sum()
+    (grad,) = torch.autograd.grad(logp, xr)
+    torch.testing.assert_close(prior.score(x, sigma), grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prior.denoise(x, 0.0), x)  # sigma = 0 returns the input
+
+
+def test_volumes_go_slice_by_slice_in_bounded_chunks():
+    sched = EDMSchedule()
+    prior = DiffusionPrior(AnalyticNet(sched, "edm"), sched, "edm")
+    vol = torch.randn(2, 1, 9, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([0.3, 1.5], dtype=torch.float64)
+    full = prior.denoise(vol, sigma)
+    torch.testing.assert_close(full, exact_x0(vol, sigma.reshape(-1, 1, 1, 1, 1)), rtol=1e-5, atol=1e-5)
+    prior.memory_budget = 4 * 64 * prior.bytes_per_voxel  # 4 slices per network call
+    assert prior.slices_per_call((8, 8)) == 4
+    prior.nfe = 0
+    torch.testing.assert_close(prior.denoise(vol, sigma), full)
+    assert prior.nfe == 18
+
+
+def test_bad_prior_arguments():
+    with pytest.raises(ValueError, match="parameterization"):
+        DiffusionPrior(nn.Identity(), VPSchedule(), "noise")
+    with pytest.raises(ValueError, match="VP schedules only"):
+        DiffusionPrior(nn.Identity(), VESchedule(), "v")
+    prior = DiffusionPrior(AnalyticNet(VESchedule(), "x0"), VESchedule(), "x0")
+    with pytest.raises(ValueError, match="sigma"):
+        prior.denoise(torch.zeros(2, 1, 4, 4), torch.ones(3))
+    with pytest.raises(ValueError, match="sigma > 0"):
+        prior.score(torch.zeros(1, 1, 4, 4), 0.0)
+    with pytest.raises(ValueError, match="channel"):
+        prior.denoise(torch.zeros(1, 3, 4, 4), 1.0)
+
+
+def test_intensity_window_round_trip():
+    w = IntensityWindow(-1000, 1500)
+    hu = torch.tensor([-1000.0, 250.0, 1500.0, 3000.0])
+    torch.testing.assert_close(w.normalize(hu)[:3], torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(w.denormalize(w.normalize(hu)), hu)
+
+
+def test_heun_sampler_reproduces_an_analytic_prior():
+    """Unconditional EDM-Heun samples of the analytic Gaussian prior have its mean and standard deviation."""
+    sched = EDMSchedule()
+    prior = DiffusionPrior(AnalyticNet(sched, "edm"), sched, "edm")
+    x = sample_unconditional(prior, (4000, 1, 2, 2), steps=100, generator=torch.Generator().manual_seed(0))
+    assert abs(float(x.mean()) - M0) < 4 * S0 / math.sqrt(x.numel())
+    assert abs(float(x.std()) / S0 - 1) < 0.015  # discretisation: 5% at 18 steps, 1% at 50, 0.5% at 200
+
+
+# ---------------------------------------------------------------------------------------------
+# The recon prior format
+# ---------------------------------------------------------------------------------------------
+ARCH = {"name": "recon.ConditionedUNet", "args": {"channels": [8, 16], "norm_num_groups": 8}}
+
+
+def _small_prior():
+    torch.manual_seed(0)
+    net = ConditionedUNet(channels=(8, 16), norm_num_groups=8)
+    return DiffusionPrior(net, EDMSchedule(), "edm", intensity=IntensityWindow(-1000, 1500), card={"license": "test"})
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    prior = _small_prior()
+    save_prior(prior, tmp_path / "p", ARCH, card={"training": {"steps": 0}})
+    loaded = load_prior(tmp_path / "p")
+    x = torch.randn(2, 1, 20, 24)
+    torch.testing.assert_close(loaded.denoise(x, 0.7), prior.denoise(x, 0.7), rtol=0, atol=0)
+    card = json.loads((tmp_path / "p" / "model_card.json").read_text())
+    assert card["format"] == "recon-prior" and card["schedule"]["kind"] == "edm" and card["license"] == "test"
+    assert loaded.intensity == IntensityWindow(-1000, 1500) and not any(p.requires_grad for p in loaded.parameters())
+    assert load_prior(tmp_path / "p" / "model.safetensors").parameterization == "edm"  # a file inside works too
+
+
+def test_mismatched_or_missing_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    prior = _small_prior()
+    save_prior(prior, tmp_path / "p", ARCH)
+    state = {k: v for k, v in prior.network.state_dict().items()}
+    state["unet.conv_in.conv.weight"] = torch.zeros(3, 1, 3, 3)
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "p" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unet\.conv_in\.conv\.weight.*\(3, 1, 3, 3\)"):
+        load_prior(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"unexpected.*extra\.weight"):
+        load_prior(tmp_path / "p")
+    (tmp_path / "p" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="unreadable safetensors"):
+        load_prior(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="built-in name"):
+        load_prior(tmp_path / "nothing-here")
+    (tmp_path / "q").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing model\.safetensors"):
+        load_prior(tmp_path / "q")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def _tiny_config(data, out, **kw):
+    base = dict(data=data, out=str(out), crop=16, batch_size=4, steps=6, channels=(8, 16), checkpoint_every=3,
+                sample_every=0, progress=False, phantom_fraction=0.25)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def ct_file():
+    from pydicom.data import get_testdata_file
+
+    return get_testdata_file("CT_small.dcm", download=False)
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, ct_file):
+    """Weights after 6 steps equal those after 4 steps, a stop, and 2 resumed steps (CPU, same seed)."""
+    full = train_prior(_tiny_config([ct_file], tmp_path / "a"))
+    assert full["step"] == 6
+    cfg = _tiny_config([ct_file], tmp_path / "b")
+    assert train_prior(cfg, max_steps_this_run=4)["step"] == 4
+    assert train_prior(cfg, resume=True)["step"] == 6
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert load_prior(tmp_path / "b" / "prior").card["training"]["steps"] == 6
+    with pytest.raises(ValueError, match="different configuration"):
+        train_prior(_tiny_config([ct_file], tmp_path / "b", lr=1e-3), resume=True)
+
+
+def test_unreadable_training_files_are_reported_by_name(tmp_path, ct_file):
+    bad = tmp_path / "data" / "broken.dcm"
+    bad.parent.mkdir()
+    bad.write_bytes(b"DICM" * 10)
+    summary = train_prior(_tiny_config([ct_file, bad.parent], tmp_path / "run", steps=2))
+    assert [s["file"] for s in summary["skipped"]] == [str(bad)]
+    from recon.datasets.slices import SliceReadError
+
+    with pytest.raises(SliceReadError, match=r"broken\.dcm"):
+        train_prior(_tiny_config([ct_file, bad.parent], tmp_path / "run2", steps=2, on_error="stop"))
+
+
+def test_train_prior_command_on_mixed_formats(tmp_path, ct_file):
+    """The command trains on DICOM + NIfTI + PNG + NumPy files, writes a loadable prior and a sample grid."""
+    import nibabel as nib
+    from skimage.io import imsave
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.normal(0, 100, (24, 24, 3)).astype(np.float32), np.eye(4)), data / "vol.nii.gz")
+    imsave(data / "img.png", (rng.random((24, 24)) * 255).astype(np.uint8), check_contrast=False)
+    np.save(data / "arr.npy", rng.normal(0, 100, (2, 20, 20)))
+    (data / "CT.dcm").write_bytes(open(ct_file, "rb").read())
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "recon.cli", "train-prior", "-i", str(data), "-o", str(out), "--steps", "3",
+           "--crop", "16", "--batch-size", "2", "--sample-every", "3", "--checkpoint-every", "3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["step"] == 3 and summary["skipped"] == []
+    assert (out / "samples_0000003.png").is_file()
+    prior = load_prior(out / "prior")
+    assert prior.card["training"]["steps"] == 3 and len(prior.card["training"]["files"]) == 4
+    res = subprocess.run([sys.executable, "-m", "recon.cli", "train-prior", "-i", str(tmp_path / "missing"), "-o",
+                          str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr

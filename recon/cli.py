@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         "train-prior",
         help="train a 2D diffusion prior on DICOM / NIfTI / PNG / TIFF / NumPy files",
         description="Train a slice diffusion prior (EDM recipe, EMA, checkpoints, exact --resume). "
-        "`--preset default-ct` is the recipe of the built-in CT prior.",
+        "`--preset default-ct` / `default-mri` are the recipes of the built-in priors.",
     )
     tp.add_argument("-i", "--input", nargs="*", default=[], help="training files or folders (searched recursively)")
     tp.add_argument("-o", "--output", required=True, help="run folder: checkpoint.pt, prior/, sample grids")
-    tp.add_argument("--preset", choices=["default-ct"], help="use a built-in recipe (its data and settings)")
+    tp.add_argument("--preset", choices=["default-ct", "default-mri"], help="use a built-in recipe (data and settings)")
     tp.add_argument("--modality", choices=["ct", "mri"], default="ct")
     tp.add_argument("--steps", type=int, help="total training steps")
     tp.add_argument("--batch-size", type=int)
@@ -136,7 +136,7 @@ def _train_prior_command(args, parser) -> int:
     import torch
 
     from recon.datasets.slices import SliceReadError
-    from recon.priors.train import TrainConfig, default_ct_config, train_prior
+    from recon.priors.train import TrainConfig, default_ct_config, default_mri_config, train_prior
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,8 +149,9 @@ def _train_prior_command(args, parser) -> int:
         }.items()
         if v is not None
     }
-    if args.preset == "default-ct":
-        cfg = default_ct_config(args.output, device=args.device, **overrides)
+    if args.preset:
+        recipe = default_ct_config if args.preset == "default-ct" else default_mri_config
+        cfg = recipe(args.output, device=args.device, **overrides)
         if args.input:
             cfg = dataclasses.replace(cfg, data=cfg.data + list(args.input))
     else:

@@ -47,8 +47,12 @@ def _is_nifti(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def read_slices(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Yield the 2D float64 slices of one file in physical units. Raises ``SliceReadError``."""
+def read_slices(path: str | os.PathLike, axes: Sequence[int] = (2,)) -> Iterator[np.ndarray]:
+    """Yield the 2D float64 slices of one file in physical units. Raises ``SliceReadError``.
+
+    ``axes``: for NIfTI volumes, the array axes to slice along (``(2,)``: the third axis, usually axial;
+    ``(0, 1, 2)``: all three orientations, an augmentation for 2D priors used on volumes).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -62,7 +66,7 @@ def read_slices(path: str | os.PathLike) -> Iterator[np.ndarray]:
                 data = data.reshape(*data.shape[:3], -1).transpose(3, 0, 1, 2).reshape(-1, *data.shape[1:3])
                 slices = list(data)
             elif data.ndim == 3:
-                slices = [data[:, :, k] for k in range(data.shape[2])]
+                slices = [np.take(data, k, axis=ax) for ax in axes for k in range(data.shape[ax])]
             else:
                 raise SliceReadError(path, f"NIfTI with {data.ndim} dimensions is not supported")
         elif suffix in _IMAGE_EXT:

@@ -1,3 +1,17 @@
-"""recon.samplers (under construction; see the issues)."""
+"""Posterior samplers behind one interface: ``reconstruct(physics, y, prior, method=...)``.
 
-__all__: list[str] = []
+See ``recon.samplers.base`` for the conventions every sampler follows.
+"""
+
+from __future__ import annotations
+
+from recon.samplers.base import (
+    METHODS,
+    ReconstructionResult,
+    SamplerDivergence,
+    check_finite,
+    data_residual,
+    reconstruct,
+)
+
+__all__ = ["METHODS", "ReconstructionResult", "SamplerDivergence", "check_finite", "data_residual", "reconstruct"]

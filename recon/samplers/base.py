@@ -1,0 +1,155 @@
+r"""One interface for every posterior sampler: ``reconstruct(physics, y, prior, method=...)``.
+
+Conventions (shared by all methods):
+
+- The measurement model is ``y = physics.A(x0) + σ_y n`` with ``x0`` in the prior's normalised range (so a
+  caller gives ``physics.A(prior.normalize(image))`` plus noise) and any deepinv ``Physics``.
+- The prior is anything with ``denoise(x, sigma)`` (Tweedie ``E[x0 | x0 + σ n]``), ``score(x, sigma)``,
+  ``sigma_min``, ``sigma_max`` and an ``nfe`` counter: a ``recon.priors.DiffusionPrior`` or an analytic
+  ``GaussianMixturePrior``. Samplers speak σ (the variance-exploding view); schedules are the prior's business.
+- A sampler is a function ``sample_<name>(physics, y, prior, *, sigma_y, steps, particles, generator,
+  callback, **options) -> ReconstructionResult``; ``generator`` is a seeded ``torch.Generator`` (all
+  randomness comes from it), ``callback(info: dict)`` is called after every step with at least ``step``,
+  ``steps``, ``sigma`` and ``residual`` (the command line draws its progress bar from it).
+- A NaN or infinite iterate stops the run with ``SamplerDivergence`` naming the step (``check_finite``); no
+  partial result is returned as if it were one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "METHODS",
+    "ReconstructionResult",
+    "SamplerDivergence",
+    "check_finite",
+    "data_residual",
+    "reconstruct",
+]
+
+
+class SamplerDivergence(FloatingPointError):
+    """An iterate became NaN or infinite: the message names the method, the step and what to change."""
+
+
+@dataclass
+class ReconstructionResult:
+    """What every sampler returns.
+
+    Attributes:
+        x: the reconstruction ``(B, C, ...)`` in the prior's normalised range: a posterior sample (DPS with one
+            particle), the weighted posterior mean (SMC, several DPS samples), or the MAP-like estimate
+            (RED-diff, TV), as ``method`` defines it.
+        samples: ``(P, B, C, ...)`` particles or independent samples, or None.
+        weights: ``(P, B)`` normalised weights of ``samples`` (uniform for independent samples), or None.
+        std: ``(B, C, ...)`` per-pixel posterior standard deviation from the weighted samples, or None.
+        diagnostics: one dict per step: ``step``, ``sigma``, ``residual`` (‖y − A x̂0‖ per batch item, mean),
+            ``ess`` (effective sample size, where there are weights), ``nfe`` (network evaluations so far),
+            ``seconds``.
+        info: summary: ``method``, ``nfe``, ``seconds``, ``steps``, ``particles``, ``options`` and any
+            method-specific numbers.
+    """
+
+    x: torch.Tensor
+    samples: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    diagnostics: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def nfe(self) -> int:
+        return int(self.info.get("nfe", 0))
+
+    @property
+    def seconds(self) -> float:
+        return float(self.info.get("seconds", 0.0))
+
+
+def check_finite(x: torch.Tensor, method: str, step: int, hint: str = "reduce the step size") -> None:
+    """Raise ``SamplerDivergence`` if ``x`` holds NaN or infinite values."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise SamplerDivergence(f"{method}: the iterate diverged at step {step} ({bad} non-finite values); {hint}")
+
+
+def data_residual(physics, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """‖y − A x0‖₂ per batch item, shape ``(B,)``."""
+    r = y - physics.A(x0)
+    return r.flatten(1).norm(dim=1)
+
+
+def weighted_moments(samples: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean and standard deviation over the particle axis (``samples (P, B, ...)``, ``weights (P, B)``)."""
+    w = weights.reshape(*weights.shape, *([1] * (samples.dim() - 2))).to(samples.dtype)
+    mean = (w * samples).sum(0)
+    var = (w * (samples - mean) ** 2).sum(0)
+    return mean, var.clamp(min=0).sqrt()
+
+
+# name -> (module, function) inside recon.samplers; filled in as methods land
+METHODS: dict[str, tuple[str, str]] = {
+    "dps": ("dps", "sample_dps"),
+    "red-diff": ("reddiff", "sample_reddiff"),
+    "smc": ("smc", "sample_smc"),
+    "analytic": ("baselines", "sample_analytic"),
+    "tv": ("baselines", "sample_tv"),
+    "ddpm": ("baselines", "sample_unconditional_ddpm"),
+    "ddim": ("baselines", "sample_unconditional_ddim"),
+}
+
+
+def reconstruct(
+    physics,
+    y: torch.Tensor,
+    prior=None,
+    method: str = "dps",
+    sigma_y: float = 0.0,
+    seed: int = 0,
+    steps: int | None = None,
+    particles: int | None = None,
+    callback: Callable[[dict], None] | None = None,
+    **options,
+) -> ReconstructionResult:
+    """Reconstruct ``x0`` from ``y = physics.A(x0) + sigma_y * noise`` with ``method``.
+
+    Args:
+        physics: any deepinv ``Physics`` (``recon.operators`` or deepinv's own).
+        y: measurements, as ``physics.A`` returns them.
+        prior: a diffusion prior (not needed by ``analytic`` and ``tv``).
+        method: one of ``METHODS``: ``"dps"``, ``"red-diff"``, ``"smc"``, ``"analytic"`` (FBP/FDK for CT, the
+            zero-filled inverse for MRI, else the pseudo-inverse), ``"tv"``, ``"ddpm"``/``"ddim"``
+            (unconditional baselines).
+        sigma_y: measurement noise standard deviation (in the units of ``y``).
+        seed: seeds every random draw (same seed, same result on the same device).
+        steps: number of sampler steps (method default if None).
+        particles: number of particles / independent samples (method default if None).
+        callback: called with a dict after every step.
+        **options: method-specific options (see each ``sample_*`` function).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (sigma_y >= 0):
+        raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+    module, name = METHODS[method]
+    fn = getattr(importlib.import_module(f"recon.samplers.{module}"), name)
+    generator = torch.Generator(device=y.device).manual_seed(int(seed))
+    kwargs = {"sigma_y": float(sigma_y), "generator": generator, "callback": callback, **options}
+    if steps is not None:
+        kwargs["steps"] = int(steps)
+    if particles is not None:
+        kwargs["particles"] = int(particles)
+    nfe0 = getattr(prior, "nfe", 0) if prior is not None else 0
+    t0 = time.perf_counter()
+    result = fn(physics, y, prior, **kwargs)
+    result.info.setdefault("method", method)
+    result.info["seconds"] = time.perf_counter() - t0
+    result.info["nfe"] = (getattr(prior, "nfe", 0) - nfe0) if prior is not None else 0
+    result.info["seed"] = int(seed)
+    return result

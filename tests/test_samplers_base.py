@@ -30,5 +30,5 @@ def test_bad_arguments_and_divergence():
     with pytest.raises(ValueError, match="sigma_y"):
         reconstruct(None, y, None, method="dps", sigma_y=-1.0)
     check_finite(torch.ones(3), "dps", 4)
-    with pytest.raises(SamplerDivergence, match="dps: the iterate diverged at step 7 .*reduce zeta"):
+    with pytest.raises(SamplerDivergence, match=r"dps: the iterate diverged at step 7 .*reduce zeta"):
         check_finite(torch.tensor([1.0, float("nan")]), "dps", 7, "reduce zeta")

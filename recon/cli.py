@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--seed", type=int)
     tp.add_argument("--on-error", choices=["skip", "stop"], help="an unreadable training file: skip it or stop")
     tp.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    tp.add_argument("--init-from", help="start from the weights of a recon prior folder (warm start)")
     tp.add_argument("--device", default="cpu")
     tp.add_argument("--threads", type=int, help="CPU threads for torch")
     args = parser.parse_args(argv)
@@ -145,7 +146,7 @@ def _train_prior_command(args, parser) -> int:
         for k, v in {
             "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
             "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every, "seed": args.seed,
-            "on_error": args.on_error,
+            "on_error": args.on_error, "init_from": args.init_from,
         }.items()
         if v is not None
     }

@@ -285,3 +285,16 @@ def test_train_prior_command_on_mixed_formats(tmp_path, ct_file):
     res = subprocess.run([sys.executable, "-m", "recon.cli", "train-prior", "-i", str(tmp_path / "missing"), "-o",
                           str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_warm_start_from_a_prior_folder(tmp_path, ct_file):
+    """init_from loads a prior's weights into the network and its EMA (lr=0 keeps them unchanged)."""
+    from safetensors.torch import load_file
+
+    train_prior(_tiny_config([ct_file], tmp_path / "a", steps=2))
+    train_prior(_tiny_config([ct_file], tmp_path / "b", steps=1, lr=0.0, init_from=str(tmp_path / "a" / "prior")))
+    a = load_file(str(tmp_path / "a" / "prior" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "prior" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train_prior(_tiny_config([ct_file], tmp_path / "c", init_from=str(tmp_path / "nothing")))

@@ -82,6 +82,7 @@ class TrainConfig:
     on_error: str = "skip"  # unreadable training file: "skip" (reported) or "stop"
     device: str = "cpu"
     progress: bool = True
+    init_from: str | None = None  # a recon prior folder whose weights start the network and its EMA
 
     def __post_init__(self):
         self.data = [str(p) for p in self.data]
@@ -307,6 +308,18 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
     ema.load_state_dict(net.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
+    if cfg.init_from and not resume:  # warm start (e.g. continuing the built-in prior in a new session)
+        from safetensors.torch import load_file
+
+        from recon.priors.io import WEIGHTS, check_state_dict
+
+        weights = Path(cfg.init_from) / WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: init_from needs a recon prior folder holding {WEIGHTS}")
+        state = load_file(str(weights))
+        check_state_dict(net, state, str(weights))
+        net.load_state_dict(state)
+        ema.load_state_dict(state)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []

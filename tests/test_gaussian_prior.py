@@ -281,15 +281,18 @@ def test_posterior_matches_importance_sampling():
     logl = -0.5 * ((y[None] - xs @ a.T) ** 2).sum(1) / sigma_y**2
     wt = np.exp(logl - logl.max())
     wt /= wt.sum()
-    assert 1.0 / (wt**2).sum() > 2000  # effective sample size
+    ess = 1.0 / (wt**2).sum()
+    assert ess > 2000  # effective sample size
 
-    def check(f, exact):
+    def check(f, exact, floor=1e-12):
         est = wt @ f
         se = np.sqrt((wt[:, None] ** 2 * (f - est) ** 2).sum(0))
-        assert np.all(np.abs(est - exact) <= 5 * se + 1e-12), (est, exact, se)
+        assert np.all(np.abs(est - exact) <= 5 * se + floor), (est, exact, se)
 
     check(xs, post.mean.reshape(16).numpy())
-    check(np.eye(3)[labels], post.weights.numpy())
+    # a mode weight far below 1/ESS is not resolved by the sample (its standard error is estimated from a
+    # handful of draws, or none): below that resolution the check is on the absolute error only
+    check(np.eye(3)[labels], post.weights.numpy(), floor=1.0 / ess)
     check((xs - post.mean.reshape(16).numpy()) ** 2, post.variance.reshape(16).numpy())
 
 

@@ -102,6 +102,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "tv": ("baselines", "sample_tv"),
     "ddpm": ("baselines", "sample_unconditional_ddpm"),
     "ddim": ("baselines", "sample_unconditional_ddim"),
+    "deepinv-dps": ("baselines", "sample_deepinv_dps"),
+    "deepinv-diffpir": ("baselines", "sample_deepinv_diffpir"),
+    "deepinv-ddrm": ("baselines", "sample_deepinv_ddrm"),
 }
 
 

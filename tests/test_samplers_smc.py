@@ -225,7 +225,7 @@ def test_systematic_resampling_is_unbiased():
 def test_ess_resampling_seeding_callback():
     prior, physics, y = make_problem("inpaint")
     seen = []
-    kw = {"sigma_y": SIGMA_Y, "steps": 12, "particles": 32}
+    kw = {"sigma_y": SIGMA_Y, "steps": 12, "particles": 32, "weighting": "afdps"}
     res = sample_smc(physics, y, prior, generator=torch.Generator().manual_seed(1), callback=seen.append, **kw)
     assert res.samples.shape == (32, 1, *SHAPE) and res.weights.shape == (32, 1) and res.x.shape == (1, *SHAPE)
     torch.testing.assert_close(res.weights.sum(0), torch.ones(1, dtype=F64))
@@ -243,7 +243,7 @@ def test_ess_resampling_seeding_callback():
     never = sample_smc(physics, y, prior, generator=torch.Generator().manual_seed(1), ess_threshold=0.0, **kw)
     assert never.info["resamplings"] == 0
     always = sample_smc(physics, y, prior, generator=torch.Generator().manual_seed(1), ess_threshold=1.0,
-                        weighting="tds", resample="multinomial", **kw)
+                        resample="multinomial", **{**kw, "weighting": "tds"})
     assert always.info["resamplings"] == 11  # every step but the last (TDS returns the final weighted ensemble)
 
 
@@ -266,7 +266,7 @@ def test_batch_of_measurements():
 def test_reconstruct_dispatch_and_cg_solver():
     prior, physics, y = make_problem("inpaint")
     res = reconstruct(physics, y, prior, method="smc", sigma_y=SIGMA_Y, seed=0, steps=20, particles=256,
-                      linear_solver="cg")
+                      weighting="afdps", linear_solver="cg")
     assert res.info["method"] == "smc" and res.info["options"]["linear_solver"] == "cg" and res.nfe == 20 * 256
     post = prior.posterior(physics, y, SIGMA_Y)
     assert float((res.x.flatten() - post.mean.flatten()).norm() / post.std.flatten().norm()) < 1.0
@@ -286,15 +286,17 @@ def test_reconstruct_dispatch_and_cg_solver():
 def test_schemes_and_argument_checks():
     prior, physics, y = make_problem("inpaint")
     post = prior.posterior(physics, y, SIGMA_Y)
-    res = sample_smc(physics, y, prior, sigma_y=SIGMA_Y, steps=100, particles=256, scheme="euler",
-                     generator=torch.Generator().manual_seed(0))
+    res = sample_smc(physics, y, prior, sigma_y=SIGMA_Y, steps=100, particles=256, weighting="afdps",
+                     scheme="euler", generator=torch.Generator().manual_seed(0))
+    default = reconstruct(physics, y, prior, method="smc", sigma_y=SIGMA_Y, steps=5, particles=4)
+    assert default.info["weighting"] == "tds"  # the default: the weighting that gets mode weights right
     assert float((res.x.flatten() - post.mean.flatten()).norm() / post.std.flatten().norm()) < 1.0
-    ode = sample_smc(physics, y, prior, sigma_y=SIGMA_Y, steps=20, particles=16, scheme="ode",
+    ode = sample_smc(physics, y, prior, sigma_y=SIGMA_Y, steps=20, particles=16, weighting="afdps", scheme="ode",
                      generator=torch.Generator().manual_seed(0))
     assert ode.info["scheme"] == "ode"
     with pytest.raises(ValueError, match="unstable"):
-        sample_smc(physics, y, prior, sigma_y=SIGMA_Y, steps=10, particles=4, scheme="euler", anneal=0.0,
-                   generator=torch.Generator().manual_seed(0))
+        sample_smc(physics, y, prior, sigma_y=SIGMA_Y, steps=10, particles=4, weighting="afdps", scheme="euler",
+                   anneal=0.0, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="sigma_y"):
         sample_smc(physics, y, prior, sigma_y=0.0, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="weighting"):

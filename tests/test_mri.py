@@ -57,11 +57,43 @@ CONTRACT_CASES = {
 }
 
 
+CONTRACT_CASES |= {
+    "2d_real_input": lambda: CartesianMRI((8, 12), acceleration=3, center_fraction=0.2, real_input=True),
+    "multicoil_3d_real_input": lambda: MultiCoilMRI(
+        (3, 6, 8), _rand_maps(2, (3, 6, 8)), mask=_binary((3, 6, 8)), fft_dims="2d", real_input=True
+    ),
+}
+
+
 @pytest.mark.parametrize("name", list(CONTRACT_CASES))
 def test_operator_contract(name):
     op = CONTRACT_CASES[name]()
     size = op.img_size
-    assert_operator_contract(op, (2, 2, *size), gradcheck_shape=(1, 2, *size))
+    c = op.image_channels
+    assert_operator_contract(op, (2, c, *size), gradcheck_shape=(1, c, *size))
+
+
+@pytest.mark.parametrize("multicoil", [False, True])
+def test_real_input_is_the_complex_operator_on_real_images(multicoil):
+    """``real_input``: A(x) equals the complex operator on x + 0i, A_adjoint its real part, and the least-squares
+    A_dagger recovers a real image from fully sampled data."""
+    size = (8, 12)
+    kw = {"mask": _binary(size, seed=3)}
+    if multicoil:
+        maps = _rand_maps(3, size)
+        cplx, real = MultiCoilMRI(size, maps, **kw), MultiCoilMRI(size, maps, real_input=True, **kw)
+    else:
+        cplx, real = CartesianMRI(size, **kw), CartesianMRI(size, real_input=True, **kw)
+    x = _randn((2, 1, *size))
+    x2 = torch.cat([x, torch.zeros_like(x)], dim=1)
+    torch.testing.assert_close(real.A(x), cplx.A(x2), rtol=0, atol=0)
+    y = cplx.A(_randn((2, 2, *size), seed=1))
+    torch.testing.assert_close(real.A_adjoint(y), cplx.A_adjoint(y)[:, :1], rtol=0, atol=0)
+    assert "real_input=True" in repr(real)
+    with pytest.raises(ValueError, match="x"):
+        real.A(x2)  # two channels given to a real-input operator
+    full = CartesianMRI(size, mask=torch.ones(size), real_input=True)
+    torch.testing.assert_close(full.A_dagger(full.A(x)), x, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ FFT

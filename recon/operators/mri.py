@@ -90,6 +90,7 @@ class _CartesianBase(LinearPhysics):
         seed: int,
         noise_model: NoiseModel | None,
         fft_dims: str,
+        real_input: bool = False,
     ):
         size = as_size(img_size)
         if fft_dims not in ("2d", "3d"):
@@ -99,6 +100,7 @@ class _CartesianBase(LinearPhysics):
         super().__init__(noise_model=ZeroNoise() if noise_model is None else noise_model, img_size=size)
         self.img_size = size
         self.fft_dims = fft_dims
+        self.real_input = bool(real_input)
         self._dims = (-3, -2, -1) if fft_dims == "3d" else (-2, -1)
         if (mask is None) == (acceleration is None):
             raise ValueError(
@@ -154,6 +156,22 @@ class _CartesianBase(LinearPhysics):
         return mask
 
     @property
+    def image_channels(self) -> int:
+        """Channels of the image side: 2 (real, imaginary), or 1 with ``real_input=True``."""
+        return 1 if self.real_input else 2
+
+    def _image_in(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+        """Check an image-side tensor and return it complex ``(B, *img_size)``."""
+        check_image(x, self.img_size, name, channels=self.image_channels)
+        if self.real_input:
+            return torch.complex(x[:, 0], torch.zeros_like(x[:, 0]))
+        return _to_complex(x)
+
+    def _image_out(self, z: torch.Tensor) -> torch.Tensor:
+        """Complex ``(B, *img_size)`` → the image side: ``(B, 2, ...)``, or its real part ``(B, 1, ...)``."""
+        return z.real[:, None].contiguous() if self.real_input else _to_real(z)
+
+    @property
     def acceleration(self) -> float:
         """Achieved acceleration: number of k-space points / number of sampled (non-zero) points."""
         m = self.mask
@@ -175,6 +193,8 @@ class _CartesianBase(LinearPhysics):
 
     def _repr_fields(self) -> list[str]:
         fields = [f"img_size={self.img_size}"]
+        if self.real_input:
+            fields.append("real_input=True")
         if len(self.img_size) == 3:
             fields.append(f"fft_dims={self.fft_dims!r}")
         fields.append(f"mask={self.mask_type!r} {_fmt_size(tuple(self.mask.shape))}")
@@ -216,6 +236,9 @@ class CartesianMRI(_CartesianBase):
     :param seed: integer seed of the default mask.
     :param noise_model: deepinv noise model applied on the acquired samples (default: no noise).
     :param fft_dims: ``"2d"`` (slice-wise) or ``"3d"`` (full 3D FFT); only ``"2d"`` for 2D images.
+    :param real_input: the image is real, ``(B, 1, *img_size)`` (e.g. a magnitude image for a real-valued
+        prior): ``A`` embeds it as ``x + 0i`` and ``A_adjoint`` returns the real part of ``F^H M y``, so the pair
+        stays exactly adjoint on real images. k-space keeps its ``(B, 2, ...)`` layout.
     :raises ValueError: on a bad ``img_size``, both or neither of ``mask``/``acceleration``,
         ``acceleration < 1``, an unknown ``mask_type`` or a mask of the wrong shape or dtype.
 
@@ -237,29 +260,34 @@ class CartesianMRI(_CartesianBase):
         seed: int = 0,
         noise_model: NoiseModel | None = None,
         fft_dims: str = "2d",
+        real_input: bool = False,
     ):
         super().__init__(
-            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims
+            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input
         )
 
     def A(self, x: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """k-space ``M F x``: ``x`` and the result are ``(B, 2, *img_size)`` (real, imaginary).
+        """k-space ``M F x``: ``x`` is ``(B, 2, *img_size)`` (real, imaginary; ``(B, 1, ...)`` with
+        ``real_input``), the result ``(B, 2, *img_size)``.
 
         :param mask: optional new mask, stored (as deepinv's ``physics.A(x, mask=...)``).
         """
         self.update_parameters(mask=mask)
-        check_image(x, self.img_size, "x", channels=2)
-        return _to_real(fft_c(_to_complex(x), self._dims) * self._mask_for(x))
+        return _to_real(fft_c(self._image_in(x), self._dims) * self._mask_for(x))
 
     def A_adjoint(self, y: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Zero-filled image ``F^H M y``: ``y`` and the result are ``(B, 2, *img_size)``."""
+        """Zero-filled image ``F^H M y``: ``y`` is ``(B, 2, *img_size)``, the result too (its real part
+        ``(B, 1, ...)`` with ``real_input``)."""
         self.update_parameters(mask=mask)
         check_image(y, self.img_size, "y", channels=2)
-        return _to_real(ifft_c(_to_complex(y) * self._mask_for(y), self._dims))
+        return self._image_out(ifft_c(_to_complex(y) * self._mask_for(y), self._dims))
 
     def A_dagger(self, y: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Closed-form pseudo-inverse ``F^H M^+ y`` (``M^+ = 1/m`` where ``m != 0``, else 0)."""
+        """Closed-form pseudo-inverse ``F^H M^+ y`` (``M^+ = 1/m`` where ``m != 0``, else 0); with
+        ``real_input`` the least-squares solution over real images (deepinv's iterative solver)."""
         self.update_parameters(mask=mask)
+        if self.real_input:
+            return super().A_dagger(y, **kwargs)
         check_image(y, self.img_size, "y", channels=2)
         m = self._mask_for(y)
         minv = torch.where(m != 0, 1 / torch.where(m != 0, m, torch.ones_like(m)), torch.zeros_like(m))
@@ -271,8 +299,10 @@ class CartesianMRI(_CartesianBase):
         r"""Closed-form :math:`\arg\min_x \tfrac12\|A x - y\|^2 + \tfrac{1}{2\gamma}\|x - z\|^2`.
 
         Solved in k-space: :math:`x = F^H \frac{M y + F z / \gamma}{M^2 + 1/\gamma}`. ``gamma`` is a float
-        or a tensor broadcastable to ``(B, 1, 1, ...)``.
+        or a tensor broadcastable to ``(B, 1, 1, ...)``. With ``real_input``: deepinv's conjugate gradients.
         """
+        if self.real_input:
+            return super().prox_l2(z, y, gamma, **kwargs)
         check_image(z, self.img_size, "z", channels=2)
         check_image(y, self.img_size, "y", channels=2)
         m = self._mask_for(y)
@@ -300,7 +330,7 @@ class MultiCoilMRI(_CartesianBase):
     :param coil_maps: complex sensitivities, ``(N, *img_size)``; for 3D also ``(N, H, W)`` (the same
         maps on every slice). Tensor or numpy array of complex dtype, e.g. from
         :func:`recon.operators.simulate_coil_maps` or :func:`recon.operators.estimate_coil_maps`.
-    :param mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims: as in
+    :param mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input: as in
         :class:`CartesianMRI`.
     :raises ValueError: as :class:`CartesianMRI`, and on coil maps that are not complex or whose shape
         does not match ``img_size``.
@@ -317,9 +347,10 @@ class MultiCoilMRI(_CartesianBase):
         seed: int = 0,
         noise_model: NoiseModel | None = None,
         fft_dims: str = "2d",
+        real_input: bool = False,
     ):
         super().__init__(
-            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims
+            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input
         )
         self.register_buffer("coil_maps_ri", self._check_coil_maps(coil_maps))
 
@@ -380,10 +411,10 @@ class MultiCoilMRI(_CartesianBase):
         coil_maps: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Multi-coil k-space ``y_c = M F (S_c x)``: ``(B, 2, *img_size)`` -> ``(B, 2, N, *img_size)``."""
+        """Multi-coil k-space ``y_c = M F (S_c x)``: ``(B, 2, *img_size)`` (``(B, 1, ...)`` with ``real_input``)
+        -> ``(B, 2, N, *img_size)``."""
         self.update_parameters(mask=mask, coil_maps=coil_maps)
-        check_image(x, self.img_size, "x", channels=2)
-        sx = self._maps_for(x) * _to_complex(x)[:, None]
+        sx = self._maps_for(x) * self._image_in(x)[:, None]
         return _to_real(fft_c(sx, self._dims) * self._mask_for(x))
 
     def A_adjoint(
@@ -397,7 +428,7 @@ class MultiCoilMRI(_CartesianBase):
         self.update_parameters(mask=mask, coil_maps=coil_maps)
         self._check_kspace(y)
         imgs = ifft_c(_to_complex(y) * self._mask_for(y), self._dims)
-        return _to_real((self._maps_for(y).conj() * imgs).sum(dim=1))
+        return self._image_out((self._maps_for(y).conj() * imgs).sum(dim=1))
 
     def __repr__(self) -> str:
         fields = self._repr_fields()

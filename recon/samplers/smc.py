@@ -317,6 +317,7 @@ def sample_smc(
     dense_limit: int = 4096,
     cg_tol: float = 1e-10,
     cg_iters: int = 200,
+    max_shift: float = 1.0,
 ) -> ReconstructionResult:
     """Sequential Monte Carlo posterior sampling with ``particles`` weighted particles per measurement.
 
@@ -349,6 +350,10 @@ def sample_smc(
         linear_solver: ``"dense"`` (SVD of the formed matrix), ``"cg"`` or ``"auto"`` (dense when
             ``d <= dense_limit``); used by AFDPS (Stage I, and every step of the ``"exact"`` scheme).
         cg_tol, cg_iters: conjugate-gradient relative tolerance and iteration cap.
+        max_shift: TDS only: the twisted proposal's shift ``(σ_i² − σ_{i+1}²)∇log p̃`` is capped per particle at
+            ``max_shift · σ_i · sqrt(d)`` (the size of the state's own noise). An explicit gradient step is unstable
+            when ``h‖A‖²/(σ_y² + σ²) ≫ 1`` (e.g. CT, where ``‖A‖²`` is in the thousands); the weights use the
+            capped proposal, so they stay exact (any proposal is valid for importance weights). ``inf`` disables it.
 
     Returns:
         ``ReconstructionResult`` with ``samples (P, B, ...)`` (final particles), normalised ``weights (P, B)``,
@@ -375,6 +380,8 @@ def sample_smc(
         raise ValueError(f"smc needs a finite sigma_y > 0 (the likelihood weights the particles), got {sigma_y}")
     if int(steps) < 1 or int(particles) < 1:
         raise ValueError(f"steps and particles must be >= 1, got {steps} and {particles}")
+    if not max_shift > 0:
+        raise ValueError(f"max_shift must be > 0 (inf disables the cap), got {max_shift}")
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
     if y.dim() < 2:
@@ -527,7 +534,12 @@ def sample_smc(
             r = s_next**2 / s_i**2
             var = s_next**2 * (1.0 - r)
             mp = x0 + r * (x - x0)
-            mt = mp + (s_i**2 - s_next**2) * grad
+            shift = (s_i**2 - s_next**2) * grad
+            if math.isfinite(max_shift):  # cap the explicit gradient step (the weights below use the capped mean)
+                norm = shift.flatten(1).norm(dim=1).clamp_min(1e-30)
+                cap = max_shift * s_i * math.sqrt(shift[0].numel())
+                shift = shift * (cap / norm).clamp(max=1.0).reshape(-1, *([1] * (shift.dim() - 1)))
+            mt = mp + shift
             x_new = mt + math.sqrt(var) * _randn(x.shape, generator, dtype, device)
             check_finite(x_new, method, i + 1, "the twist gradient exploded; use more steps")
             log_ratio = (flat(x_new - mt) ** 2 - flat(x_new - mp) ** 2).sum(1) / (2 * var)

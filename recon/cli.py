@@ -1,94 +1,318 @@
 """The ``recon`` command line.
 
-Subcommands so far:
+Subcommands:
 
-- ``recon demo``: a real CT slice shipped with pydicom and the Shepp–Logan phantom through a sparse-view,
-  low-dose parallel-beam scan (Beer–Lambert noise), reconstructed with FBP; prints PSNR/SSIM.
+- ``recon demo``: the main job on the built-in default: a real CT slice shipped with pydicom through a
+  sparse-view, low-dose scan, reconstructed with FBP and with the default CT prior; outputs in a folder.
+- ``recon info -i PATH``: what a file or folder holds (series, modality, shape, spacing, orientation, values).
+- ``recon simulate -i IMAGE -o MEAS.npz --task TASK``: measurements with everything needed to rebuild the operator.
+- ``recon reconstruct -i MEAS.npz -o OUT``: reconstruction, std map, preview, report and provenance; with
+  ``--task`` an image is simulated and reconstructed in one go (the image is the reference).
+- ``recon train-prior``: train a slice diffusion prior.
 
-The full command line (``simulate``, ``reconstruct``, ``info``, diffusion priors) is built on the same
-operators; see the issues for its roadmap.
+Common options: ``--device auto|cpu|cuda:N``, ``--seed``, ``--config FILE.yaml`` and repeated ``--set key=value``
+(precedence: defaults < config file < flags < ``--set``; the resolved configuration is written next to the
+outputs), ``--json`` (machine-readable summary on stdout), ``-q``/``-v``. Progress bars go to stderr, off when
+stderr is not a terminal. User errors (bad arguments, unreadable inputs, unwritable outputs) print one line
+``recon: error: ...`` and exit with status 2; ``-v`` shows the traceback. Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-import time
+from pathlib import Path
 
-import numpy as np
+TASK_OPTIONS = {  # CLI flag -> (type, help); passed to recon.tasks.make_task when given
+    "views": (int, "number of views (CT tasks)"),
+    "arc": (float, "angular range in degrees (limited-angle-ct, default 120)"),
+    "acceleration": (float, "MRI acceleration R >= 1 (default 4)"),
+    "mask_type": (str, "MRI mask: random (fastMRI 1D, default), equispaced, equispaced_fraction, poisson, gaussian"),
+    "center_fraction": (float, "MRI fully sampled centre fraction (default 0.08 for R < 8)"),
+    "coils": (int, "MRI coils (1: single coil, default; N > 1: SENSE with simulated maps)"),
+    "fwhm": (float, "blur FWHM in mm (default 3)"),
+    "fwhm_z": (float, "blur FWHM along z in mm for volumes (default 0: in-plane)"),
+    "missing": (float, "inpainting: fraction of missing pixels (default 0.5)"),
+    "keep_every": (int, "inpainting: keep every k-th slice (rows in 2D) instead of random pixels"),
+    "factor": (int, "super-resolution factor (default 4 in-plane for 2D, 2 through-plane for volumes)"),
+}
 
-MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy, mm⁻¹
+
+class UserError(Exception):
+    """An error the user can fix: printed as one line, no traceback (unless -v)."""
 
 
-def hu_to_mu(hu: np.ndarray) -> np.ndarray:
-    """Hounsfield units → linear attenuation in mm⁻¹ (air −1000 HU → 0)."""
-    return np.clip(MU_WATER_PER_MM * (1.0 + hu / 1000.0), 0.0, None)
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
-def mu_to_hu(mu: np.ndarray) -> np.ndarray:
-    return 1000.0 * (mu / MU_WATER_PER_MM - 1.0)
+def _load_config(args) -> dict:
+    """Config file, then the flags given on the command line, then --set (later wins)."""
+    cfg: dict = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: a config file holds a mapping of option: value")
+        cfg.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    for key, value in vars(args).items():
+        if key in ("config", "set", "command", "func", "json", "quiet", "verbose") or value is None:
+            continue
+        if value is False and key in ("overwrite", "anonymize"):
+            continue
+        cfg[key] = value
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key.startswith("options."):
+            cfg.setdefault("options", {})[key.split(".", 1)[1]] = _parse_value(value)
+        else:
+            cfg[key] = _parse_value(value)
+    return cfg
 
 
-def _load_demo_slice() -> tuple[np.ndarray, float, str]:
-    """CT_small.dcm from pydicom's test data: a 128×128 CT slice in HU, and its pixel spacing (mm)."""
-    import pydicom
+def _progress(args, total_hint: str = "step"):
+    """A callback drawing a tqdm bar on stderr (off when stderr is not a terminal, or with -q)."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def callback(info: dict):
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=info.get("steps"), desc="reconstruct", unit=total_hint, file=sys.stderr,
+                                      disable=args.quiet or not sys.stderr.isatty(), leave=False)
+        bar.update(1)
+        post = {"residual": f"{info.get('residual', float('nan')):.3g}"}
+        if "ess" in info:
+            post["ess"] = f"{info['ess']:.1f}"
+        bar.set_postfix(post)
+
+    def close():
+        if state.get("bar") is not None:
+            state["bar"].close()
+
+    return callback, close
+
+
+def _task_params(cfg: dict) -> dict:
+    return {k: cfg[k] for k in TASK_OPTIONS if cfg.get(k) is not None}
+
+
+def _print(summary: dict, as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_info(args) -> int:
+    from recon.pipeline import describe
+
+    info = describe(args.input, series=args.series)
+    lines = []
+    for s in info.get("series", []):
+        lines.append(f"series {s['index']}: {s['modality']} {s['description']!r} {s['files']} files, shape "
+                     f"{tuple(s['shape'])}, uid {s['uid']}")
+    if "shape" in info:
+        lines += [f"modality: {info['modality']}  unit: {info['unit']}",
+                  f"shape (D, H, W): {tuple(info['shape'])}", f"spacing (dz, dy, dx) mm: {tuple(info['spacing_mm'])}",
+                  f"origin (RAS mm): {tuple(info['origin_mm'])}",
+                  *(f"direction {k}: {tuple(v)}" for k, v in info["orientation_ras"].items()),
+                  f"value range: [{info['value_range'][0]:g}, {info['value_range'][1]:g}]"]
+    elif info.get("series"):
+        lines.append("several series: pick one with --series (index, UID or description)")
+    _print(info, args.json, lines)
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from recon.pipeline import simulate_file
+
+    cfg = _load_config(args)
+    if not cfg.get("task"):
+        raise UserError("simulate needs --task (one of: " + ", ".join(_tasks()) + ")")
+    summary = simulate_file(cfg["input"], cfg["output"], cfg["task"], series=cfg.get("series"),
+                            photons=cfg.get("photons"), noise=cfg.get("noise"), seed=int(cfg.get("seed", 0)),
+                            overwrite=bool(cfg.get("overwrite", False)), **_task_params(cfg))
+    line = (f"wrote {summary['output']}: {summary['task']} on {tuple(summary['img_size'])}, measurements "
+            f"{tuple(summary['measurement_shape'])}, noise {summary['noise']['kind']}")
+    _print(summary, args.json, [line])
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from recon.pipeline import reconstruct_file
+
+    cfg = _load_config(args)
+    for key in ("input", "output"):
+        if not cfg.get(key):
+            raise UserError(f"reconstruct needs --{key}")
+    callback, close = _progress(args)
+    try:
+        report = reconstruct_file(
+            cfg["input"], cfg["output"], method=cfg.get("method", "dps"), prior=cfg.get("prior", "default"),
+            steps=cfg.get("steps"), particles=cfg.get("particles"), seed=int(cfg.get("seed", 0)),
+            device=cfg.get("device", "cpu"), format=cfg.get("format"), reference=cfg.get("reference"),
+            series=cfg.get("series"), task=cfg.get("task"), task_params=_task_params(cfg),
+            photons=cfg.get("photons"), noise=cfg.get("noise"), options=cfg.get("options") or {},
+            anonymize=bool(cfg.get("anonymize", False)), overwrite=bool(cfg.get("overwrite", False)),
+            callback=callback, config=cfg)
+    finally:
+        close()
+    lines = [f"{report['method']} on {report['task']}: {report['nfe']} network evaluations, {report['seconds']:.1f} s, "
+             f"data residual {report['data_residual']:.4g}"]
+    if "psnr" in report:
+        lines.append(f"PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.3f} (analytic: "
+                     f"{report['analytic']['psnr']:.2f} dB, {report['analytic']['ssim']:.3f})")
+    lines += [f"  {k}: {v}" for k, v in report["outputs"].items()]
+    _print(report, args.json, lines)
+    return 0
+
+
+def _demo_input() -> str:
     from pydicom.data import get_testdata_file
 
-    path = get_testdata_file("CT_small.dcm")
+    path = get_testdata_file("CT_small.dcm", download=False)
     if path is None:
-        raise FileNotFoundError("pydicom's test file CT_small.dcm is missing (reinstall pydicom)")
-    ds = pydicom.dcmread(path)
-    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    return hu, float(ds.PixelSpacing[0]), "pydicom CT_small.dcm (128×128 CT slice)"
+        raise UserError("pydicom's test file CT_small.dcm is missing (reinstall pydicom)")
+    return path
 
 
-def run_demo(views: int = 60, photons: float = 1e5, seed: int = 0) -> dict:
-    """Simulate sparse-view low-dose CT of two images and reconstruct them with FBP."""
-    import torch
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+def cmd_demo(args) -> int:
+    """CT_small.dcm (a real 128×128 CT slice) → sparse-view sinogram with Beer–Lambert noise → FBP and the
+    default CT prior (DPS); every output in one folder; prints PSNR/SSIM."""
+    from recon.pipeline import reconstruct_file
 
-    from recon.datasets.phantoms import shepp_logan
-    from recon.operators import ParallelBeamCT, TransmissionPoissonNoise
-
-    hu, spacing, name = _load_demo_slice()
-    phantom_hu = shepp_logan((256, 256), dtype=torch.float64)[0, 0].numpy() * 1000.0 - 1000.0  # [-1000, 0] HU
-    cases = [(name, hu, spacing), ("Shepp–Logan phantom (256×256, 1 mm)", phantom_hu, 1.0)]
+    if args.views < 1 or args.photons <= 0:
+        raise UserError("--views must be >= 1 and --photons > 0")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    src = _demo_input()
     results = []
-    for label, image_hu, sp in cases:
-        mu = torch.from_numpy(hu_to_mu(image_hu))[None, None]
-        noise = TransmissionPoissonNoise(I0=photons, rng=torch.Generator())
-        t0 = time.perf_counter()
-        op = ParallelBeamCT(image_hu.shape, angles=views, spacing=sp, detector_spacing=sp, noise_model=noise)
-        y = op(mu, seed=seed)
-        rec = op.fbp(y, filter="hann")
-        seconds = time.perf_counter() - t0
-        rec_hu = mu_to_hu(rec[0, 0].numpy())
-        window = (-1000.0, 1000.0)  # metrics on a fixed HU window: PSNR data range 2000 HU
-        ref_w, rec_w = (np.clip(a, *window) for a in (image_hu, rec_hu))
-        results.append(
-            {
-                "image": label,
-                "operator": repr(op),
-                "psnr_db": float(peak_signal_noise_ratio(ref_w, rec_w, data_range=window[1] - window[0])),
-                "ssim": float(structural_similarity(ref_w, rec_w, data_range=window[1] - window[0])),
-                "seconds": seconds,
-            }
-        )
-    return {"views": views, "photons": photons, "method": "FBP (Hann filter)", "results": results}
+    methods = [("analytic", None), (args.method, args.steps)]
+    for method, steps in methods:
+        callback, close = _progress(args)
+        try:
+            report = reconstruct_file(src, out / f"{method}.nii.gz", method=method, steps=steps, seed=args.seed,
+                                      device=args.device, task="sparse-view-ct", task_params={"views": args.views},
+                                      photons=args.photons, overwrite=True, callback=callback,
+                                      config={"demo": True, "method": method, "views": args.views,
+                                              "photons": args.photons, "seed": args.seed, "steps": steps})
+        finally:
+            close()
+        results.append({"method": method, "psnr_db": report["psnr"], "ssim": report["ssim"],
+                        "seconds": report["seconds"], "nfe": report["nfe"], "outputs": report["outputs"]})
+    summary = {"image": "pydicom CT_small.dcm (128×128 CT slice)", "task": "sparse-view-ct", "views": args.views,
+               "photons": args.photons, "output": str(out), "results": results}
+    lines = [f"Sparse-view CT of {summary['image']}: {args.views} views, {args.photons:g} photons per ray",
+             f"{'method':12s} {'PSNR (dB)':>10s} {'SSIM':>6s} {'NFE':>5s} {'time':>8s}"]
+    lines += [f"{r['method']:12s} {r['psnr_db']:10.2f} {r['ssim']:6.3f} {r['nfe']:5d} {r['seconds']:7.1f}s"
+              for r in results]
+    lines.append(f"PSNR/SSIM on the [-1000, 1000] HU window. Outputs (NIfTI, previews, reports) in {out}/")
+    _print(summary, args.json, lines)
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _tasks():
+    from recon.tasks import TASKS
+
+    return TASKS
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
+    p.add_argument("-v", "--verbose", action="store_true", help="more log messages; tracebacks on errors")
+    if device:
+        p.add_argument("--device", default=None, help="auto, cpu (default) or cuda[:N]")
+        p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    from recon.tasks import TASKS
+
+    p.add_argument("--task", choices=TASKS, default=None)
+    for name, (typ, text) in TASK_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
+    p.add_argument("--photons", type=float, default=None, help="CT: photons per detector element (default 1e5)")
+    p.add_argument("--noise", type=float, default=None,
+                   help="additive Gaussian noise, std relative to the measurement RMS (default 0.01 for non-CT)")
+    p.add_argument("--series", default=None, help="which DICOM series of a folder: index, UID or description")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file of option: value (flags and --set override it)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override one option (repeatable); options.NAME=VALUE goes to the sampler")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from recon import __version__
+    from recon.samplers import METHODS
 
     parser = argparse.ArgumentParser(prog="recon", description="Medical image reconstruction with diffusion priors.")
     parser.add_argument("--version", action="version", version=f"recon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="simulate sparse-view low-dose CT of a real slice and reconstruct it")
+
+    demo = sub.add_parser("demo", help="sparse-view low-dose CT of a real slice: FBP and the default prior")
+    demo.add_argument("-o", "--output", default="recon-demo", help="output folder (default ./recon-demo)")
     demo.add_argument("--views", type=int, default=60, help="number of views over 180° (default 60)")
     demo.add_argument("--photons", type=float, default=1e5, help="photons per detector element (default 1e5)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
+    demo.add_argument("--method", default="dps", choices=[m for m in METHODS if m not in ("analytic", "ddpm", "ddim")])
+    demo.add_argument("--steps", type=int, default=None, help="sampler steps (method default)")
+    _common(demo)
+    demo.set_defaults(func=cmd_demo, device="cpu", seed=0)
+
+    info = sub.add_parser("info", help="what a DICOM / NIfTI / image file or folder holds (reads only)")
+    info.add_argument("-i", "--input", required=True)
+    info.add_argument("--series", default=None, help="which DICOM series of a folder: index, UID or description")
+    _common(info, device=False)
+    info.set_defaults(func=cmd_info)
+
+    sim = sub.add_parser("simulate", help="simulate measurements of a task on an image (writes MEAS.npz)")
+    sim.add_argument("-i", "--input", default=None, help="DICOM series folder or file, NIfTI, NumPy, PNG/TIFF")
+    sim.add_argument("-o", "--output", default=None, help="measurement file (.npz)")
+    _task_args(sim)
+    _config_args(sim)
+    _common(sim)
+    sim.set_defaults(func=cmd_simulate)
+
+    rec = sub.add_parser("reconstruct", help="reconstruct a measurement file (or an image with --task)")
+    rec.add_argument("-i", "--input", default=None, help="measurement file (.npz), or an image with --task")
+    rec.add_argument("-o", "--output", default=None,
+                     help="reconstruction: .nii.gz/.nii/.npy/.png, or a folder (no suffix) for a DICOM series")
+    rec.add_argument("--method", choices=list(METHODS), default=None, help="default dps")
+    rec.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
+    rec.add_argument("--steps", type=int, default=None)
+    rec.add_argument("--particles", type=int, default=None)
+    rec.add_argument("--reference", default=None, help="ground-truth image: PSNR/SSIM, error map, DICOM headers")
+    rec.add_argument("--format", choices=["dicom"], default=None, help="write a derived DICOM series")
+    rec.add_argument("--anonymize", action="store_true", help="DICOM basic de-identification of written DICOM")
+    _task_args(rec)
+    _config_args(rec)
+    _common(rec)
+    rec.set_defaults(func=cmd_reconstruct)
+
     tp = sub.add_parser(
         "train-prior",
         help="train a 2D diffusion prior on DICOM / NIfTI / PNG / TIFF / NumPy files",
@@ -111,32 +335,39 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--init-from", help="start from the weights of a recon prior folder (warm start)")
     tp.add_argument("--device", default="cpu")
     tp.add_argument("--threads", type=int, help="CPU threads for torch")
+    tp.set_defaults(func=_train_prior_command, quiet=False, verbose=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr)
+    from recon.datasets.io import ImageReadError, ImageWriteError
+    from recon.pipeline import PipelineError
+    from recon.samplers import SamplerDivergence
+    from recon.tasks import TaskError
 
-    if args.command == "demo":
-        if args.views < 1 or args.photons <= 0:
-            parser.error("--views must be >= 1 and --photons > 0")
-        summary = run_demo(args.views, args.photons, args.seed)
-        if args.json:
-            print(json.dumps(summary, indent=2))
-        else:
-            print(f"Sparse-view CT: {summary['views']} views, {summary['photons']:g} photons/ray, {summary['method']}")
-            print(f"{'image':40s} {'PSNR (dB)':>10s} {'SSIM':>6s} {'time':>8s}")
-            for r in summary["results"]:
-                print(f"{r['image']:40s} {r['psnr_db']:10.2f} {r['ssim']:6.3f} {r['seconds']:7.2f}s")
-            print("PSNR/SSIM on the [-1000, 1000] HU window. Diffusion-prior methods arrive with `recon reconstruct`.")
-    if args.command == "train-prior":
-        return _train_prior_command(args, parser)
-    return 0
+    try:
+        return args.func(args)
+    except (UserError, ImageReadError, ImageWriteError, PipelineError, TaskError, SamplerDivergence,
+            FileNotFoundError, ValueError) as err:
+        if args.verbose:
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"recon: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recon: interrupted", file=sys.stderr)
+        return 130
 
 
-def _train_prior_command(args, parser) -> int:
+def _train_prior_command(args) -> int:
     import dataclasses
-    import logging
 
     import torch
 
-    from recon.datasets.slices import SliceReadError
     from recon.priors.train import TrainConfig, default_ct_config, default_mri_config, train_prior
 
     if args.threads:
@@ -157,15 +388,11 @@ def _train_prior_command(args, parser) -> int:
             cfg = dataclasses.replace(cfg, data=cfg.data + list(args.input))
     else:
         if not args.input:
-            parser.error("train-prior needs -i/--input files or folders (or --preset)")
+            raise UserError("train-prior needs -i/--input files or folders (or --preset)")
         cfg = TrainConfig(data=list(args.input), out=args.output, modality=args.modality, device=args.device,
                           **overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        summary = train_prior(cfg, resume=args.resume)
-    except (FileNotFoundError, ValueError, SliceReadError) as err:
-        print(f"recon train-prior: error: {err}", file=sys.stderr)
-        return 2
+    logging.getLogger().setLevel(logging.INFO)
+    summary = train_prior(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 130 if summary["interrupted"] else 0
 

@@ -1,3 +1,40 @@
-"""recon.datasets (under construction; see the issues)."""
+"""recon.datasets: files ↔ arrays with geometry (the lowest layer; it imports no other part of recon).
 
-__all__: list[str] = []
+- :mod:`recon.datasets.io`: geometry-preserving medical I/O (DICOM series and files, NIfTI, NumPy, PNG/TIFF,
+  fastMRI k-space): :func:`read_image` → :class:`MedicalImage` (``(D, H, W)`` float64 + RAS affine in mm),
+  :func:`write_image` / :func:`write_nifti` / :func:`write_dicom_series` / :func:`write_png`.
+- :mod:`recon.datasets.phantoms`: Shepp–Logan phantoms and their exact line integrals.
+- :mod:`recon.datasets.slices`: pixel-only 2D slices from many files, for training priors.
+"""
+
+from recon.datasets.io import (
+    ImageReadError,
+    ImageWriteError,
+    MedicalImage,
+    SeriesInfo,
+    anonymize_dataset,
+    atomic_write_bytes,
+    list_series,
+    read_fastmri,
+    read_image,
+    write_dicom_series,
+    write_image,
+    write_nifti,
+    write_png,
+)
+
+__all__ = [
+    "ImageReadError",
+    "ImageWriteError",
+    "MedicalImage",
+    "SeriesInfo",
+    "anonymize_dataset",
+    "atomic_write_bytes",
+    "list_series",
+    "read_fastmri",
+    "read_image",
+    "write_dicom_series",
+    "write_image",
+    "write_nifti",
+    "write_png",
+]

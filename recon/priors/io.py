@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from recon.datasets.io import atomic_write_bytes
 from recon.priors.base import DiffusionPrior, intensity_from_config
 from recon.priors.networks import build_network
 from recon.priors.schedules import schedule_from_config
@@ -57,18 +57,6 @@ def check_state_dict(module: torch.nn.Module, state: dict, source: str) -> None:
         raise ValueError(f"{source}: weights do not fit the architecture: {', '.join(parts)}")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_prior(prior: DiffusionPrior, folder: str | os.PathLike, architecture: dict, card: dict | None = None) -> Path:
     """Write ``prior`` as ``folder/model.safetensors`` + ``folder/model_card.json`` (atomically, file by file).
 
@@ -93,8 +81,8 @@ def save_prior(prior: DiffusionPrior, folder: str | os.PathLike, architecture: d
         **prior.card,
         **(card or {}),
     }
-    _atomic_write_bytes(folder / WEIGHTS, save(state, metadata={"format": FORMAT}))
-    _atomic_write_bytes(folder / CARD, (json.dumps(full_card, indent=2) + "\n").encode())
+    atomic_write_bytes(save(state, metadata={"format": FORMAT}), folder / WEIGHTS, overwrite=True)
+    atomic_write_bytes((json.dumps(full_card, indent=2) + "\n").encode(), folder / CARD, overwrite=True)
     return folder
 
 

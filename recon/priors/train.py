@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recon.datasets.io import atomic_write_bytes
 from recon.datasets.phantoms import random_ct_phantom
 from recon.datasets.slices import SliceReadError, find_files, read_slices
 from recon.priors.base import DiffusionPrior, IntensityScale, IntensityWindow
@@ -41,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "default_ct_config",
     "default_mri_config",
+    "export_prior",
     "sample_unconditional",
     "train_prior",
 ]
@@ -410,3 +412,45 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
     return {"step": step, "interrupted": interrupted, "final_loss": float(np.mean(losses[-50:])) if losses else None,
             "checkpoint": str(ckpt_path), "prior": str(out / "prior"), "skipped": report[1:],
             "parameters": count_parameters(net)}
+
+
+DATA_LICENCES = {
+    "ct": "Real CT slices: pydicom's test files and the pydicom-data package (MIT-licensed packages; the images are "
+          "public test data of the DICOM community, de-identified), plus procedurally generated phantoms "
+          "(recon, BSD-3-Clause). The held-out head CT (files 693_*) was not used.",
+    "mri": "MNI152 ICBM 2009a symmetric T1 template as shipped by nilearn (Copyright (C) 1993-2009 Louis Collins, "
+           "McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University; use, copy, modify "
+           "and distribute permitted with this notice). Held out: nibabel's anatomical.nii, pydicom's MR files.",
+}
+
+
+def export_prior(run: str | os.PathLike, dest: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Copy a training run's EMA prior (``RUN/prior``) to ``dest`` with a shippable model card: training files by
+    name (no machine paths), data licence, intended use, and ``extra`` (e.g. measured quality)."""
+    from recon.priors.io import CARD, WEIGHTS
+
+    src = Path(run) / "prior"
+    card = json.loads((src / CARD).read_text())
+    training = dict(card.get("training", {}))
+    config = dict(training.get("config", {}))
+    config["data"] = [Path(p).name for p in config.get("data", [])]
+    config["out"] = Path(config.get("out", "")).name
+    training["config"] = config
+    training["files"] = [Path(p).name for p in training.get("files", [])]
+    modality = config.get("modality", "ct")
+    card.update({
+        "training": training,
+        "data_licence": DATA_LICENCES.get(modality, "see training.files"),
+        "intended_use": "Research and teaching only; NOT for clinical use. A small network trained for a few "
+                        "CPU hours on a handful of images: it knows the look of "
+                        + ("CT slices in the [-1000, 1500] HU window" if modality == "ct" else
+                           "T1-weighted brain MRI magnitude slices") + ", not anatomy in general.",
+        "recipe": f"recon train-prior --preset default-{modality} -o runs/default-{modality}",
+        **(extra or {}),
+    })
+    card.pop("path", None)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes((src / WEIGHTS).read_bytes(), dest / WEIGHTS, overwrite=True)
+    atomic_write_bytes((json.dumps(card, indent=2) + "\n").encode(), dest / CARD, overwrite=True)
+    return dest

@@ -30,6 +30,7 @@ __all__ = [
     "SamplerDivergence",
     "check_finite",
     "data_residual",
+    "operator_norm",
     "reconstruct",
 ]
 
@@ -83,6 +84,26 @@ def data_residual(physics, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """‖y − A x0‖₂ per batch item, shape ``(B,)``."""
     r = y - physics.A(x0)
     return r.flatten(1).norm(dim=1)
+
+
+def operator_norm(physics, template: torch.Tensor, iters: int = 30, seed: int = 0) -> float:
+    """‖A‖₂ (largest singular value) by power iteration on ``AᵀA`` from a start drawn with its own seeded
+    generator (so callers' random streams are untouched). ``template``: an image of the operator's input shape
+    (its first batch item is used)."""
+    import math
+
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(tuple(template[:1].shape), generator=g, dtype=torch.float64).to(template.device, template.dtype)
+    v = v / v.norm().clamp_min(1e-30)
+    s = 0.0
+    with torch.no_grad():
+        for _ in range(int(iters)):
+            w = physics.A_adjoint(physics.A(v))
+            s = float(w.norm())
+            if s == 0 or not math.isfinite(s):
+                break
+            v = w / s
+    return math.sqrt(max(s, 0.0))
 
 
 def weighted_moments(samples: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from recon.samplers.base import ReconstructionResult, check_finite, data_residual
+from recon.samplers.base import ReconstructionResult, check_finite, data_residual, operator_norm
 from recon.samplers.dps import (
     ancestral_step,
     finish_samples,
@@ -122,21 +122,6 @@ def sample_analytic(
 # ---------------------------------------------------------------------------------------------------------
 # TV
 # ---------------------------------------------------------------------------------------------------------
-def _operator_norm(physics, template: torch.Tensor, generator, iters: int = 30) -> float:
-    """‖A‖₂ by power iteration on ``A^T A`` (start drawn from ``generator``)."""
-    v = randn(template.shape, generator, template.dtype, template.device)
-    v = v / v.norm().clamp_min(1e-30)
-    s = 0.0
-    with torch.no_grad():
-        for _ in range(iters):
-            w = physics.A_adjoint(physics.A(v))
-            s = float(w.norm())
-            if s == 0 or not math.isfinite(s):
-                break
-            v = w / s
-    return math.sqrt(max(s, 0.0))
-
-
 def sample_tv(
     physics,
     y: torch.Tensor,
@@ -185,7 +170,7 @@ def sample_tv(
     if template.dim() not in (4, 5):
         raise ValueError(f"sample_tv needs images (B, C, H, W) or volumes (B, C, D, H, W), got {tuple(template.shape)}")
     x = analytic_inverse(physics, y).to(template.dtype) if init == "analytic" else template.clone()
-    norm_a = _operator_norm(physics, template[:1], generator)
+    norm_a = operator_norm(physics, template)
     if norm_a == 0:
         raise ValueError("the physics maps everything to zero (‖A‖ = 0)")
     if lam is None:

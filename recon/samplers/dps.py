@@ -18,6 +18,12 @@ VP scaling (``vp_scaling=True``, default). The paper and its ζ′ live in the V
 VE variable the same update is ``x_{i+1} ← x_{i+1} − 2ζ′ sqrt((1+σ_i²)(1+σ_{i+1}²)) ∇_{x_i}‖r‖``; at small σ the
 factor is 1. ``vp_scaling=False`` drops it (the guidance then fades at large σ, where ``∂x̂0/∂x ≈ Σ/σ²``).
 
+Operator scaling (``operator_scaling=True``, default). The normalised step is not invariant to the scale of
+``A``: with ``A → cA``, ``y → cy`` the step grows by ``c``. The paper's ζ′ was set for operators with ``‖A‖ ≈ 1``
+(masks, blurs, downsampling, orthonormal MRI); CT projectors have ``‖A‖`` of tens (40 at 128² with 30 views),
+where ζ′ = 1 overshoots by that factor. The step is therefore divided by ``‖A‖₂`` (power iteration, once per
+call), which changes nothing for ``‖A‖ = 1`` operators; ``operator_scaling=False`` gives the literal paper step.
+
 Poisson noise (``likelihood="poisson"``, the paper's Alg. 2): the norm is ``‖r‖_Λ`` with ``Λ_ii = 1/(2 y_i)``
 (``y_i`` clamped at ``poisson_eps``), used both in the gradient and the normalisation; default ζ′ = 0.3 (the
 paper's Poisson FFHQ value).
@@ -39,7 +45,7 @@ from collections.abc import Callable
 import torch
 
 from recon.priors.schedules import karras_sigmas
-from recon.samplers.base import ReconstructionResult, check_finite, weighted_moments
+from recon.samplers.base import ReconstructionResult, check_finite, operator_norm, weighted_moments
 
 __all__ = ["ancestral_step", "sample_dps", "sigma_schedule"]
 
@@ -148,6 +154,7 @@ def sample_dps(
     eta: float = 0.0,
     likelihood: str = "gaussian",
     vp_scaling: bool = True,
+    operator_scaling: bool = True,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float = 7.0,
@@ -169,6 +176,7 @@ def sample_dps(
         variant: ``"ddpm"`` (ancestral) or ``"ddim"`` (with ``eta``, default 0: deterministic).
         likelihood: ``"gaussian"`` (‖r‖) or ``"poisson"`` (‖r‖_Λ, Λ_ii = 1/(2 y_i)).
         vp_scaling: express the step in the VP variable as the paper does (see the module docstring).
+        operator_scaling: divide the step by ``‖A‖₂`` so that ζ′ means the same for any operator scale.
         sigma_min, sigma_max, rho: Karras schedule (clipped to the prior's range); ``sigmas`` overrides it.
 
     Returns:
@@ -193,6 +201,9 @@ def sample_dps(
     nfe0 = getattr(prior, "nfe", 0)
 
     template = repeat_batch(image_template(physics, y), p)
+    norm_a = operator_norm(physics, template[:1]) if operator_scaling else 1.0
+    if not norm_a > 0:
+        raise ValueError("the physics maps everything to zero (‖A‖ = 0)")
     b = y.shape[0]
     y_rep = repeat_batch(y, p).detach()
     lam = None
@@ -218,7 +229,7 @@ def sample_dps(
             x_next = ancestral_step(x.detach(), x0, s, s_next, generator, eta_step)
             if s_next > 0:
                 factor = ((1 + s * s) * (1 + s_next * s_next)) ** 0.5 if vp_scaling else 1.0
-                x_next = x_next - 2.0 * float(zeta) * factor * grad
+                x_next = x_next - 2.0 * float(zeta) * factor / norm_a * grad
         x = x_next.detach()
         check_finite(x, "dps", i, "reduce zeta (the guidance step) or use more steps")
         info = {
@@ -254,6 +265,7 @@ def sample_dps(
                 "eta": eta_step,
                 "likelihood": likelihood,
                 "vp_scaling": bool(vp_scaling),
+                "operator_norm": norm_a,
                 "sigma_max": float(sig[0]),
                 "sigma_min": float(sig[n - 1]),
                 "sigma_y": float(sigma_y),

@@ -112,7 +112,7 @@ from collections.abc import Callable
 import torch
 
 from recon.priors.schedules import karras_sigmas
-from recon.samplers.base import ReconstructionResult, check_finite, weighted_moments
+from recon.samplers.base import ReconstructionResult, check_finite, operator_norm, weighted_moments
 
 __all__ = ["multinomial_resample", "sample_smc", "systematic_resample"]
 
@@ -466,7 +466,7 @@ def sample_smc(
         sig = karras_sigmas(steps, smin, smax, rho).tolist()  # steps levels, then 0
         s2 = [s2y + anneal * s**2 for s in sig]  # tilt variance: exp(-α_σ μ_y), α_σ = σ_y² / s2(σ)
         if scheme == "euler":
-            lip = _operator_norm2(physics, image_shape, dtype, device, generator)
+            lip = 1.01 * operator_norm(physics, torch.zeros((1, *image_shape), dtype=dtype, device=device)) ** 2
             worst = max((sig[i] ** 2 - sig[i + 1] ** 2) * lip / s2[i] for i in range(steps))
             if worst >= 2.0:
                 raise ValueError(
@@ -583,15 +583,3 @@ def sample_smc(
     return ReconstructionResult(
         x=mean, samples=samples, weights=weights.to(dtype), std=std, diagnostics=diagnostics, info=info
     )
-
-
-def _operator_norm2(physics, image_shape, dtype, device, generator, iters: int = 30) -> float:
-    """‖A‖₂² by power iteration on ``A^T A`` (its own generator draw, so seeding stays reproducible)."""
-    v = _randn((1, *image_shape), generator, dtype, device)
-    lam = 0.0
-    for _ in range(iters):
-        v = v / v.norm().clamp_min(torch.finfo(dtype).tiny)
-        w = physics.A_adjoint(physics.A(v))
-        lam = float((v * w).sum())
-        v = w
-    return lam * 1.01

@@ -1,0 +1,434 @@
+r"""File-to-file reconstruction: what the ``recon`` command runs, as Python calls.
+
+- ``simulate_file(input, output, task, ...)``: read a DICOM series / NIfTI / image, simulate the task's
+  measurements in physical units and write a self-describing measurement file (``recon.tasks``).
+- ``reconstruct_file(input, output, ...)``: reconstruct a measurement file (or, with ``task=``, simulate and
+  reconstruct an image in one go, the image serving as reference) and write the reconstruction with the input's
+  geometry, the standard-deviation map where the method gives one, a PNG preview (reference, analytic inverse,
+  reconstruction, error), a JSON report and a provenance JSON.
+- ``describe(path)``: what a path holds (series, modality, shape, spacing, orientation, value range).
+
+Units: files hold physical intensities (HU for CT); the samplers run in the prior's normalised range, and the
+conversion (``recon.tasks.normalised_problem``) is exact for the linear operators. Nothing identifying (names,
+IDs, paths) goes into the report, the provenance file or the progress output; inputs are never modified; every
+output is written under a temporary name and renamed when complete, and an existing output is kept unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recon.datasets.io import MedicalImage, atomic_write_bytes, read_image, write_image, write_png
+from recon.tasks import (
+    domain_scale,
+    from_domain,
+    load_measurement,
+    make_task,
+    normalised_problem,
+    save_measurement,
+    simulate,
+)
+
+__all__ = ["PipelineError", "describe", "metrics", "output_paths", "reconstruct_file", "simulate_file"]
+
+CT_WINDOW = (-1000.0, 1000.0)  # HU window of the CT metrics and previews
+
+
+class PipelineError(ValueError):
+    """A user-facing problem (bad option combination, unusable file); the message names what is wrong."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _sha256_files(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(str(p) for p in paths):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _input_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return [path]
+
+
+def _atomic_text(text: str, path: Path, overwrite: bool) -> str:
+    return atomic_write_bytes(text.encode(), path, overwrite=overwrite)
+
+
+def output_paths(output: str | os.PathLike, fmt: str | None = None) -> dict[str, Path]:
+    """Where ``reconstruct_file`` writes: the reconstruction and its companions beside it.
+
+    ``rec.nii.gz`` → ``rec.std.nii.gz``, ``rec.preview.png``, ``rec.report.json``, ``rec.provenance.json``,
+    ``rec.config.yaml``; a DICOM output (a folder, ``fmt="dicom"`` or a path without suffix) → ``FOLDER`` and
+    ``FOLDER_std`` (series folders) and the companions next to the folder.
+    """
+    out = Path(output)
+    name = out.name
+    if fmt == "dicom" or not out.suffix:
+        stem, std = name, out.with_name(name + "_std")
+    else:
+        for ext in (".nii.gz", ".nii", ".npy", ".png"):
+            if name.endswith(ext):
+                stem = name[: -len(ext)]
+                std = out.with_name(stem + ".std" + ext)
+                break
+        else:
+            raise PipelineError(f"{out}: unknown output format (use .nii.gz, .nii, .npy, .png, or a folder for DICOM)")
+    return {"image": out, "std": std, "preview": out.with_name(stem + ".preview.png"),
+            "report": out.with_name(stem + ".report.json"), "provenance": out.with_name(stem + ".provenance.json"),
+            "config": out.with_name(stem + ".config.yaml")}
+
+
+def _check_outputs(paths: dict[str, Path], overwrite: bool) -> None:
+    parent = paths["image"].parent
+    if not parent.is_dir():
+        raise PipelineError(f"{parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PipelineError(f"{parent}: output folder is not writable")
+    if not overwrite:
+        for p in paths.values():
+            if p.exists():
+                raise PipelineError(f"{p}: exists (use --overwrite to replace it)")
+
+
+def _geometry(image: MedicalImage) -> dict:
+    return {"affine": np.asarray(image.affine).tolist(), "shape": list(image.shape), "modality": image.modality,
+            "unit": image.unit}
+
+
+def _image_tensor(image: MedicalImage) -> torch.Tensor:
+    a = image.array
+    return torch.from_numpy(np.ascontiguousarray(a[0] if a.shape[0] == 1 else a)).float()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise PipelineError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise PipelineError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return dev
+
+
+def metrics(rec: np.ndarray, ref: np.ndarray, is_ct: bool) -> dict:
+    """PSNR (dB) and SSIM of ``rec`` against ``ref`` ((D, H, W) arrays, physical units). CT: on the
+    [-1000, 1000] HU window (data range 2000 HU); otherwise data range = the reference's max − min. SSIM is the
+    mean over slices (skimage's Gaussian-free 7×7 window)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    if rec.shape != ref.shape:
+        raise PipelineError(f"the reference has shape {ref.shape}, the reconstruction {rec.shape}")
+    if is_ct:
+        lo, hi = CT_WINDOW
+        rec, ref = np.clip(rec, lo, hi), np.clip(ref, lo, hi)
+        rng = hi - lo
+    else:
+        rng = float(ref.max() - ref.min()) or 1.0
+    psnr = float(peak_signal_noise_ratio(ref, rec, data_range=rng))
+    win = min(7, *(s if s % 2 else s - 1 for s in ref.shape[1:]))
+    ssim = float(np.mean([structural_similarity(r, x, data_range=rng, win_size=max(win, 3))
+                          for r, x in zip(ref, rec, strict=True)]))
+    return {"psnr": psnr, "ssim": ssim}
+
+
+def _preview(panels: list[tuple[str, np.ndarray]], is_ct: bool, path: Path, overwrite: bool) -> str:
+    """Middle slices side by side on one window (the error panel on its own, [0, window width / 4])."""
+    mids = [(name, a[a.shape[0] // 2]) for name, a in panels]
+    if is_ct:
+        lo, hi = CT_WINDOW
+    else:
+        base = mids[0][1]
+        lo, hi = float(np.percentile(base, 1)), float(np.percentile(base, 99.5))
+        hi = hi if hi > lo else lo + 1.0
+    tiles = []
+    for name, m in mids:
+        if name == "error":
+            t = np.clip(np.abs(m) / ((hi - lo) / 4), 0, 1)
+        else:
+            t = np.clip((m - lo) / (hi - lo), 0, 1)
+        tiles.append(np.pad(t, 2, constant_values=1.0))
+    mosaic = np.concatenate(tiles, axis=1)
+    return write_png(mosaic, path, window=(0.0, 1.0), overwrite=overwrite)
+
+
+def _versions() -> dict:
+    import deepinv
+    import nibabel
+    import pydicom
+
+    from recon import __version__
+
+    return {"recon": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "deepinv": deepinv.__version__, "numpy": np.__version__, "pydicom": pydicom.__version__,
+            "nibabel": nibabel.__version__}
+
+
+def _prior_checksum(prior) -> str | None:
+    folder = (getattr(prior, "card", None) or {}).get("path")
+    weights = Path(folder) / "model.safetensors" if folder else None
+    return _sha256_files([weights]) if weights and weights.is_file() else None
+
+
+def describe(path: str | os.PathLike, series: str | int | None = None) -> dict:
+    """What ``path`` holds, without running anything: the series in a folder, and for the image (the only
+    series, or ``series``) its modality, shape ``(D, H, W)``, spacing (mm), orientation and value range."""
+    from recon.datasets.io import list_series
+
+    path = Path(path)
+    out: dict = {"path_kind": "folder" if path.is_dir() else "file"}
+    if path.is_dir():
+        found = list_series(path)
+        out["series"] = [{"index": i, "uid": s.uid, "description": s.description, "modality": s.modality,
+                          "files": s.n_files, "shape": list(s.shape)} for i, s in enumerate(found)]
+        if len(found) > 1 and series is None:
+            return out
+    image = read_image(path, series=series)
+    a = image.affine
+    cosines = [(a[:3, k] / np.linalg.norm(a[:3, k])).round(6).tolist() for k in range(3)]
+    out.update({"modality": image.modality, "unit": image.unit, "shape": list(image.shape),
+                "spacing_mm": [round(s, 6) for s in image.spacing],
+                "origin_mm": a[:3, 3].round(4).tolist(),
+                "orientation_ras": {"w (columns)": cosines[0], "h (rows)": cosines[1], "d (slices)": cosines[2]},
+                "value_range": [float(image.array.min()), float(image.array.max())],
+                "source": image.source})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- simulate
+def simulate_file(input: str | os.PathLike, output: str | os.PathLike, task: str, *, series=None,
+                  photons: float | None = None, noise: float | None = None, seed: int = 0, overwrite: bool = False,
+                  **params) -> dict:
+    """Simulate ``task`` on an image file and write the measurement file ``output`` (``.npz``).
+
+    CT tasks default to ``photons=1e5`` Beer–Lambert noise when neither ``photons`` nor ``noise`` is given;
+    other tasks to Gaussian ``noise=0.01`` (1 % of the measurement RMS). Returns a summary (no patient data).
+    """
+    image = read_image(input, series=series)
+    meas = _simulate_image(image, task, photons, noise, seed, params)
+    path = save_measurement(meas, output, overwrite=overwrite)
+    return {"output": path, "task": task, "img_size": list(meas.spec.img_size), "spacing_mm": list(meas.spec.spacing),
+            "measurement_shape": list(meas.y.shape), "noise": meas.noise, "params": meas.spec.params}
+
+
+def _simulate_image(image: MedicalImage, task: str, photons, noise, seed, params):
+    spec = make_task(task, image.shape, image.spacing, seed=seed, **params)
+    if spec.is_ct and image.unit != "HU":
+        if image.modality not in (None, "CT"):
+            raise PipelineError(f"{image.source}: task {task!r} simulates CT from HU, but the image is "
+                                f"{image.modality} (unit {image.unit!r})")
+    if photons is None and noise is None:
+        photons, noise = (1e5, None) if spec.is_ct else (None, 0.01)
+    return simulate(spec, _image_tensor(image), "HU" if spec.is_ct else image.unit, photons=photons, noise=noise,
+                    seed=seed, geometry=_geometry(image))
+
+
+# -------------------------------------------------------------------------------------------- reconstruct
+def _pick_prior(name: str, meas, device):
+    from recon.priors import load_prior
+
+    if name in ("default", "auto"):
+        modality = (meas.geometry.get("modality") or "").upper()
+        if meas.spec.task == "mri" or (not meas.spec.is_ct and modality in ("MR", "MRI")):
+            name = "default-mri"
+        else:
+            name = "default-ct"
+    try:
+        return load_prior(name, device=device), name
+    except FileNotFoundError as err:
+        raise PipelineError(str(err)) from err
+
+
+def reconstruct_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    method: str = "dps",
+    prior: str = "default",
+    steps: int | None = None,
+    particles: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    format: str | None = None,
+    reference: str | os.PathLike | None = None,
+    series: str | int | None = None,
+    task: str | None = None,
+    task_params: dict | None = None,
+    photons: float | None = None,
+    noise: float | None = None,
+    options: dict | None = None,
+    anonymize: bool = False,
+    overwrite: bool = False,
+    callback: Callable[[dict], None] | None = None,
+    config: dict | None = None,
+) -> dict:
+    """Reconstruct ``input`` into ``output`` and return the report (also written as ``*.report.json``).
+
+    ``input`` is a measurement file from ``simulate_file``, or an image when ``task`` is given (simulated with
+    ``task_params``, ``photons``/``noise`` and ``seed``; the image is then the reference). ``method`` is any of
+    ``recon.samplers.METHODS``; ``options`` go to the sampler. ``format="dicom"`` (or an output path without
+    suffix) writes a derived DICOM series, next to ``reference``'s (or the input image's) series when that is
+    DICOM. ``callback`` receives the sampler's per-step dicts (the command line draws its progress bar).
+    """
+    from recon import reconstruct
+    from recon.samplers import METHODS
+    from recon.samplers.baselines import analytic_inverse
+
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise PipelineError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    paths = output_paths(output, format)
+    _check_outputs(paths, overwrite)
+    dev = _resolve_device(device)
+    in_path = Path(input)
+    if not in_path.exists():
+        raise PipelineError(f"{in_path}: no such file or folder")
+
+    timings = {}
+    t0 = time.perf_counter()
+    if task is not None:
+        ref_image = read_image(in_path, series=series)
+        meas = _simulate_image(ref_image, task, photons, noise, seed, task_params or {})
+        headers_from = ref_image
+    else:
+        if in_path.suffix != ".npz":
+            raise PipelineError(f"{in_path}: give a measurement file (.npz from `recon simulate`), or an image "
+                                "together with --task to simulate and reconstruct in one go")
+        meas = load_measurement(in_path)
+        ref_image = read_image(reference) if reference is not None else None
+        headers_from = ref_image
+    timings["read_and_simulate"] = time.perf_counter() - t0
+    spec = meas.spec
+    shape = tuple(meas.geometry.get("shape") or (1, *spec.img_size))
+    if ref_image is not None and tuple(ref_image.shape) != shape:
+        raise PipelineError(f"{reference}: reference of shape {tuple(ref_image.shape)} does not match the "
+                            f"measurement's image shape {shape}")
+
+    physics = meas.physics().to(dev)
+    meas.y = meas.y.to(dev)
+    with torch.no_grad():
+        analytic_d = analytic_inverse(physics, meas.y)
+    needs_prior = method not in ("analytic", "tv")
+    prior_obj, prior_name = (None, None)
+    if needs_prior:
+        prior_obj, prior_name = _pick_prior(prior, meas, dev)
+    if prior_obj is not None:
+        y_n, sigma_n, a, b = normalised_problem(meas, physics, prior_obj, analytic_d)
+    else:  # classical methods run in domain units
+        y_n, sigma_n, a, b = meas.y, meas.sigma_y, 1.0, 0.0
+    t0 = time.perf_counter()
+    result = reconstruct(physics, y_n, prior_obj, method=method, sigma_y=sigma_n, seed=seed, steps=steps,
+                         particles=particles, callback=callback, **(options or {}))
+    timings["reconstruct"] = time.perf_counter() - t0
+
+    def to_phys(x_n: torch.Tensor) -> np.ndarray:
+        d = (x_n.detach().double().cpu() - b) / a
+        arr = from_domain(spec, d)[0, 0].numpy()
+        return arr[None] if arr.ndim == 2 else arr
+
+    rec = to_phys(result.x)
+    analytic = from_domain(spec, analytic_d.detach().double().cpu())[0, 0].numpy()
+    analytic = analytic[None] if analytic.ndim == 2 else analytic
+    residual = float((meas.y - physics.A(((result.x - b) / a).to(meas.y.dtype))).flatten(1).norm(dim=1).mean())
+
+    affine = np.asarray(meas.geometry.get("affine", np.eye(4)), dtype=np.float64)
+    modality = meas.geometry.get("modality") or ("CT" if spec.is_ct else None)
+    unit = "HU" if spec.is_ct else meas.geometry.get("unit")
+    base = MedicalImage(array=rec, affine=affine, modality=modality, unit=unit, source="recon reconstruction")
+    if headers_from is not None and headers_from.dicom_headers is not None:
+        base.dicom_headers = headers_from.dicom_headers
+    description = f"recon {method} {spec.task}"
+    fmt = "dicom" if (format == "dicom" or not paths["image"].suffix) else None
+    t0 = time.perf_counter()
+    def written(paths_list: list[str], target: Path) -> str:  # a DICOM series is reported by its folder
+        return str(target) if len(paths_list) != 1 else paths_list[0]
+
+    outputs = {"image": written(write_image(base, paths["image"], format=fmt, reference=headers_from,
+                                            description=description, anonymize=anonymize, overwrite=overwrite),
+                                paths["image"])}
+    if result.std is not None:
+        std = result.std.detach().double().cpu()[0, 0].numpy() / abs(a) * domain_scale(spec)
+        std_img = base.with_array(std[None] if std.ndim == 2 else std)
+        ref_number = None
+        if fmt == "dicom" and headers_from is not None and headers_from.dicom_headers:
+            ref_number = headers_from.dicom_headers[0].get("SeriesNumber")
+        number = int(ref_number) + 1001 if ref_number is not None else (2 if fmt == "dicom" else None)
+        outputs["std"] = written(write_image(std_img, paths["std"], format=fmt, reference=headers_from,
+                                             description=description + " std", anonymize=anonymize,
+                                             overwrite=overwrite, series_number=number), paths["std"])
+    panels = [("analytic", analytic), ("reconstruction", rec)]
+    report: dict = {"method": method, "task": spec.task, "prior": _prior_label(prior_name), "data_residual": residual,
+                    "nfe": result.nfe, "seconds": result.seconds, "steps": result.info.get("steps"),
+                    "particles": result.info.get("particles"), "seed": seed}
+    if ref_image is not None:
+        ref = ref_image.array
+        report.update(metrics(rec, ref, spec.is_ct))
+        report["analytic"] = metrics(analytic, ref, spec.is_ct)
+        panels = [("reference", ref), *panels, ("error", rec - ref)]
+    outputs["preview"] = _preview(panels, spec.is_ct, paths["preview"], overwrite)
+    timings["write"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    report["outputs"] = {k: v for k, v in outputs.items()}
+    report["outputs"]["report"] = str(paths["report"])
+    report["outputs"]["provenance"] = str(paths["provenance"])
+    report["diagnostics_last"] = {k: v for k, v in (result.diagnostics[-1] if result.diagnostics else {}).items()
+                                  if isinstance(v, (int, float, bool))}
+    if any(not math.isfinite(v) for v in (report.get("psnr", 0.0), residual)):
+        report["warning"] = "non-finite metrics"
+    # paths can carry names (folders named after patients): the provenance keeps checksums instead
+    redacted = {k: ("<path withheld: see the sha256 entries>" if k in _PATH_KEYS and v is not None else v)
+                for k, v in (config or {}).items()}
+    provenance = {"versions": _versions(), "configuration": redacted, "task": spec.to_json(),
+                  "noise": meas.noise, "method": method, "sampler_info": _jsonable(result.info),
+                  "prior": {"name": _prior_label(prior_name),
+                            "sha256": _prior_checksum(prior_obj) if prior_obj else None},
+                  "inputs": {"input_sha256": _sha256_files(_input_files(in_path)),
+                             "reference_sha256": _sha256_files(_input_files(Path(reference))) if reference else None},
+                  "timings_s": timings, "device": str(dev)}
+    _atomic_text(json.dumps(provenance, indent=1, default=str), paths["provenance"], overwrite)
+    if config is not None:
+        import yaml
+
+        outputs["config"] = _atomic_text(yaml.safe_dump(config, sort_keys=False), paths["config"], overwrite)
+        report["outputs"]["config"] = outputs["config"]
+    _atomic_text(json.dumps(report, indent=1, default=str), paths["report"], overwrite)
+    return report
+
+
+_PATH_KEYS = ("input", "output", "reference", "config", "prior")
+
+
+def _prior_label(name: str | None) -> str | None:
+    """A built-in prior's name, or ``"local folder"`` (a path is not recorded)."""
+    from recon.priors.io import BUILTIN_PRIORS
+
+    return name if name is None or name in BUILTIN_PRIORS else "local folder"
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return str(obj)
+

@@ -126,11 +126,14 @@ def _print(summary: dict, as_json: bool, lines: list[str]) -> None:
 def cmd_info(args) -> int:
     from recon.pipeline import describe
 
-    info = describe(args.input, series=args.series)
+    info = describe(args.input, series=args.series, on_irregular=args.on_irregular or "error")
     lines = []
     for s in info.get("series", []):
         lines.append(f"series {s['index']}: {s['modality']} {s['description']!r} {s['files']} files, shape "
                      f"{tuple(s['shape'])}, uid {s['uid']}")
+    if "kspace_shape" in info:
+        lines += [f"fastMRI k-space {tuple(info['kspace_shape'])}, {info['coils']} coil(s), acceleration "
+                  f"{info['acceleration']:.2f}, spacing (dz, dy, dx) mm: {tuple(info['spacing_mm'])}"]
     if "shape" in info:
         lines += [f"modality: {info['modality']}  unit: {info['unit']}",
                   f"shape (D, H, W): {tuple(info['shape'])}", f"spacing (dz, dy, dx) mm: {tuple(info['spacing_mm'])}",
@@ -151,7 +154,8 @@ def cmd_simulate(args) -> int:
         raise UserError("simulate needs --task (one of: " + ", ".join(_tasks()) + ")")
     summary = simulate_file(cfg["input"], cfg["output"], cfg["task"], series=cfg.get("series"),
                             photons=cfg.get("photons"), noise=cfg.get("noise"), seed=int(cfg.get("seed", 0)),
-                            overwrite=bool(cfg.get("overwrite", False)), **_task_params(cfg))
+                            overwrite=bool(cfg.get("overwrite", False)),
+                            on_irregular=cfg.get("on_irregular") or "error", **_task_params(cfg))
     line = (f"wrote {summary['output']}: {summary['task']} on {tuple(summary['img_size'])}, measurements "
             f"{tuple(summary['measurement_shape'])}, noise {summary['noise']['kind']}")
     _print(summary, args.json, [line])
@@ -171,7 +175,8 @@ def cmd_reconstruct(args) -> int:
             cfg["input"], cfg["output"], method=cfg.get("method", "dps"), prior=cfg.get("prior", "default"),
             steps=cfg.get("steps"), particles=cfg.get("particles"), seed=int(cfg.get("seed", 0)),
             device=cfg.get("device", "cpu"), format=cfg.get("format"), reference=cfg.get("reference"),
-            series=cfg.get("series"), task=cfg.get("task"), task_params=_task_params(cfg),
+            series=cfg.get("series"), on_irregular=cfg.get("on_irregular") or "error", task=cfg.get("task"),
+            task_params=_task_params(cfg),
             photons=cfg.get("photons"), noise=cfg.get("noise"), options=cfg.get("options") or {},
             anonymize=bool(cfg.get("anonymize", False)), overwrite=bool(cfg.get("overwrite", False)),
             callback=callback, config=cfg)
@@ -256,7 +261,13 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photons", type=float, default=None, help="CT: photons per detector element (default 1e5)")
     p.add_argument("--noise", type=float, default=None,
                    help="additive Gaussian noise, std relative to the measurement RMS (default 0.01 for non-CT)")
+    _series_args(p)
+
+
+def _series_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", default=None, help="which DICOM series of a folder: index, UID or description")
+    p.add_argument("--on-irregular", choices=["error", "resample"], default=None,
+                   help="DICOM series with uneven slice spacing or a gap: refuse (default) or resample uniformly")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -285,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="what a DICOM / NIfTI / image file or folder holds (reads only)")
     info.add_argument("-i", "--input", required=True)
-    info.add_argument("--series", default=None, help="which DICOM series of a folder: index, UID or description")
+    _series_args(info)
     _common(info, device=False)
     info.set_defaults(func=cmd_info)
 

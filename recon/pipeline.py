@@ -188,20 +188,31 @@ def _prior_checksum(prior) -> str | None:
     return _sha256_files([weights]) if weights and weights.is_file() else None
 
 
-def describe(path: str | os.PathLike, series: str | int | None = None) -> dict:
+def describe(path: str | os.PathLike, series: str | int | None = None, on_irregular: str = "error") -> dict:
     """What ``path`` holds, without running anything: the series in a folder, and for the image (the only
     series, or ``series``) its modality, shape ``(D, H, W)``, spacing (mm), orientation and value range."""
     from recon.datasets.io import list_series
 
     path = Path(path)
     out: dict = {"path_kind": "folder" if path.is_dir() else "file"}
+    if path.suffix in (".h5", ".hdf5") and path.is_file():
+        from recon.datasets.io import read_fastmri
+
+        data = read_fastmri(path)
+        ks = data["kspace"]
+        sampled = (np.abs(ks.reshape(-1, ks.shape[-1])) > 0).any(0)
+        attrs = {k: v for k, v in data["attrs"].items() if "patient" not in k.lower()}  # nothing identifying
+        out.update({"kind": "fastMRI k-space", "kspace_shape": list(ks.shape), "coils": ks.shape[1] if ks.ndim == 4
+                    else 1, "acceleration": float(ks.shape[-1] / max(int(sampled.sum()), 1)), "attrs": attrs,
+                    "spacing_mm": list(_fastmri_spacing(data["ismrmrd_header"], ks.shape[-2:]))})
+        return out
     if path.is_dir():
         found = list_series(path)
         out["series"] = [{"index": i, "uid": s.uid, "description": s.description, "modality": s.modality,
                           "files": s.n_files, "shape": list(s.shape)} for i, s in enumerate(found)]
         if len(found) > 1 and series is None:
             return out
-    image = read_image(path, series=series)
+    image = read_image(path, series=series, on_irregular=on_irregular)
     a = image.affine
     cosines = [(a[:3, k] / np.linalg.norm(a[:3, k])).round(6).tolist() for k in range(3)]
     out.update({"modality": image.modality, "unit": image.unit, "shape": list(image.shape),
@@ -216,13 +227,15 @@ def describe(path: str | os.PathLike, series: str | int | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------- simulate
 def simulate_file(input: str | os.PathLike, output: str | os.PathLike, task: str, *, series=None,
                   photons: float | None = None, noise: float | None = None, seed: int = 0, overwrite: bool = False,
-                  **params) -> dict:
+                  on_irregular: str = "error", **params) -> dict:
     """Simulate ``task`` on an image file and write the measurement file ``output`` (``.npz``).
 
     CT tasks default to ``photons=1e5`` Beer–Lambert noise when neither ``photons`` nor ``noise`` is given;
-    other tasks to Gaussian ``noise=0.01`` (1 % of the measurement RMS). Returns a summary (no patient data).
+    other tasks to Gaussian ``noise=0.01`` (1 % of the measurement RMS). A DICOM series with uneven slice spacing
+    is refused (``on_irregular="error"``) or resampled to uniform spacing (``"resample"``). Returns a summary (no
+    patient data).
     """
-    image = read_image(input, series=series)
+    image = read_image(input, series=series, on_irregular=on_irregular)
     meas = _simulate_image(image, task, photons, noise, seed, params)
     path = save_measurement(meas, output, overwrite=overwrite)
     return {"output": path, "task": task, "img_size": list(meas.spec.img_size), "spacing_mm": list(meas.spec.spacing),
@@ -239,6 +252,62 @@ def _simulate_image(image: MedicalImage, task: str, photons, noise, seed, params
         photons, noise = (1e5, None) if spec.is_ct else (None, 0.01)
     return simulate(spec, _image_tensor(image), "HU" if spec.is_ct else image.unit, photons=photons, noise=noise,
                     seed=seed, geometry=_geometry(image))
+
+
+# ------------------------------------------------------------------------------------------ fastMRI files
+def _fastmri_spacing(header: str | None, shape_hw: tuple) -> tuple[float, float, float]:
+    """(dz, dy, dx) mm from the ISMRMRD header's encoded field of view and matrix (1 mm when absent)."""
+    if not header:
+        return (1.0, 1.0, 1.0)
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(header)
+        ns = {"m": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
+        q = "m:" if ns else ""
+        enc = root.find(f".//{q}encoding/{q}encodedSpace", ns)
+        fov = [float(enc.find(f"{q}fieldOfView_mm/{q}{k}", ns).text) for k in ("x", "y", "z")]
+        mat = [float(enc.find(f"{q}matrixSize/{q}{k}", ns).text) for k in ("x", "y", "z")]
+    except (ET.ParseError, AttributeError, TypeError, ValueError):
+        return (1.0, 1.0, 1.0)
+    h, w = shape_hw  # fastMRI: H = readout (x), W = phase encode (y)
+    return (fov[2] / max(mat[2], 1.0), fov[0] / h, fov[1] / w)
+
+
+def _fastmri_measurement(path: Path):
+    """A measured fastMRI file as a ``Measurement`` of the (complex-image) ``mri`` task: the stored mask (or the
+    sampled columns), coil maps by ESPIRiT for multi-coil data, ``σ_y`` from the outermost sampled k-space."""
+    from recon.datasets.io import read_fastmri
+    from recon.operators import estimate_coil_maps
+    from recon.tasks import Measurement, TaskSpec
+
+    data = read_fastmri(path)
+    ks = torch.from_numpy(np.ascontiguousarray(data["kspace"])).to(torch.complex64)
+    multi = ks.dim() == 4
+    s, h, w = ks.shape[0], ks.shape[-2], ks.shape[-1]
+    if data["mask"] is not None and np.asarray(data["mask"]).size == w:
+        cols = torch.from_numpy(np.asarray(data["mask"], dtype=np.float32).reshape(w) != 0)
+    else:
+        cols = (ks.abs().flatten(0, -2) > 0).any(0)  # sampled phase-encode columns
+    mask = cols.float().expand(h, w).contiguous()
+    coils = ks.shape[1] if multi else 1
+    arrays = {"mask": mask.numpy()}
+    if multi:
+        by_coil = ks.permute(1, 0, 2, 3)  # (C, S, H, W)
+        arrays["coil_maps"] = estimate_coil_maps(by_coil, fft_dims="2d").numpy()
+        y = torch.stack((by_coil.real, by_coil.imag))[None]  # (1, 2, C, S, H, W)
+    else:
+        y = torch.stack((ks.real, ks.imag))[None]  # (1, 2, S, H, W)
+    y = y * mask
+    edge = max(1, w // 20)
+    outer = torch.cat([y[..., :edge][..., cols[:edge]], y[..., -edge:][..., cols[-edge:]]], dim=-1)
+    sigma = float(outer.std()) if outer.numel() > 1 else 0.0
+    spacing = _fastmri_spacing(data["ismrmrd_header"], (h, w))
+    spec = TaskSpec("mri", (s, h, w), spacing, {"acceleration": w / max(int(cols.sum()), 1), "mask_type": "stored",
+                                                "center_fraction": None, "coils": coils, "complex": True})
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    geometry = {"affine": affine.tolist(), "shape": [s, h, w], "modality": "MR", "unit": None}
+    return Measurement(spec, y, sigma, {"kind": "measured", "sigma_y": sigma}, geometry, arrays)
 
 
 # -------------------------------------------------------------------------------------------- reconstruct
@@ -270,6 +339,7 @@ def reconstruct_file(
     format: str | None = None,
     reference: str | os.PathLike | None = None,
     series: str | int | None = None,
+    on_irregular: str = "error",
     task: str | None = None,
     task_params: dict | None = None,
     photons: float | None = None,
@@ -305,15 +375,22 @@ def reconstruct_file(
     timings = {}
     t0 = time.perf_counter()
     if task is not None:
-        ref_image = read_image(in_path, series=series)
+        ref_image = read_image(in_path, series=series, on_irregular=on_irregular)
         meas = _simulate_image(ref_image, task, photons, noise, seed, task_params or {})
         headers_from = ref_image
+    elif in_path.suffix in (".h5", ".hdf5"):
+        meas = _fastmri_measurement(in_path)
+        ref_image = read_image(reference, on_irregular=on_irregular) if reference is not None else None
+        headers_from = ref_image
+        if method not in ("analytic", "tv"):
+            raise PipelineError(f"{in_path}: measured complex k-space; recon's diffusion priors are real-valued "
+                                "(magnitude) priors, so use --method analytic or tv for fastMRI files")
     else:
         if in_path.suffix != ".npz":
-            raise PipelineError(f"{in_path}: give a measurement file (.npz from `recon simulate`), or an image "
-                                "together with --task to simulate and reconstruct in one go")
+            raise PipelineError(f"{in_path}: give a measurement file (.npz from `recon simulate`), a fastMRI .h5 "
+                                "file, or an image together with --task to simulate and reconstruct in one go")
         meas = load_measurement(in_path)
-        ref_image = read_image(reference) if reference is not None else None
+        ref_image = read_image(reference, on_irregular=on_irregular) if reference is not None else None
         headers_from = ref_image
     timings["read_and_simulate"] = time.perf_counter() - t0
     spec = meas.spec
@@ -340,13 +417,13 @@ def reconstruct_file(
     timings["reconstruct"] = time.perf_counter() - t0
 
     def to_phys(x_n: torch.Tensor) -> np.ndarray:
-        d = (x_n.detach().double().cpu() - b) / a
-        arr = from_domain(spec, d)[0, 0].numpy()
+        """Normalised → physical ``(D, H, W)``; complex images (two channels) → magnitude."""
+        d = from_domain(spec, (x_n.detach().double().cpu() - b) / a)[0]
+        arr = (d[0] if d.shape[0] == 1 else d.pow(2).sum(0).sqrt()).numpy()
         return arr[None] if arr.ndim == 2 else arr
 
     rec = to_phys(result.x)
-    analytic = from_domain(spec, analytic_d.detach().double().cpu())[0, 0].numpy()
-    analytic = analytic[None] if analytic.ndim == 2 else analytic
+    analytic = to_phys(analytic_d * a + b)
     residual = float((meas.y - physics.A(((result.x - b) / a).to(meas.y.dtype))).flatten(1).norm(dim=1).mean())
 
     affine = np.asarray(meas.geometry.get("affine", np.eye(4)), dtype=np.float64)

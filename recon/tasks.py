@@ -74,7 +74,7 @@ DEFAULTS: dict[str, dict] = {
     "sparse-view-ct": {"views": 60},
     "limited-angle-ct": {"views": 90, "arc": 120.0},
     "cone-beam-ct": {"views": 90},
-    "mri": {"acceleration": 4.0, "mask_type": "random", "center_fraction": None, "coils": 1},
+    "mri": {"acceleration": 4.0, "mask_type": "random", "center_fraction": None, "coils": 1, "complex": False},
     "blur": {"fwhm": 3.0, "fwhm_z": 0.0},
     "inpainting": {"missing": 0.5, "keep_every": None},
     "super-resolution": {"factor": None},
@@ -178,7 +178,7 @@ def build_physics(spec: TaskSpec, arrays: dict | None = None):
     if spec.task == "mri":
         coils = _positive(p["coils"], "coils", integer=True, minimum=0)
         mask = arrays.get("mask")
-        kw = {"real_input": True}
+        kw = {"real_input": not p.get("complex", False)}  # complex: measured k-space (fastMRI files)
         if mask is not None:
             kw["mask"] = torch.as_tensor(np.asarray(mask, dtype=np.float32))
         else:

@@ -220,3 +220,59 @@ def test_mixed_series_need_series_and_irregular_spacing_is_reported(tmp_path, ca
     for f in CT5N[:2] + CT5N[3:]:
         shutil.copy(f, gap / Path(f).name)
     _fails(capsys, "info", "-i", gap, match="gap")
+    assert main(["info", "-i", str(gap), "--on-irregular", "resample", "--json"]) == 0
+    resampled = json.loads(capsys.readouterr().out)
+    assert resampled["shape"][0] == 5 and abs(resampled["spacing_mm"][0] - 2.5) < 1e-3  # 4 slices -> 5 at 2.5 mm
+
+
+def _fastmri_file(path: Path, coils: int) -> np.ndarray:
+    """A fastMRI-layout file from MR_small (2 slices): centred orthonormal k-space (numpy), 4x column mask."""
+    import h5py
+
+    img = pydicom.dcmread(MR_SMALL).pixel_array.astype(np.float64)
+    vol = np.stack([img, img[::-1]])  # (S, H, W)
+    rng = np.random.default_rng(0)
+    if coils > 1:
+        yy, xx = np.mgrid[-1:1:64j, -1:1:64j]
+        maps = np.stack([np.exp(-((yy - np.cos(a)) ** 2 + (xx - np.sin(a)) ** 2)) * np.exp(1j * a)
+                         for a in np.linspace(0, 2 * np.pi, coils, endpoint=False)])
+        maps /= np.sqrt((np.abs(maps) ** 2).sum(0))
+        vol = vol[:, None] * maps[None]  # (S, C, H, W)
+    ks = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(vol, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    mask = np.zeros(64, dtype=bool)
+    mask[28:36] = True
+    mask[rng.choice(64, 10, replace=False)] = True
+    ks = (ks * mask).astype(np.complex64)
+    header = ("<ismrmrdHeader xmlns='http://www.ismrm.org/ISMRMRD'><encoding><encodedSpace><matrixSize><x>64</x>"
+              "<y>64</y><z>1</z></matrixSize><fieldOfView_mm><x>192</x><y>128</y><z>5</z></fieldOfView_mm>"
+              "</encodedSpace></encoding></ismrmrdHeader>")
+    with h5py.File(path, "w") as f:
+        f["kspace"] = ks
+        f["mask"] = mask
+        f["ismrmrd_header"] = header
+        f.attrs["acquisition"] = "CORPD_FBK"
+        f.attrs["patient_id"] = "hash-of-someone"
+    zero_filled = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(ks, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    return np.abs(zero_filled) if coils == 1 else np.sqrt((np.abs(zero_filled) ** 2).sum(1))
+
+
+@pytest.mark.parametrize("coils", [1, 4])
+def test_fastmri_kspace_file_zero_filled_and_tv(tmp_path, capsys, coils):
+    path = tmp_path / "file_brain.h5"
+    expected = _fastmri_file(path, coils)  # numpy zero-filled magnitude (root-sum-of-squares for coils)
+    assert main(["info", "-i", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["coils"] == coils and info["kspace_shape"][0] == 2 and "patient_id" not in info["attrs"]
+    assert info["spacing_mm"] == [5.0, 3.0, 2.0]
+    assert main(["reconstruct", "-i", str(path), "-o", str(tmp_path / "zf.nii.gz"), "--method", "analytic",
+                 "-q"]) == 0
+    capsys.readouterr()
+    zf = np.asarray(nib.load(tmp_path / "zf.nii.gz").dataobj).transpose(2, 1, 0)  # NIfTI (w, h, d) -> (d, h, w)
+    if coils == 1:
+        np.testing.assert_allclose(zf, expected, rtol=1e-4, atol=1e-3 * expected.max())
+    else:  # SENSE combination with ESPIRiT maps vs root-sum-of-squares: equal up to the maps' support
+        inside = expected > 0.2 * expected.max()
+        assert np.median(np.abs(zf[inside] - expected[inside]) / expected[inside]) < 0.05
+    assert main(["reconstruct", "-i", str(path), "-o", str(tmp_path / "tv.nii.gz"), "--method", "tv", "-q"]) == 0
+    capsys.readouterr()
+    _fails(capsys, "reconstruct", "-i", path, "-o", tmp_path / "dps.nii.gz", "--method", "dps", match="analytic or tv")

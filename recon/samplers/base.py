@@ -126,6 +126,8 @@ METHODS: dict[str, tuple[str, str]] = {
     "deepinv-dps": ("baselines", "sample_deepinv_dps"),
     "deepinv-diffpir": ("baselines", "sample_deepinv_diffpir"),
     "deepinv-ddrm": ("baselines", "sample_deepinv_ddrm"),
+    "diffusion-mbir": ("volume", "sample_diffusion_mbir"),
+    "dds": ("volume", "sample_dds"),
 }
 
 

@@ -13,7 +13,8 @@ resized to 64²) in the MRI prior's normalised magnitude range, real-valued imag
 
 Every method runs through ``recon.reconstruct`` with the same prior network: FBP / zero-filled, TV (its λ picked
 per image from a grid by PSNR against the truth: an oracle choice that favours the baseline), deepinv's DPS and
-DiffPIR (adapters), and recon's DPS, RED-diff and SMC (TDS weights). PSNR/SSIM on the normalised range [-1, 1]
+DiffPIR (adapters), and recon's DPS, RED-diff, SMC (TDS weights) and DDS (CG data consistency on the Tweedie
+estimate, the volume method, here on single images). PSNR/SSIM on the normalised range [-1, 1]
 (data range 2), wall time and network evaluations (NFE) per image, all in one process with the same threads.
 """
 
@@ -44,6 +45,7 @@ METHODS = {
     "DPS (100 steps, ζ′ = 0.3)": ("dps", {"steps": 100, "zeta": 0.3}),
     "RED-diff (100 steps)": ("red-diff", {"steps": 100}),
     "SMC TDS (8 particles, 50 steps)": ("smc", {"steps": 50, "particles": 8}),
+    "DDS (50 steps, 5 CG)": ("dds", {"steps": 50}),
 }
 TV_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)  # multiples of sample_tv's default λ
 

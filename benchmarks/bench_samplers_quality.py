@@ -42,7 +42,7 @@ METHODS = {
     "deepinv DPS (1000 steps)": ("deepinv-dps", {"steps": 1000}),
     "deepinv DiffPIR (100 steps)": ("deepinv-diffpir", {"steps": 100}),
     "DPS (100 steps)": ("dps", {"steps": 100}),
-    "DPS (100 steps, ζ′ = 0.3)": ("dps", {"steps": 100, "zeta": 0.3}),
+    "DPS (100 steps, ζ′ = 2)": ("dps", {"steps": 100, "zeta": 2.0}),  # ζ′ tuned on CT_small (not benchmarked)
     "RED-diff (100 steps)": ("red-diff", {"steps": 100}),
     "SMC TDS (8 particles, 50 steps)": ("smc", {"steps": 50, "particles": 8}),
     "DDS (50 steps, 5 CG)": ("dds", {"steps": 50}),

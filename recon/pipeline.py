@@ -40,7 +40,20 @@ from recon.tasks import (
     simulate,
 )
 
-__all__ = ["PipelineError", "describe", "metrics", "output_paths", "reconstruct_file", "simulate_file"]
+__all__ = [
+    "PipelineError",
+    "check_outputs",
+    "describe",
+    "input_files",
+    "metrics",
+    "output_paths",
+    "reconstruct_file",
+    "resolve_device",
+    "sha256_files",
+    "simulate_file",
+    "software_versions",
+    "write_preview",
+]
 
 CT_WINDOW = (-1000.0, 1000.0)  # HU window of the CT metrics and previews
 
@@ -50,7 +63,7 @@ class PipelineError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _sha256_files(paths) -> str:
+def sha256_files(paths) -> str:
     h = hashlib.sha256()
     for p in sorted(str(p) for p in paths):
         with open(p, "rb") as f:
@@ -59,7 +72,7 @@ def _sha256_files(paths) -> str:
     return h.hexdigest()
 
 
-def _input_files(path: Path) -> list[Path]:
+def input_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
     return [path]
@@ -93,7 +106,7 @@ def output_paths(output: str | os.PathLike, fmt: str | None = None) -> dict[str,
             "config": out.with_name(stem + ".config.yaml")}
 
 
-def _check_outputs(paths: dict[str, Path], overwrite: bool) -> None:
+def check_outputs(paths: dict[str, Path], overwrite: bool) -> None:
     parent = paths["image"].parent
     if not parent.is_dir():
         raise PipelineError(f"{parent}: output folder does not exist")
@@ -115,7 +128,7 @@ def _image_tensor(image: MedicalImage) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a[0] if a.shape[0] == 1 else a)).float()
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -150,7 +163,7 @@ def metrics(rec: np.ndarray, ref: np.ndarray, is_ct: bool) -> dict:
     return {"psnr": psnr, "ssim": ssim}
 
 
-def _preview(panels: list[tuple[str, np.ndarray]], is_ct: bool, path: Path, overwrite: bool) -> str:
+def write_preview(panels: list[tuple[str, np.ndarray]], is_ct: bool, path: Path, overwrite: bool) -> str:
     """Middle slices side by side on one window (the error panel on its own, [0, window width / 4])."""
     mids = [(name, a[a.shape[0] // 2]) for name, a in panels]
     if is_ct:
@@ -170,7 +183,7 @@ def _preview(panels: list[tuple[str, np.ndarray]], is_ct: bool, path: Path, over
     return write_png(mosaic, path, window=(0.0, 1.0), overwrite=overwrite)
 
 
-def _versions() -> dict:
+def software_versions() -> dict:
     import deepinv
     import nibabel
     import pydicom
@@ -185,7 +198,7 @@ def _versions() -> dict:
 def _prior_checksum(prior) -> str | None:
     folder = (getattr(prior, "card", None) or {}).get("path")
     weights = Path(folder) / "model.safetensors" if folder else None
-    return _sha256_files([weights]) if weights and weights.is_file() else None
+    return sha256_files([weights]) if weights and weights.is_file() else None
 
 
 def describe(path: str | os.PathLike, series: str | int | None = None, on_irregular: str = "error") -> dict:
@@ -366,8 +379,8 @@ def reconstruct_file(
     if method not in METHODS:
         raise PipelineError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     paths = output_paths(output, format)
-    _check_outputs(paths, overwrite)
-    dev = _resolve_device(device)
+    check_outputs(paths, overwrite)
+    dev = resolve_device(device)
     in_path = Path(input)
     if not in_path.exists():
         raise PipelineError(f"{in_path}: no such file or folder")
@@ -460,7 +473,7 @@ def reconstruct_file(
         report.update(metrics(rec, ref, spec.is_ct))
         report["analytic"] = metrics(analytic, ref, spec.is_ct)
         panels = [("reference", ref), *panels, ("error", rec - ref)]
-    outputs["preview"] = _preview(panels, spec.is_ct, paths["preview"], overwrite)
+    outputs["preview"] = write_preview(panels, spec.is_ct, paths["preview"], overwrite)
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     report["outputs"] = {k: v for k, v in outputs.items()}
@@ -473,12 +486,12 @@ def reconstruct_file(
     # paths can carry names (folders named after patients): the provenance keeps checksums instead
     redacted = {k: ("<path withheld: see the sha256 entries>" if k in _PATH_KEYS and v is not None else v)
                 for k, v in (config or {}).items()}
-    provenance = {"versions": _versions(), "configuration": redacted, "task": spec.to_json(),
+    provenance = {"versions": software_versions(), "configuration": redacted, "task": spec.to_json(),
                   "noise": meas.noise, "method": method, "sampler_info": _jsonable(result.info),
                   "prior": {"name": _prior_label(prior_name),
                             "sha256": _prior_checksum(prior_obj) if prior_obj else None},
-                  "inputs": {"input_sha256": _sha256_files(_input_files(in_path)),
-                             "reference_sha256": _sha256_files(_input_files(Path(reference))) if reference else None},
+                  "inputs": {"input_sha256": sha256_files(input_files(in_path)),
+                             "reference_sha256": sha256_files(input_files(Path(reference))) if reference else None},
                   "timings_s": timings, "device": str(dev)}
     _atomic_text(json.dumps(provenance, indent=1, default=str), paths["provenance"], overwrite)
     if config is not None:

@@ -39,12 +39,15 @@ from recon.priors.schedules import EDMSchedule, karras_sigmas
 
 __all__ = [
     "DEFAULT_CT_FILES",
+    "BatchMaker",
     "TrainConfig",
+    "atomic_torch_save",
     "default_ct_config",
     "default_mri_config",
     "export_prior",
     "sample_unconditional",
     "train_prior",
+    "write_grid",
 ]
 
 log = logging.getLogger("recon.train")
@@ -192,7 +195,7 @@ def load_training_slices(cfg: TrainConfig) -> tuple[list[torch.Tensor], list[dic
     return slices, [{"used": used}, *skipped]
 
 
-class _BatchMaker:
+class BatchMaker:
     """Draws training batches (crops, flips, rotations, phantoms) from one seeded generator."""
 
     def __init__(self, slices, cfg: TrainConfig, generator: torch.Generator):
@@ -261,7 +264,7 @@ def sample_unconditional(prior: DiffusionPrior, shape: tuple, steps: int = 18, g
     return x
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def atomic_torch_save(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -273,7 +276,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
-def _write_grid(images: torch.Tensor, path: Path) -> None:
+def write_grid(images: torch.Tensor, path: Path) -> None:
     from skimage.io import imsave
 
     imgs = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
@@ -343,13 +346,13 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
         gen.set_state(state["generator"])
         step, losses = int(state["step"]), list(state["losses"])
     slices, report = load_training_slices(cfg)
-    batches = _BatchMaker(slices, cfg, gen)
+    batches = BatchMaker(slices, cfg, gen)
     noise_gen = gen  # one stream: data, noise levels and noise are all reproducible from the checkpoint
     schedule_prior = _make_prior(net, cfg)
     use_amp = device.type == "cuda"
 
     def save_checkpoint():
-        _atomic_torch_save(
+        atomic_torch_save(
             {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
              "generator": gen.get_state(), "step": step, "losses": losses,
              "config": json.dumps(dataclasses.asdict(cfg))},
@@ -402,7 +405,7 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
             if cfg.sample_every and step % cfg.sample_every == 0:
                 grid = sample_unconditional(_make_prior(ema, cfg), (16, 1, 2 * cfg.crop, 2 * cfg.crop), 12,
                                             torch.Generator().manual_seed(0))
-                _write_grid(grid, out / f"samples_{step:07d}.png")
+                write_grid(grid, out / f"samples_{step:07d}.png")
     except KeyboardInterrupt:
         interrupted = True
         save_checkpoint()

@@ -360,6 +360,7 @@ def reconstruct_file(
     options: dict | None = None,
     anonymize: bool = False,
     overwrite: bool = False,
+    memory_budget: float | None = None,
     callback: Callable[[dict], None] | None = None,
     config: dict | None = None,
 ) -> dict:
@@ -369,7 +370,9 @@ def reconstruct_file(
     ``task_params``, ``photons``/``noise`` and ``seed``; the image is then the reference). ``method`` is any of
     ``recon.samplers.METHODS``; ``options`` go to the sampler. ``format="dicom"`` (or an output path without
     suffix) writes a derived DICOM series, next to ``reference``'s (or the input image's) series when that is
-    DICOM. ``callback`` receives the sampler's per-step dicts (the command line draws its progress bar).
+    DICOM. ``memory_budget`` (bytes of network activations per call) bounds how many slices of a volume go
+    through the prior at once. ``callback`` receives the sampler's per-step dicts (the command line draws its
+    progress bar).
     """
     from recon import reconstruct
     from recon.samplers import METHODS
@@ -420,6 +423,10 @@ def reconstruct_file(
     prior_obj, prior_name = (None, None)
     if needs_prior:
         prior_obj, prior_name = _pick_prior(prior, meas, dev)
+        if memory_budget is not None and hasattr(prior_obj, "memory_budget"):
+            if not memory_budget > 0:
+                raise PipelineError(f"--max-memory must be positive, got {memory_budget}")
+            prior_obj.memory_budget = float(memory_budget)
     if prior_obj is not None:
         y_n, sigma_n, a, b = normalised_problem(meas, physics, prior_obj, analytic_d)
     else:  # classical methods run in domain units

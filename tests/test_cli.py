@@ -276,3 +276,39 @@ def test_fastmri_kspace_file_zero_filled_and_tv(tmp_path, capsys, coils):
     assert main(["reconstruct", "-i", str(path), "-o", str(tmp_path / "tv.nii.gz"), "--method", "tv", "-q"]) == 0
     capsys.readouterr()
     _fails(capsys, "reconstruct", "-i", path, "-o", tmp_path / "dps.nii.gz", "--method", "dps", match="analytic or tv")
+
+
+def test_volume_method_checkpoint_and_resume_from_the_command_line(tmp_path, ct5n, capsys, monkeypatch):
+    """dds on a 5-slice CT series: a run interrupted (Ctrl-C at step 4) and continued with --resume gives exactly
+    the volume of an uninterrupted run."""
+    import recon.cli as cli
+
+    meas = tmp_path / "vol.npz"
+    assert main(["simulate", "-i", str(ct5n), "-o", str(meas), "--task", "sparse-view-ct", "--views", "20", "-q"]) == 0
+    common = ["reconstruct", "-i", str(meas), "--method", "dds", "--steps", "6", "--max-memory", "64MB", "-q"]
+    assert main([*common, "-o", str(tmp_path / "full.npy")]) == 0
+    ckpt = tmp_path / "state.pt"
+    real_progress = cli._progress
+
+    def interrupting(args):
+        callback, close = real_progress(args)
+
+        def cb(info):
+            callback(info)
+            if info["step"] >= 3:
+                raise KeyboardInterrupt
+
+        return cb, close
+
+    monkeypatch.setattr(cli, "_progress", interrupting)
+    ckpt_args = ["--checkpoint", str(ckpt), "--checkpoint-every", "2"]
+    assert main([*common, "-o", str(tmp_path / "part.npy"), *ckpt_args]) == 130
+    assert ckpt.is_file() and not (tmp_path / "part.npy").exists()  # nothing half-written
+    monkeypatch.setattr(cli, "_progress", real_progress)
+    capsys.readouterr()
+    out = run(*common, "-o", tmp_path / "resumed.npy", *ckpt_args, "--resume")
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "full.npy"))
+    _fails(capsys, "reconstruct", "-i", meas, "-o", tmp_path / "x.npy", "--method", "dps", "--checkpoint", ckpt,
+           match="diffusion-mbir or dds")
+    _fails(capsys, *common, "-o", tmp_path / "y.npy", "--max-memory", "lots", match="--max-memory")

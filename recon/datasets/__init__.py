@@ -7,34 +7,7 @@
 - :mod:`recon.datasets.slices`: pixel-only 2D slices from many files, for training priors.
 """
 
-from recon.datasets.io import (
-    ImageReadError,
-    ImageWriteError,
-    MedicalImage,
-    SeriesInfo,
-    anonymize_dataset,
-    atomic_write_bytes,
-    list_series,
-    read_fastmri,
-    read_image,
-    write_dicom_series,
-    write_image,
-    write_nifti,
-    write_png,
-)
+from recon.datasets import io as _io
+from recon.datasets.io import *  # noqa: F403  (the public names of recon.datasets.io, listed in its __all__)
 
-__all__ = [
-    "ImageReadError",
-    "ImageWriteError",
-    "MedicalImage",
-    "SeriesInfo",
-    "anonymize_dataset",
-    "atomic_write_bytes",
-    "list_series",
-    "read_fastmri",
-    "read_image",
-    "write_dicom_series",
-    "write_image",
-    "write_nifti",
-    "write_png",
-]
+__all__ = list(_io.__all__)

@@ -32,6 +32,7 @@ __all__ = [
     "data_residual",
     "operator_norm",
     "reconstruct",
+    "record_step",
 ]
 
 
@@ -104,6 +105,25 @@ def operator_norm(physics, template: torch.Tensor, iters: int = 30, seed: int = 
                 break
             v = w / s
     return math.sqrt(max(s, 0.0))
+
+
+def record_step(diagnostics: list, callback, t0: float, prior, nfe0: int, step: int, steps: int, sigma: float,
+                residual: float, **extra) -> dict:
+    """Append one step's diagnostics (``step``, ``steps``, ``sigma``, ``residual``, ``nfe`` so far, ``seconds``
+    since ``t0``, and ``extra``) and pass a copy to ``callback``; the one place that defines a step record."""
+    info = {
+        "step": step,
+        "steps": steps,
+        "sigma": float(sigma),
+        "residual": float(residual),
+        "nfe": getattr(prior, "nfe", 0) - nfe0,
+        "seconds": time.perf_counter() - t0,
+        **extra,
+    }
+    diagnostics.append(info)
+    if callback is not None:
+        callback(dict(info))
+    return info
 
 
 def weighted_moments(samples: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from recon.samplers.base import ReconstructionResult, check_finite, data_residual, operator_norm
+from recon.samplers.base import ReconstructionResult, check_finite, data_residual, operator_norm, record_step
 from recon.samplers.dps import (
     ancestral_step,
     finish_samples,
@@ -200,17 +200,8 @@ def sample_tv(
             x_bar = 2 * x_new - x
             x = x_new
             check_finite(x, "tv", i, "check lam and the measurements")
-            info = {
-                "step": i,
-                "steps": int(steps),
-                "sigma": 0.0,
-                "residual": float(data_residual(physics, x, y).mean()),
-                "nfe": 0,
-                "seconds": time.perf_counter() - t0,
-            }
-            diagnostics.append(info)
-            if callback is not None:
-                callback(dict(info))
+            record_step(diagnostics, callback, t0, None, 0, i, int(steps), 0.0,
+                        data_residual(physics, x, y).mean())
     return ReconstructionResult(
         x=x,
         diagnostics=diagnostics,
@@ -249,17 +240,7 @@ def _unconditional(
             x0 = prior.denoise(x, s)
             x = ancestral_step(x, x0, s, s_next, generator, eta)
             check_finite(x, method, i, "check the prior (non-finite denoiser output)")
-            info = {
-                "step": i,
-                "steps": n,
-                "sigma": s,
-                "residual": float(per_item_norm(y_rep - physics.A(x0)).mean()),
-                "nfe": getattr(prior, "nfe", 0) - nfe0,
-                "seconds": time.perf_counter() - t0,
-            }
-            diagnostics.append(info)
-            if callback is not None:
-                callback(dict(info))
+            record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, per_item_norm(y_rep - physics.A(x0)).mean())
     samples = x0.reshape(p, b, *x0.shape[1:])
     xm, weights, std = finish_samples(samples)
     return ReconstructionResult(
@@ -396,21 +377,6 @@ def _adapter_result(x, physics, y, p, b, diagnostics, method, t0, prior, nfe0, o
     )
 
 
-def _record(diagnostics, callback, t0, prior, nfe0, step, steps, sigma, residual, **extra):
-    info = {
-        "step": step,
-        "steps": steps,
-        "sigma": float(sigma),
-        "residual": float(residual),
-        "nfe": getattr(prior, "nfe", 0) - nfe0,
-        "seconds": time.perf_counter() - t0,
-        **extra,
-    }
-    diagnostics.append(info)
-    if callback is not None:
-        callback(dict(info))
-
-
 def sample_deepinv_dps(
     physics,
     y: torch.Tensor,
@@ -478,7 +444,7 @@ def sample_deepinv_dps(
         check_finite(x_state, "deepinv-dps", i, "reduce weight")
         x0 = lo + (hi - lo) * den.last_u.to(y.dtype)
         sigma = float(model.sde.sigma_t(t_cur)) * (hi - lo) / 2
-        _record(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
+        record_step(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
         return out
 
     model.solver.step = step
@@ -560,7 +526,7 @@ def sample_deepinv_diffpir(
         check_finite(u_in, "deepinv-diffpir", i, "reduce lambda_ or check sigma_y")
         x0 = lo + (hi - lo) * u_out.detach().to(template.dtype)
         sigma = float(model.sigmas[model.seq[min(i, n - 1)]]) * (hi - lo) / 2
-        _record(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
+        record_step(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
 
     den.hook = hook
     devices = [y.device] if y.device.type == "cuda" else []
@@ -640,7 +606,7 @@ def sample_deepinv_ddrm(
         check_finite(u_in, "deepinv-ddrm", i, "check sigma_y and the sigmas")
         x0 = lo + (hi - lo) * u_out.detach().to(template.dtype)
         sigma = float(sigmas[min(i, n - 1)]) * (hi - lo)
-        _record(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
+        record_step(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
 
     den.hook = hook
     devices = [y.device] if y.device.type == "cuda" else []

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import torch
 
 from recon.priors.schedules import karras_sigmas
-from recon.samplers.base import ReconstructionResult, check_finite, operator_norm, weighted_moments
+from recon.samplers.base import ReconstructionResult, check_finite, operator_norm, record_step, weighted_moments
 
 __all__ = ["ancestral_step", "sample_dps", "sigma_schedule"]
 
@@ -232,17 +232,7 @@ def sample_dps(
                 x_next = x_next - 2.0 * float(zeta) * factor / norm_a * grad
         x = x_next.detach()
         check_finite(x, "dps", i, "reduce zeta (the guidance step) or use more steps")
-        info = {
-            "step": i,
-            "steps": n,
-            "sigma": s,
-            "residual": float(per_item_norm(r.detach()).mean()),
-            "nfe": getattr(prior, "nfe", 0) - nfe0,
-            "seconds": time.perf_counter() - t0,
-        }
-        diagnostics.append(info)
-        if callback is not None:
-            callback(dict(info))
+        record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, per_item_norm(r.detach()).mean())
 
     samples = x0.reshape(p, b, *x0.shape[1:])
     xm, weights, std = finish_samples(samples)

@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from recon.samplers.base import ReconstructionResult, check_finite
+from recon.samplers.base import ReconstructionResult, check_finite, record_step
 from recon.samplers.dps import image_template, per_item_norm, randn, sigma_schedule
 
 __all__ = ["sample_reddiff"]
@@ -147,18 +147,8 @@ def sample_reddiff(
             loss.backward()
         opt.step()
         check_finite(mu.detach(), "red-diff", i, "reduce lr (or lam)")
-        info = {
-            "step": i,
-            "steps": n,
-            "sigma": s,
-            "residual": float(per_item_norm(r.detach()).mean()),
-            "loss": float(loss.detach()),
-            "nfe": getattr(prior, "nfe", 0) - nfe0,
-            "seconds": time.perf_counter() - t0,
-        }
-        diagnostics.append(info)
-        if callback is not None:
-            callback(dict(info))
+        record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, per_item_norm(r.detach()).mean(),
+                    loss=float(loss.detach()))
     return ReconstructionResult(
         x=mu.detach(),
         diagnostics=diagnostics,

@@ -9,6 +9,12 @@ Gaussian noise. MRI: nilearn's MNI152 T1 template resampled to ``size³`` (NOTE:
 trained on 2D slices of this template, so this MRI row measures the coupling, not generalisation), 4× Cartesian
 sampling with one random 1D mask per slice (``fft_dims="2d"``), σ_y = 0.01.
 
+Memory and time growth at large sizes (``--steps N`` overrides every method's step count, so a 256³ run that
+would take hours measures its peak memory and its time per step in minutes; such rows carry ``"steps_override"``
+and their PSNR is not a quality result):
+
+    python benchmarks/bench_volumes.py --task ct --size 256 --steps 2 --only "DDS-style + TV-z (50" --json …
+
 Every method runs in its own process (``--method`` internally) so that the peak resident memory is its own.
 Metrics: PSNR/SSIM on the normalised range (data range 2) averaged over the slices of each orientation (axial =
 along D, coronal = along H, sagittal = along W); NFE = network evaluations per slice; wall time.
@@ -32,6 +38,7 @@ METHODS = {
     "slice-independent DDS (no coupling)": ("dds", {"steps": 50, "tv_weight": 0.0}),
     "DiffusionMBIR-style (200 levels)": ("diffusion-mbir", {"steps": 200}),
     "DDS-style + TV-z (50 steps)": ("dds", {"steps": 50, "tv_weight": None}),
+    "DDS-style + TV-z (20 steps)": ("dds", {"steps": 20, "tv_weight": None}),
 }
 
 
@@ -63,7 +70,8 @@ def plane_metrics(rec: np.ndarray, ref: np.ndarray) -> dict:
     return out
 
 
-def run_one(task: str, size: int, views: int, label: str, seed: int) -> dict:
+def run_one(task: str, size: int, views: int, label: str, seed: int, steps: int | None = None,
+            max_memory: float | None = None) -> dict:
     import resource
 
     from recon import reconstruct
@@ -88,13 +96,20 @@ def run_one(task: str, size: int, views: int, label: str, seed: int) -> dict:
     noise = sigma_y * torch.randn(ax.shape, generator=g)
     y = ax + (physics.A(physics.A_adjoint(noise)) if task == "mri" else noise)
     method, options = METHODS[label]
+    options = dict(options)
+    if steps is not None and "steps" in options:
+        options["steps"] = steps
+    if max_memory is not None and method in ("dds", "diffusion-mbir"):
+        options["memory_budget"] = max_memory
     t0 = time.perf_counter()
     res = reconstruct(physics, y, prior, method, sigma_y=sigma_y, seed=seed, **options)
     seconds = time.perf_counter() - t0
     rec = res.x[0, 0].double().numpy()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"method": label, "size": size, "seconds": seconds, "nfe_per_slice": res.info.get("denoiser_calls",
-            res.nfe), "peak_rss_MiB": peak, **plane_metrics(rec, ref)}
+            res.nfe), "peak_rss_MiB": peak, "threads": torch.get_num_threads(),
+            **({"steps_override": steps} if steps is not None else {}),
+            **({"memory_budget": max_memory} if max_memory is not None else {}), **plane_metrics(rec, ref)}
 
 
 def main() -> None:
@@ -104,18 +119,25 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", help="method labels (substring match)")
+    parser.add_argument("--steps", type=int, help="override every method's steps (memory / time-growth runs)")
+    parser.add_argument("--max-memory", type=float, help="memory budget per network call in bytes (volume methods)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.method:
-        print(json.dumps(run_one(args.task, args.size, args.views, args.method, args.seed)))
+        print(json.dumps(run_one(args.task, args.size, args.views, args.method, args.seed, args.steps,
+                                 args.max_memory)))
         return
     rows = []
     for label in METHODS:
         if args.only and not any(s in label for s in args.only):
             continue
         cmd = [sys.executable, __file__, "--task", args.task, "--size", str(args.size), "--views", str(args.views),
-               "--seed", str(args.seed), "--method", label]
+               "--seed", str(args.seed), "--threads", str(args.threads), "--method", label]
+        cmd += ["--steps", str(args.steps)] if args.steps is not None else []
+        cmd += ["--max-memory", str(args.max_memory)] if args.max_memory is not None else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         row = json.loads(out)
         rows.append(row)
@@ -124,6 +146,9 @@ def main() -> None:
               f"peak {row['peak_rss_MiB']:.0f} MiB", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "size": args.size, "views": args.views,
+                                               "threads": args.threads, "steps_override": args.steps,
+                                               "command": " ".join(["python", "benchmarks/bench_volumes.py",
+                                                                    *sys.argv[1:]]),
                                                "rows": rows}, indent=1))
 
 

@@ -444,6 +444,8 @@ def test_seeding_callback_diagnostics_and_dispatch(method, options):
         assert {"step", "steps", "sigma", "residual", "nfe", "seconds", "admm_residual"} <= set(d)
     assert a.diagnostics[-1]["nfe"] == a.nfe > 0
     assert all(s1["sigma"] > s2["sigma"] for s1, s2 in zip(a.diagnostics, a.diagnostics[1:], strict=False))
+    alias = {"diffusion-mbir": "mbir3d", "dds": "dds3d"}[method]  # the command line's 3D names
+    assert torch.equal(reconstruct(physics, y2, prior, method=alias, seed=5, steps=8, **options).x, a.x)
 
 
 def test_images_2d_and_options():

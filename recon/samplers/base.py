@@ -148,6 +148,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "deepinv-ddrm": ("baselines", "sample_deepinv_ddrm"),
     "diffusion-mbir": ("volume", "sample_diffusion_mbir"),
     "dds": ("volume", "sample_dds"),
+    # the volume methods under the names of the command line's 3D habit (`--method mbir3d|dds3d`)
+    "mbir3d": ("volume", "sample_diffusion_mbir"),
+    "dds3d": ("volume", "sample_dds"),
 }
 
 

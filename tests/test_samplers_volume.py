@@ -446,6 +446,11 @@ def test_seeding_callback_diagnostics_and_dispatch(method, options):
     assert all(s1["sigma"] > s2["sigma"] for s1, s2 in zip(a.diagnostics, a.diagnostics[1:], strict=False))
     alias = {"diffusion-mbir": "mbir3d", "dds": "dds3d"}[method]  # the command line's 3D names
     assert torch.equal(reconstruct(physics, y2, prior, method=alias, seed=5, steps=8, **options).x, a.x)
+    if method == "dds":  # dds3d without options: DDS with the official TV-z coupling on
+        coupled = reconstruct(physics, y2, prior, method="dds3d", seed=5, steps=8)
+        assert torch.equal(coupled.x, reconstruct(physics, y2, prior, method="dds", seed=5, steps=8,
+                                                  tv_weight=None).x)
+        assert not torch.equal(coupled.x, reconstruct(physics, y2, prior, method="dds", seed=5, steps=8).x)
 
 
 def test_images_2d_and_options():

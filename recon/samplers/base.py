@@ -148,10 +148,14 @@ METHODS: dict[str, tuple[str, str]] = {
     "deepinv-ddrm": ("baselines", "sample_deepinv_ddrm"),
     "diffusion-mbir": ("volume", "sample_diffusion_mbir"),
     "dds": ("volume", "sample_dds"),
-    # the volume methods under the names of the command line's 3D habit (`--method mbir3d|dds3d`)
+    # the volume methods under the names of the command line's 3D habit (`--method mbir3d|dds3d`); dds3d turns
+    # DDS's TV-z coupling on (METHOD_DEFAULTS)
     "mbir3d": ("volume", "sample_diffusion_mbir"),
     "dds3d": ("volume", "sample_dds"),
 }
+
+# options a method name implies (given options override them)
+METHOD_DEFAULTS: dict[str, dict] = {"dds3d": {"tv_weight": None}}  # None: the official 3D CT λ = 0.008 ρ
 
 
 def reconstruct(
@@ -187,6 +191,7 @@ def reconstruct(
     if not (sigma_y >= 0):
         raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
     module, name = METHODS[method]
+    options = {**METHOD_DEFAULTS.get(method, {}), **options}
     fn = getattr(importlib.import_module(f"recon.samplers.{module}"), name)
     generator = torch.Generator(device=y.device).manual_seed(int(seed))
     kwargs = {"sigma_y": float(sigma_y), "generator": generator, "callback": callback, **options}

@@ -8,6 +8,9 @@ Subcommands:
 - ``recon simulate -i IMAGE -o MEAS.npz --task TASK``: measurements with everything needed to rebuild the operator.
 - ``recon reconstruct -i MEAS.npz -o OUT``: reconstruction, std map, preview, report and provenance; with
   ``--task`` an image is simulated and reconstructed in one go (the image is the reference).
+- ``recon batch -i FOLDER|MANIFEST.csv -o OUTDIR``: every study reconstructed as ``reconstruct`` would, one
+  subfolder each, with a results table, resume, ``--num-parts``/``--part-id`` sharding and ``--engine local|ray``
+  (``recon.batch``); exit status 1 if a study failed.
 - ``recon train-prior``: train a slice diffusion prior.
 - ``recon train-restorer``: train a few-step restoration diffusion model (ResShift / RDDM) on one degradation.
 - ``recon restore -i IMAGE -o OUT``: restore a DICOM / NIfTI image with a trained restorer (same companions as
@@ -221,6 +224,73 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _batch_progress(args):
+    """Progress over studies on stderr: a tqdm bar on a terminal, else one line per study (off with -q)."""
+    from tqdm import tqdm
+
+    state: dict = {"failed": 0}
+    tty = sys.stderr.isatty()
+
+    def callback(record: dict, finished: int, total: int) -> None:
+        if args.quiet:
+            return
+        state["failed"] += record["status"] == "failed"
+        seconds = f" in {record['seconds']:.1f} s" if record.get("seconds") and record["status"] == "done" else ""
+        line = f"recon batch: [{finished}/{total}] {record['study']}: {record['status']}{seconds}" + (
+            f" ({record['error']})" if record.get("error") else "")
+        if not tty:
+            print(line, file=sys.stderr, flush=True)
+            return
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc="batch", unit="study", file=sys.stderr, leave=False)
+        if record["status"] == "failed":
+            bar.write(line, file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix({"failed": state["failed"]})
+
+    def close() -> None:
+        if state.get("bar") is not None:
+            state["bar"].close()
+
+    return callback, close
+
+
+def cmd_batch(args) -> int:
+    from recon.batch import run_batch
+
+    cfg = _load_config(args)
+    for key in ("input", "output"):
+        if not cfg.get(key):
+            raise UserError(f"batch needs --{key}")
+    num_parts, part_id = cfg.get("num_parts"), cfg.get("part_id")
+    if (part_id is None) != (num_parts is None) and not (num_parts == 1 and part_id is None):
+        raise UserError("--num-parts and --part-id go together (--part-id from 0 to --num-parts - 1)")
+    callback, close = _batch_progress(args)
+    try:
+        summary = run_batch(
+            cfg["input"], cfg["output"], method=cfg.get("method", "dps"), prior=cfg.get("prior", "default"),
+            steps=cfg.get("steps"), particles=cfg.get("particles"), seed=int(cfg.get("seed", 0)),
+            device=cfg.get("device", "cpu"), format=cfg.get("format"), series=cfg.get("series"),
+            on_irregular=cfg.get("on_irregular") or "error", task=cfg.get("task"), task_params=_task_params(cfg),
+            photons=cfg.get("photons"), noise=cfg.get("noise"), options=dict(cfg.get("options") or {}),
+            anonymize=bool(cfg.get("anonymize", False)), engine=cfg.get("engine", "local"),
+            workers=cfg.get("workers", 1), threads=cfg.get("threads"), retries=cfg.get("retries", 1),
+            num_parts=num_parts or 1, part_id=part_id or 0, ray_address=cfg.get("ray_address"),
+            overwrite=bool(cfg.get("overwrite", False)), config=cfg, progress=callback, quiet=args.quiet)
+    finally:
+        close()
+    part = f" part {summary.part[0]} of {summary.part[1]} (ids 0-{summary.part[1] - 1})" if summary.part[1] > 1 else ""
+    rate = f", {summary.studies_per_minute:.2f} studies/min" if summary.studies_per_minute else ""
+    lines = [f"batch{part}: {summary.total} studies: {summary.done} done, {summary.skipped} skipped, "
+             f"{summary.failed} failed in {summary.seconds:.1f} s{rate} ({summary.engine}, {summary.workers} "
+             f"worker(s) x {summary.threads} thread(s))"]
+    lines += [f"  failed {r['study']}: {r['error']}" for r in summary.results if r["status"] == "failed"]
+    lines.append(f"results: {summary.results_csv}, {summary.results_json}")
+    _print(summary.to_json(), args.json, lines)
+    return summary.exit_code
+
+
 def _demo_input() -> str:
     from pydicom.data import get_testdata_file
 
@@ -361,6 +431,34 @@ def build_parser() -> argparse.ArgumentParser:
     _common(rec)
     rec.set_defaults(func=cmd_reconstruct)
 
+    bt = sub.add_parser("batch", help="reconstruct every study of a folder or CSV manifest (one subfolder each)",
+                        description="Every study (a DICOM series folder, a NIfTI file, or a manifest row "
+                        "input,output[,options...]) reconstructed as `recon reconstruct` would, into OUTDIR/<study>/; "
+                        "results table OUTDIR/batch-results.{csv,json}; a rerun skips finished studies. Exit status "
+                        "1 if a study failed.")
+    bt.add_argument("-i", "--input", default=None, help="folder of studies, or a .csv manifest")
+    bt.add_argument("-o", "--output", default=None, help="output folder (one subfolder per study)")
+    bt.add_argument("--method", choices=list(METHODS), default=None, help="default dps")
+    bt.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
+    bt.add_argument("--steps", type=int, default=None)
+    bt.add_argument("--particles", type=int, default=None)
+    bt.add_argument("--format", choices=["dicom"], default=None, help="write derived DICOM series")
+    bt.add_argument("--anonymize", action="store_true", help="DICOM basic de-identification of written DICOM")
+    bt.add_argument("--engine", choices=["local", "ray"], default=None,
+                    help="local (this process or a process pool, default) or ray (pip install diffrecon[ray])")
+    bt.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    bt.add_argument("--workers", type=int, default=None, help="parallel workers, each loading the prior once (1)")
+    bt.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cores / workers)")
+    bt.add_argument("--retries", type=int, default=None,
+                    help="retries of a study after an unexpected error or a lost worker (default 1; user errors "
+                    "and divergence are not retried)")
+    bt.add_argument("--num-parts", type=int, default=None, help="split the studies into N parts (by name hash)")
+    bt.add_argument("--part-id", type=int, default=None, help="run part K (0 .. N-1), e.g. $SLURM_ARRAY_TASK_ID")
+    _task_args(bt)
+    _config_args(bt)
+    _common(bt)
+    bt.set_defaults(func=cmd_batch)
+
     tp = sub.add_parser(
         "train-prior",
         help="train a 2D diffusion prior on DICOM / NIfTI / PNG / TIFF / NumPy files",
@@ -399,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=["default-lowdose-ct"], help="use the built-in restorer's recipe")
     tr.add_argument("--model", choices=["resshift", "rddm"], help="default resshift")
     tr.add_argument("--task", choices=list(DEGRADATIONS), help="degradation to undo (default lowdose-ct)")
-    tr.add_argument("--photons", type=float, help="CT: photons per detector element (lowdose-ct default 1e4)")
+    tr.add_argument("--photons", type=float, help="CT: photons per detector element (lowdose-ct default 5e4)")
     tr.add_argument("--views", type=int, help="CT: views over 180° (lowdose-ct 180, sparse-view-ct 60)")
     tr.add_argument("--factor", type=int, help="super-resolution factor (default 4)")
     tr.add_argument("--modality", choices=["ct", "mri"], help="intensity normalisation (default ct: HU window)")

@@ -324,7 +324,7 @@ def _fastmri_measurement(path: Path):
 
 
 # -------------------------------------------------------------------------------------------- reconstruct
-def _pick_prior(name: str, meas, device):
+def _pick_prior(name: str, meas, device, cache: dict | None = None):
     from recon.priors import load_prior
 
     if name in ("default", "auto"):
@@ -333,10 +333,38 @@ def _pick_prior(name: str, meas, device):
             name = "default-mri"
         else:
             name = "default-ct"
+    key = ("prior", str(name), str(device))
+    if cache is not None and key in cache:
+        return cache[key], name
     try:
-        return load_prior(name, device=device), name
+        prior = load_prior(name, device=device)
     except FileNotFoundError as err:
         raise PipelineError(str(err)) from err
+    if cache is not None:
+        cache[key] = prior
+    return prior, name
+
+
+_CACHED_OPERATORS = 4  # operators a ``cache`` keeps (the oldest is dropped first)
+
+
+def _physics(meas, device, cache: dict | None):
+    """``meas``'s operator on ``device``; with a ``cache``, the one built for the same task, geometry and arrays
+    (masks, coil maps) is reused, so a CT system matrix is built once per worker, not once per study."""
+    if cache is None:
+        return meas.physics().to(device)
+    h = hashlib.sha256(json.dumps(meas.spec.to_json(), sort_keys=True, default=str).encode())
+    for name in sorted(meas.arrays):
+        a = np.ascontiguousarray(meas.arrays[name])
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    key = ("physics", h.hexdigest(), str(device))
+    if key not in cache:
+        kept = [k for k in cache if k[0] == "physics"]
+        for old in kept[: max(0, len(kept) - _CACHED_OPERATORS + 1)]:
+            del cache[old]
+        cache[key] = meas.physics().to(device)
+    return cache[key]
 
 
 def reconstruct_file(
@@ -363,6 +391,7 @@ def reconstruct_file(
     memory_budget: float | None = None,
     callback: Callable[[dict], None] | None = None,
     config: dict | None = None,
+    cache: dict | None = None,
 ) -> dict:
     """Reconstruct ``input`` into ``output`` and return the report (also written as ``*.report.json``).
 
@@ -372,7 +401,10 @@ def reconstruct_file(
     suffix) writes a derived DICOM series, next to ``reference``'s (or the input image's) series when that is
     DICOM. ``memory_budget`` (bytes of network activations per call) bounds how many slices of a volume go
     through the prior at once. ``callback`` receives the sampler's per-step dicts (the command line draws its
-    progress bar).
+    progress bar). ``cache`` is a dict the caller keeps between calls (``recon batch``'s workers): a prior is
+    loaded once per (name, device) and reused, and the operator of the same task, geometry and arrays is reused
+    (at most 4 kept); the outputs are those of fresh objects (a ``memory_budget`` set on a cached prior stays
+    set). The operator that simulates measurements (with ``task``) is always built afresh.
     """
     from recon import reconstruct
     from recon.samplers import METHODS
@@ -415,14 +447,14 @@ def reconstruct_file(
         raise PipelineError(f"{reference}: reference of shape {tuple(ref_image.shape)} does not match the "
                             f"measurement's image shape {shape}")
 
-    physics = meas.physics().to(dev)
+    physics = _physics(meas, dev, cache)
     meas.y = meas.y.to(dev)
     with torch.no_grad():
         analytic_d = analytic_inverse(physics, meas.y)
     needs_prior = method not in ("analytic", "tv")
     prior_obj, prior_name = (None, None)
     if needs_prior:
-        prior_obj, prior_name = _pick_prior(prior, meas, dev)
+        prior_obj, prior_name = _pick_prior(prior, meas, dev, cache)
         if memory_budget is not None and hasattr(prior_obj, "memory_budget"):
             if not memory_budget > 0:
                 raise PipelineError(f"--max-memory must be positive, got {memory_budget}")

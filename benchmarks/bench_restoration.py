@@ -4,7 +4,7 @@
         --json benchmarks/restoration_lowdose_ct.json
 
 The task is the built-in restorer's (``lowdose-ct``): HU → μ, parallel-beam projection with 180 views over 180°
-(0.7 mm pixels and detector elements, as in training), Beer–Lambert noise with 10⁴ photons per detector element,
+(0.7 mm pixels and detector elements, as in training), Beer–Lambert noise with 5·10⁴ photons per detector element,
 Hann-filtered FBP. It is simulated once per image with ``recon.tasks.simulate`` (seeded), and every method sees
 the same noisy sinogram: the restorers, BM3D and TV get its FBP (exactly the training degradation), the posterior
 samplers (DPS, RED-diff with the built-in CT prior) get the sinogram itself with the Gaussian approximation of the
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PHOTONS = 1e4
+PHOTONS = 5e4
 VIEWS = 180
 PIXEL_MM = 0.7
 

@@ -305,7 +305,7 @@ def test_training_writes_a_loadable_restorer_with_its_card(tiny_restorer):
     assert r.kind == "resshift" and r.schedule.T == 15 and r.sampling_steps == 15
     assert card["model"]["schedule"] == {"kind": "resshift", "T": 15, "p": 0.3, "kappa": 2.0,
                                          "min_noise_level": 0.04, "etas_end": 0.99}
-    assert card["degradation"]["task"] == "lowdose-ct" and card["degradation"]["params"]["photons"] == 1e4
+    assert card["degradation"]["task"] == "lowdose-ct" and card["degradation"]["params"]["photons"] == 5e4
     assert card["intensity"] == {"kind": "window", "low": -1000.0, "high": 1500.0, "unit": "HU"}
     assert card["training"]["files"] == ["CT_small.dcm"] and card["training"]["config"]["data"] == ["CT_small.dcm"]
     assert "NOT for clinical use" in card["intended_use"] and card["data_licence"]
@@ -453,3 +453,16 @@ def test_train_restorer_command(tmp_path):
     assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr
     res = run("train-restorer", "--task", "lowdose-ct", "--modality", "mri", "-i", data, "-o", tmp_path / "run3")
     assert res.returncode == 2 and "modality" in res.stderr
+
+
+def test_builtin_recipe_is_the_documented_one(tmp_path):
+    """The preset behind the shipped restorer: lowdose-ct at 5e4 photons, ResShift T = 15 with κ = 1; the RDDM
+    variant keeps RDDM's own schedule."""
+    from recon.restoration.train import default_lowdose_ct_config
+
+    cfg = default_lowdose_ct_config(str(tmp_path))
+    assert cfg.model == "resshift" and cfg.kappa == 1.0 and cfg.diffusion_steps == 15
+    assert cfg.schedule().kappa == 1.0 and cfg.degradation().params["photons"] == 5e4
+    assert "693_UNCR.dcm" not in {Path(p).name for p in cfg.data}  # the benchmark's held-out image
+    rddm = default_lowdose_ct_config(str(tmp_path), model="rddm")
+    assert rddm.model == "rddm" and rddm.schedule().kind == "rddm"

@@ -10,7 +10,7 @@ Tasks (``DEGRADATIONS``; defaults in ``DEFAULT_PARAMS``):
     HU → linear attenuation ``μ = 0.0192 (1 + HU/1000)`` mm⁻¹ (``recon.tasks.MU_WATER_PER_MM``, ~70 keV; clipped at
     0), parallel-beam projection (``ParallelBeamCT``, ``views`` equally spaced over 180°, default 180 = the
     operator's own default of 1° steps), Beer–Lambert noise with ``photons`` per detector element
-    (``TransmissionPoissonNoise``, default 1e4, post-log), filtered back-projection with the ``filter`` window
+    (``TransmissionPoissonNoise``, default 5·10⁴, post-log), filtered back-projection with the ``filter`` window
     (default ``"hann"``), back to HU.
 ``sparse-view-ct``
     The same chain with ``views`` (default 60, as ``recon simulate``'s ``sparse-view-ct``) and ``photons``
@@ -42,7 +42,7 @@ __all__ = ["DEFAULT_PARAMS", "DEGRADATIONS", "Degradation"]
 
 DEGRADATIONS = ("lowdose-ct", "sparse-view-ct", "super-resolution")
 DEFAULT_PARAMS: dict[str, dict] = {
-    "lowdose-ct": {"photons": 1e4, "views": 180, "filter": "hann"},
+    "lowdose-ct": {"photons": 5e4, "views": 180, "filter": "hann"},
     "sparse-view-ct": {"views": 60, "photons": 1e5, "filter": "hann"},
     "super-resolution": {"factor": 4, "upsample": "bicubic"},
 }

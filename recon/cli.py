@@ -512,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--on-error", choices=["skip", "stop"], help="an unreadable training file: skip it or stop")
     tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    tr.add_argument("--init-from", help="start from the weights of a recon restorer folder (warm start)")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--threads", type=int, help="CPU threads for torch")
     tr.set_defaults(func=cmd_train_restorer, quiet=False, verbose=False)
@@ -610,6 +611,7 @@ def cmd_train_restorer(args) -> int:
             "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr, "checkpoint_every": args.checkpoint_every,
             "sample_every": args.sample_every, "diffusion_steps": args.diffusion_steps,
             "sampling_steps": args.sampling_steps, "seed": args.seed, "on_error": args.on_error,
+            "init_from": args.init_from,
         }.items()
         if v is not None
     }

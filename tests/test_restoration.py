@@ -466,3 +466,22 @@ def test_builtin_recipe_is_the_documented_one(tmp_path):
     assert "693_UNCR.dcm" not in {Path(p).name for p in cfg.data}  # the benchmark's held-out image
     rddm = default_lowdose_ct_config(str(tmp_path), model="rddm")
     assert rddm.model == "rddm" and rddm.schedule().kind == "rddm"
+
+
+def test_warm_start_begins_from_the_given_restorer(tiny_restorer, tmp_path):
+    """``init_from`` loads a restorer's weights into the network and its EMA: with a zero learning rate the
+    exported weights are exactly the initial ones; the card records the run it continued."""
+    from safetensors.torch import load_file
+
+    from recon.priors.io import WEIGHTS
+
+    start = tiny_restorer[0] / "restorer"
+    out = tmp_path / "warm"
+    train_restorer(_tiny([CT_SMALL], out, lr=0.0, init_from=str(start)))
+    a, b = load_file(str(start / WEIGHTS)), load_file(str(out / "restorer" / WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = json.loads((out / "restorer" / "model_card.json").read_text())
+    assert card["training"]["init_from"] == {"folder": "restorer", "steps": 2} and card["training"]["total_steps"] == 4
+    assert str(tmp_path) not in json.dumps(card)  # names, not machine paths
+    with pytest.raises(FileNotFoundError, match="init-from"):
+        train_restorer(_tiny([CT_SMALL], tmp_path / "bad", init_from=str(tmp_path / "nothing")))

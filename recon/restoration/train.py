@@ -110,6 +110,7 @@ class RestorerConfig:
     device: str = "cpu"
     progress: bool = True
     preset: str | None = None
+    init_from: str | None = None  # a restorer folder whose weights start the network and its EMA (warm start)
 
     def __post_init__(self):
         self.data = [str(p) for p in self.data]
@@ -296,6 +297,8 @@ def _names_only(cfg: RestorerConfig) -> dict:
     config["data"] = [Path(p).name for p in cfg.data]
     config["eval_files"] = [Path(p).name for p in cfg.eval_files]
     config["out"] = Path(cfg.out).name
+    if cfg.init_from:
+        config["init_from"] = Path(cfg.init_from).name
     return config
 
 
@@ -319,6 +322,13 @@ def _card(cfg: RestorerConfig, step: int, report: list, params: int, quality: di
         "recipe": (f"recon train-restorer --preset {cfg.preset} -o RUN" if cfg.preset else
                    f"recon train-restorer --model {cfg.model} --task {cfg.task} -i DATA -o RUN --steps {cfg.steps}"),
     }
+    if cfg.init_from:  # a warm start: the steps of the run it continued are recorded too
+        try:
+            before = json.loads((Path(cfg.init_from) / "model_card.json").read_text())["training"]["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            before = None
+        card["training"]["init_from"] = {"folder": Path(cfg.init_from).name, "steps": before}
+        card["training"]["total_steps"] = step + before if isinstance(before, int) else None
     if quality:
         card["quality"] = quality
     return card
@@ -340,6 +350,18 @@ def train_restorer(cfg: RestorerConfig, resume: bool = False, max_steps_this_run
     ema.load_state_dict(net.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
+    if cfg.init_from and not resume:  # warm start, e.g. continuing the built-in restorer in a new session
+        from safetensors.torch import load_file
+
+        from recon.priors.io import WEIGHTS, check_state_dict
+
+        weights = Path(cfg.init_from) / WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: --init-from needs a recon restorer folder holding {WEIGHTS}")
+        state = load_file(str(weights))
+        check_state_dict(net, state, str(weights))
+        net.load_state_dict(state)
+        ema.load_state_dict(state)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses, quality = 0, [], None

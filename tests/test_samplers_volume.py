@@ -531,3 +531,28 @@ def test_cg_stops_at_rounding_in_float32_on_a_projection():
     x = normal_cg(physics, physics.A_adjoint(y), x0, 5)
     assert torch.isfinite(x).all() and float(x.abs().max()) < 10 * float(x0.abs().max())
     assert float((physics.A(x) - y).norm() / y.norm()) < 1e-5  # consistent with the data, to rounding
+
+
+def test_dds_admm_restarted_per_step_equals_admm_from_scratch_at_every_step():
+    """``admm_persistent=False``: each step's data consistency is ``admm_tv`` from ``z = u = 0``: the run equals a
+    hand-made loop (η = 0: noise only at the start) that calls ``admm_tv`` with empty auxiliaries at every step, and
+    differs from the persistent (official) run."""
+    from recon.samplers.volume import admm_tv, sample_dds, sigma_schedule
+
+    prior, physics, y = make_problem("mri")
+    kw = dict(steps=4, tv_weight=0.05, rho=0.5, admm_iters=2, eta=0.0)
+    fresh = sample_dds(physics, y, prior, generator=gen(1), admm_persistent=False, **kw)
+    kept = sample_dds(physics, y, prior, generator=gen(1), **kw)
+    assert fresh.info["options"]["admm_persistent"] is False
+    assert not torch.allclose(fresh.x, kept.x)
+    # the same loop by hand
+    sig = sigma_schedule(prior, 4, None, None, 7.0, None)
+    x = float(sig[0]) * torch.randn(fresh.x.shape, generator=gen(1), dtype=fresh.x.dtype)
+    aty = physics.A_adjoint(y)
+    for i in range(4):
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        x0 = prior.denoise(x, s)
+        x0dc, *_ = admm_tv(physics, x0, aty, [], [], axes=(0,), lam=0.05, rho=0.5, cg_iters=5, admm_iters=2,
+                           gamma=0.0, anchor=x0, boundary="neumann")
+        x = x0dc + (s_next / s) * (x - x0) if s_next > 0 else x0dc
+    assert rel_err(fresh.x, x) < 1e-10

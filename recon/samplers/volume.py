@@ -713,6 +713,7 @@ def sample_dds(
     admm_iters: int = 1,
     tv_axes: Sequence[int] | int | None = None,
     tv_boundary: str = "neumann",
+    admm_persistent: bool = True,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     schedule_rho: float = 7.0,
@@ -738,6 +739,8 @@ def sample_dds(
             iteration count regularises; ``‖A‖₂²`` is the official noisy ``γ′ = 1`` relative to the operator's scale).
         tv_weight: ``λ`` of the optional TV coupling (default 0: off; None: the official 3D CT value ``0.008 ρ``).
         rho, admm_iters, tv_axes, tv_boundary: as ``sample_diffusion_mbir`` (used when ``tv_weight > 0``).
+        admm_persistent: keep ``z``, ``u`` across diffusion steps (default, the official code); False starts each
+            step's ADMM afresh from ``z = u = 0``, as the first step (no memory of the earlier, noisier estimates).
         sigma_min, sigma_max, schedule_rho, sigmas, memory_budget, checkpoint, checkpoint_every, resume: as
             ``sample_diffusion_mbir``.
 
@@ -780,6 +783,7 @@ def sample_dds(
         "admm_iters": int(admm_iters),
         "tv_axes": list(axes),
         "tv_boundary": tv_boundary,
+        "admm_persistent": bool(admm_persistent),
         "sigmas": sig.tolist(),
         "sigma_y": float(sigma_y),
     }
@@ -807,6 +811,8 @@ def sample_dds(
                 x0 = prior.denoise(x, s)
                 run.calls += 1
                 check_finite(x0, method, i, "the prior's denoiser returned non-finite values")
+                if not admm_persistent:
+                    z, u = [], []
                 x0dc, zn, un, primal = admm_tv(
                     physics, x0, aty, z, u, axes=axes, lam=lam_v, rho=rho_v, cg_iters=cg_iters,
                     admm_iters=admm_iters, gamma=gamma_v, anchor=x0, boundary=tv_boundary,

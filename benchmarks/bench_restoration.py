@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def main() -> None:
                   flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "command": " ".join(["python", "benchmarks/bench_restoration.py", *sys.argv[1:]]),
+            "command": shlex.join(["python", "benchmarks/bench_restoration.py", *sys.argv[1:]]),
             "task": {"degradation": "lowdose-ct", "photons": PHOTONS, "views": VIEWS, "pixel_mm": PIXEL_MM,
                      "filter": "hann"},
             "threads": args.threads, "restorers": {r.kind: r.card.get("path") for r, _ in restorers},

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -161,8 +162,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "size": args.size, "views": args.views,
                                                "threads": args.threads, "steps_override": args.steps,
-                                               "command": " ".join(["python", "benchmarks/bench_volumes.py",
-                                                                    *sys.argv[1:]]),
+                                               "command": shlex.join(["python", "benchmarks/bench_volumes.py",
+                                                                      *sys.argv[1:]]),
                                                "rows": rows}, indent=1))
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "default_ct_config",
     "default_mri_config",
     "export_prior",
+    "mni152_template_path",
     "sample_unconditional",
     "train_prior",
     "write_grid",

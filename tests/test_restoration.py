@@ -505,3 +505,7 @@ def test_builtin_restorer_ships_and_restores_low_dose_ct():
     restored, nfe = r.restore_array(degraded, steps=4, seed=3)
     before, after = metrics(degraded, hu, True)["psnr"], metrics(restored, hu, True)["psnr"]
     assert nfe == 4 and after > before + 3.0, (before, after)
+    rddm = load_restorer("default-lowdose-ct-rddm")  # the RDDM trained on the same task, shipped for comparison
+    assert rddm.kind == "rddm" and rddm.degradation.params == r.degradation.params
+    restored, nfe = rddm.restore_array(degraded, steps=5, seed=3)
+    assert nfe == 5 and metrics(restored, hu, True)["psnr"] > before + 2.0

@@ -36,7 +36,8 @@ __all__ = ["BUILTIN_RESTORERS", "FORMAT", "load_restorer", "save_restorer"]
 FORMAT = "recon-restorer"
 FORMAT_VERSION = 1
 # name -> folder inside the package (recon/restoration/weights/<folder>)
-BUILTIN_RESTORERS = {"default": "default-lowdose-ct", "default-lowdose-ct": "default-lowdose-ct"}
+BUILTIN_RESTORERS = {"default": "default-lowdose-ct", "default-lowdose-ct": "default-lowdose-ct",
+                     "default-lowdose-ct-rddm": "default-lowdose-ct-rddm"}  # RDDM: the same task, for comparison
 RECIPE = "recon train-restorer --preset default-lowdose-ct -o runs/restorer"
 
 

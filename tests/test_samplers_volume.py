@@ -445,7 +445,8 @@ def test_seeding_callback_diagnostics_and_dispatch(method, options):
     assert a.diagnostics[-1]["nfe"] == a.nfe > 0
     assert all(s1["sigma"] > s2["sigma"] for s1, s2 in zip(a.diagnostics, a.diagnostics[1:], strict=False))
     alias = {"diffusion-mbir": "mbir3d", "dds": "dds3d"}[method]  # the command line's 3D names
-    assert torch.equal(reconstruct(physics, y2, prior, method=alias, seed=5, steps=8, **options).x, a.x)
+    aliased = reconstruct(physics, y2, prior, method=alias, seed=5, steps=8, **options)
+    assert torch.equal(aliased.x, a.x) and aliased.info["method"] == alias and aliased.info["algorithm"] == method
     if method == "dds":  # dds3d without options: DDS with the official TV-z coupling on
         coupled = reconstruct(physics, y2, prior, method="dds3d", seed=5, steps=8)
         assert torch.equal(coupled.x, reconstruct(physics, y2, prior, method="dds", seed=5, steps=8,

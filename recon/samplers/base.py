@@ -202,7 +202,9 @@ def reconstruct(
     nfe0 = getattr(prior, "nfe", 0) if prior is not None else 0
     t0 = time.perf_counter()
     result = fn(physics, y, prior, **kwargs)
-    result.info.setdefault("method", method)
+    if result.info.get("method", method) != method:  # an alias (mbir3d, dds3d): keep both names
+        result.info["algorithm"] = result.info["method"]
+    result.info["method"] = method
     result.info["seconds"] = time.perf_counter() - t0
     result.info["nfe"] = (getattr(prior, "nfe", 0) - nfe0) if prior is not None else 0
     result.info["seed"] = int(seed)

@@ -300,6 +300,22 @@ def _make_prior(network, cfg: TrainConfig) -> DiffusionPrior:
     return DiffusionPrior(network, schedule, "edm", intensity=_normalizer(cfg), channels=1, spatial_dims=2)
 
 
+def warm_start(net: torch.nn.Module, ema: torch.nn.Module, folder: str | os.PathLike, kind: str) -> None:
+    """Load the weights of a saved model folder (a recon ``kind``: prior or restorer) into ``net`` and its EMA copy;
+    a missing file or weights of another architecture are refused with the file named."""
+    from safetensors.torch import load_file
+
+    from recon.priors.io import WEIGHTS, check_state_dict
+
+    weights = Path(folder) / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: init_from (--init-from) needs a recon {kind} folder holding {WEIGHTS}")
+    state = load_file(str(weights))
+    check_state_dict(net, state, str(weights))
+    net.load_state_dict(state)
+    ema.load_state_dict(state)
+
+
 def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int | None = None) -> dict:
     """Train (or resume) a prior; returns a summary. ``max_steps_this_run`` stops early (as an interruption
     would) after that many steps, writing a checkpoint — used to test exact resumption."""
@@ -315,17 +331,7 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
     for p in ema.parameters():
         p.requires_grad_(False)
     if cfg.init_from and not resume:  # warm start (e.g. continuing the built-in prior in a new session)
-        from safetensors.torch import load_file
-
-        from recon.priors.io import WEIGHTS, check_state_dict
-
-        weights = Path(cfg.init_from) / WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: init_from needs a recon prior folder holding {WEIGHTS}")
-        state = load_file(str(weights))
-        check_state_dict(net, state, str(weights))
-        net.load_state_dict(state)
-        ema.load_state_dict(state)
+        warm_start(net, ema, cfg.init_from, "prior")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []

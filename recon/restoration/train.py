@@ -351,17 +351,9 @@ def train_restorer(cfg: RestorerConfig, resume: bool = False, max_steps_this_run
     for p in ema.parameters():
         p.requires_grad_(False)
     if cfg.init_from and not resume:  # warm start, e.g. continuing the built-in restorer in a new session
-        from safetensors.torch import load_file
+        from recon.priors.train import warm_start
 
-        from recon.priors.io import WEIGHTS, check_state_dict
-
-        weights = Path(cfg.init_from) / WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: --init-from needs a recon restorer folder holding {WEIGHTS}")
-        state = load_file(str(weights))
-        check_state_dict(net, state, str(weights))
-        net.load_state_dict(state)
-        ema.load_state_dict(state)
+        warm_start(net, ema, cfg.init_from, "restorer")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses, quality = 0, [], None

@@ -48,6 +48,7 @@ __all__ = [
     "mni152_template_path",
     "sample_unconditional",
     "train_prior",
+    "warm_start",
     "write_grid",
 ]
 

@@ -46,9 +46,9 @@ __all__ = [
     "default_mri_config",
     "export_prior",
     "mni152_template_path",
+    "network_and_ema",
     "sample_unconditional",
     "train_prior",
-    "warm_start",
     "write_grid",
 ]
 
@@ -301,9 +301,22 @@ def _make_prior(network, cfg: TrainConfig) -> DiffusionPrior:
     return DiffusionPrior(network, schedule, "edm", intensity=_normalizer(cfg), channels=1, spatial_dims=2)
 
 
-def warm_start(net: torch.nn.Module, ema: torch.nn.Module, folder: str | os.PathLike, kind: str) -> None:
-    """Load the weights of a saved model folder (a recon ``kind``: prior or restorer) into ``net`` and its EMA copy;
-    a missing file or weights of another architecture are refused with the file named."""
+def network_and_ema(arch: dict, device: torch.device, init_from: str | os.PathLike | None = None,
+                    kind: str = "prior") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The network of ``arch`` (seeded by the caller) and its frozen EMA copy, on ``device``; with ``init_from`` both
+    start from the weights of that saved recon ``kind`` folder (prior or restorer), refused with the file named
+    when missing or of another architecture."""
+    net = build_network(arch).to(device)
+    ema = build_network(arch).to(device)
+    ema.load_state_dict(net.state_dict())
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    if init_from:
+        _warm_start(net, ema, init_from, kind)
+    return net, ema
+
+
+def _warm_start(net: torch.nn.Module, ema: torch.nn.Module, folder: str | os.PathLike, kind: str) -> None:
     from safetensors.torch import load_file
 
     from recon.priors.io import WEIGHTS, check_state_dict
@@ -326,13 +339,8 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # network initialisation
     arch = cfg.architecture()
-    net = build_network(arch).to(device)
-    ema = build_network(arch).to(device)
-    ema.load_state_dict(net.state_dict())
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    if cfg.init_from and not resume:  # warm start (e.g. continuing the built-in prior in a new session)
-        warm_start(net, ema, cfg.init_from, "prior")
+    # warm start (e.g. continuing the built-in prior in a new session); a resume loads its own checkpoint instead
+    net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, "prior")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []

@@ -43,8 +43,15 @@ import numpy as np
 import torch
 
 from recon.priors.base import IntensityScale, IntensityWindow
-from recon.priors.networks import build_network, count_parameters
-from recon.priors.train import BatchMaker, TrainConfig, atomic_torch_save, load_training_slices, write_grid
+from recon.priors.networks import count_parameters
+from recon.priors.train import (
+    BatchMaker,
+    TrainConfig,
+    atomic_torch_save,
+    load_training_slices,
+    network_and_ema,
+    write_grid,
+)
 from recon.restoration.degradations import CT_DEGRADATIONS, DEGRADATIONS, Degradation
 from recon.restoration.io import save_restorer
 from recon.restoration.model import MODELS, Restorer, restorer_architecture
@@ -345,15 +352,8 @@ def train_restorer(cfg: RestorerConfig, resume: bool = False, max_steps_this_run
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # network initialisation
     arch = cfg.architecture()
-    net = build_network(arch).to(device)
-    ema = build_network(arch).to(device)
-    ema.load_state_dict(net.state_dict())
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    if cfg.init_from and not resume:  # warm start, e.g. continuing the built-in restorer in a new session
-        from recon.priors.train import warm_start
-
-        warm_start(net, ema, cfg.init_from, "restorer")
+    # warm start (e.g. continuing the built-in restorer in a new session); a resume loads its checkpoint instead
+    net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, "restorer")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses, quality = 0, [], None

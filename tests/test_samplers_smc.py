@@ -349,8 +349,10 @@ def test_tds_proposal_cap_keeps_strong_likelihoods_stable():
 
     kw = {"sigma_y": 0.05, "steps": 30, "particles": 64, "weighting": "tds"}
     capped = sample_smc(ct, y, prior, generator=torch.Generator().manual_seed(0), **kw)
-    uncapped = sample_smc(ct, y, prior, generator=torch.Generator().manual_seed(0), max_shift=float("inf"), **kw)
     assert err(capped.x) < 0.5 * err(analytic_inverse(ct, y))  # measured 0.097 vs FBP 0.317
-    assert err(uncapped.x) > 1e3  # measured ~1e14: why the cap is on by default
+    # uncapped, the particles run off to ~1e14 (why the cap is on by default): a divergence, reported as one
+    # even though every value is finite
+    with pytest.raises(SamplerDivergence, match=r"max \|x\|"):
+        sample_smc(ct, y, prior, generator=torch.Generator().manual_seed(0), max_shift=float("inf"), **kw)
     with pytest.raises(ValueError, match="max_shift"):
         sample_smc(ct, y, prior, max_shift=0.0, **kw)

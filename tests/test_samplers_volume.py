@@ -236,6 +236,34 @@ def test_admm_tv_limits():
     assert z[0].abs().max() == 0
 
 
+def test_anchored_admm_tv_meets_the_optimality_conditions():
+    """With an anchor (γ > 0) and enough iterations, ``admm_tv`` returns the minimiser of
+    ``½‖Ax − y‖² + γ/2‖x − x̄‖² + λ‖D_z x‖₁`` (the anchored coupling of ``dds3d``). Checked by the subgradient
+    conditions, independently of ADMM: ``g = Aᵀ(Ax − y) + γ(x − x̄) = −λ D_zᵀ s`` has one solution ``s`` along each
+    z-column (``s_k = Σ_{j≤k} g_j / λ``, Neumann differences), and it must satisfy ``|s| ≤ 1`` with
+    ``s = sign(D_z x)`` wherever ``D_z x ≠ 0``."""
+    physics = ParallelBeamCT((D, H, W), angles=5)
+    shape = (1, 1, D, H, W)
+    g_ = gen(4)
+    xbar = torch.randn(shape, generator=g_, dtype=F64)
+    y = physics.A(torch.randn(shape, generator=g_, dtype=F64))
+    norm2 = operator_norm(physics, xbar) ** 2
+    gamma, lam = 0.05 * norm2, 0.3 * norm2 * 0.05
+    x, _, _, primal = admm_tv(physics, xbar, physics.A_adjoint(y), [], [], axes=(0,), lam=lam, rho=gamma,
+                              cg_iters=60, admm_iters=3000, gamma=gamma, anchor=xbar)
+    grad = physics.A_adjoint(physics.A(x) - y) + gamma * (x - xbar)
+    s = torch.cumsum(grad, dim=2) / lam  # s_k for k = 0..D−1; the last entry must vanish (Σ_k g_k = 0)
+    dx = forward_difference(x, 0)
+    assert s[:, :, -1].abs().max() < 1e-4
+    s = s[:, :, :-1]
+    dx = dx[:, :, :-1]
+    active = dx.abs() > 1e-6
+    assert 0.05 < float(active.double().mean()) < 0.95  # both branches of the subgradient are exercised
+    assert s.abs().max() < 1 + 1e-4
+    assert (s[active] - torch.sign(dx[active])).abs().max() < 1e-4
+    assert primal < 1e-6
+
+
 def test_tv_z_coupling_beats_slice_wise():
     """A piecewise-constant-in-z volume (8 slices: slice 8 of a 24-slice 3D Shepp–Logan repeated 4 times, then
     slice 14 repeated 4 times; 12 × 12, values in [-1, 1]) from 3-view CT with noise σ_y = 0.5.
@@ -446,12 +474,26 @@ def test_seeding_callback_diagnostics_and_dispatch(method, options):
     assert all(s1["sigma"] > s2["sigma"] for s1, s2 in zip(a.diagnostics, a.diagnostics[1:], strict=False))
     alias = {"diffusion-mbir": "mbir3d", "dds": "dds3d"}[method]  # the command line's 3D names
     aliased = reconstruct(physics, y2, prior, method=alias, seed=5, steps=8, **options)
-    assert torch.equal(aliased.x, a.x) and aliased.info["method"] == alias and aliased.info["algorithm"] == method
-    if method == "dds":  # dds3d without options: DDS with the official TV-z coupling on
+    from recon.samplers.base import METHOD_DEFAULTS
+
+    same = reconstruct(physics, y2, prior, method=method, seed=5, steps=8,
+                       **{**METHOD_DEFAULTS.get(alias, {}), **options})  # the alias = the method + its defaults
+    assert torch.equal(aliased.x, same.x) and aliased.info["method"] == alias and aliased.info["algorithm"] == method
+    assert torch.equal(same.x, a.x) == (alias == "mbir3d")  # mbir3d has no defaults of its own
+    if method == "dds":  # dds3d without options: DDS with the anchored TV-z coupling on
         coupled = reconstruct(physics, y2, prior, method="dds3d", seed=5, steps=8)
-        assert torch.equal(coupled.x, reconstruct(physics, y2, prior, method="dds", seed=5, steps=8,
-                                                  tv_weight=None).x)
+        rho = coupled.info["options"]["rho"]
+        by_hand = reconstruct(physics, y2, prior, method="dds", seed=5, steps=8, tv_weight=0.024 * rho, rho=rho,
+                              gamma=rho, admm_persistent=False, admm_iters=5)
+        assert torch.equal(coupled.x, by_hand.x)
+        opts = coupled.info["options"]
+        assert opts["gamma"] == rho > 0 and opts["admm_persistent"] is False and opts["admm_iters"] == 5
+        assert abs(opts["tv_weight"] - 0.024 * rho) < 1e-12 * rho
         assert not torch.equal(coupled.x, reconstruct(physics, y2, prior, method="dds", seed=5, steps=8).x)
+        with pytest.raises(ValueError, match="gamma must be a number >= 0 or 'rho'"):
+            reconstruct(physics, y2, prior, method="dds3d", seed=5, steps=8, gamma="sigma")
+        with pytest.raises(ValueError, match="tv_threshold"):
+            reconstruct(physics, y2, prior, method="dds3d", seed=5, steps=8, tv_threshold=-1.0)
 
 
 def test_images_2d_and_options():

@@ -9,9 +9,18 @@ from recon.samplers.base import (
     METHODS,
     ReconstructionResult,
     SamplerDivergence,
+    check_bounded,
     check_finite,
     data_residual,
     reconstruct,
 )
 
-__all__ = ["METHODS", "ReconstructionResult", "SamplerDivergence", "check_finite", "data_residual", "reconstruct"]
+__all__ = [
+    "METHODS",
+    "ReconstructionResult",
+    "SamplerDivergence",
+    "check_bounded",
+    "check_finite",
+    "data_residual",
+    "reconstruct",
+]

@@ -28,6 +28,7 @@ __all__ = [
     "METHODS",
     "ReconstructionResult",
     "SamplerDivergence",
+    "check_bounded",
     "check_finite",
     "data_residual",
     "operator_norm",
@@ -79,6 +80,22 @@ def check_finite(x: torch.Tensor, method: str, step: int, hint: str = "reduce th
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise SamplerDivergence(f"{method}: the iterate diverged at step {step} ({bad} non-finite values); {hint}")
+
+
+DIVERGENCE_BOUND = 100.0  # |x| beyond 100·(1 + σ) is no image of the prior's [-1, 1] range plus noise σ
+
+
+def check_bounded(x: torch.Tensor, method: str, step: int, sigma: float = 0.0,
+                  hint: str = "reduce the step size") -> None:
+    """Raise ``SamplerDivergence`` if ``x`` is finite but far outside the prior's range: ``max |x| >
+    DIVERGENCE_BOUND · (1 + sigma)`` (``sigma``: the noise level of the state, 0 for clean estimates). A sampler
+    can diverge to huge finite values (a gradient step without a cap) that ``check_finite`` alone would pass."""
+    check_finite(x, method, step, hint)
+    peak = float(x.detach().abs().max()) if x.numel() else 0.0
+    limit = DIVERGENCE_BOUND * (1.0 + float(sigma))
+    if peak > limit:
+        raise SamplerDivergence(f"{method}: the iterate diverged at step {step} (max |x| = {peak:.3g} > {limit:.3g}, "
+                                f"the prior's range is [-1, 1]); {hint}")
 
 
 def data_residual(physics, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -149,13 +166,17 @@ METHODS: dict[str, tuple[str, str]] = {
     "diffusion-mbir": ("volume", "sample_diffusion_mbir"),
     "dds": ("volume", "sample_dds"),
     # the volume methods under the names of the command line's 3D habit (`--method mbir3d|dds3d`); dds3d turns
-    # DDS's TV-z coupling on (METHOD_DEFAULTS)
+    # DDS's anchored TV-z coupling on (METHOD_DEFAULTS)
     "mbir3d": ("volume", "sample_diffusion_mbir"),
     "dds3d": ("volume", "sample_dds"),
 }
 
 # options a method name implies (given options override them)
-METHOD_DEFAULTS: dict[str, dict] = {"dds3d": {"tv_weight": None}}  # None: the official 3D CT λ = 0.008 ρ
+# dds3d: DDS with the anchored TV-z coupling (recon.samplers.volume's docstring, "The anchored coupling"): each
+# step solves min ½‖Ax − y‖² + ρ/2‖x − x̂0‖² + λ‖D_z x‖₁ afresh (5 ADMM iterations from z = u = 0), λ = 0.024 ρ
+METHOD_DEFAULTS: dict[str, dict] = {
+    "dds3d": {"tv_weight": None, "tv_threshold": 0.024, "gamma": "rho", "admm_persistent": False, "admm_iters": 5},
+}
 
 
 def reconstruct(
@@ -205,6 +226,8 @@ def reconstruct(
     if result.info.get("method", method) != method:  # an alias (mbir3d, dds3d): keep both names
         result.info["algorithm"] = result.info["method"]
     result.info["method"] = method
+    if prior is not None:  # a diffusion sampler's output lives in the prior's normalised range
+        check_bounded(result.x, method, int(result.info.get("steps", steps or 0) or 0))
     result.info["seconds"] = time.perf_counter() - t0
     result.info["nfe"] = (getattr(prior, "nfe", 0) - nfe0) if prior is not None else 0
     result.info["seed"] = int(seed)

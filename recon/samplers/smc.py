@@ -112,7 +112,7 @@ from collections.abc import Callable
 import torch
 
 from recon.priors.schedules import karras_sigmas
-from recon.samplers.base import ReconstructionResult, check_finite, operator_norm, weighted_moments
+from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm, weighted_moments
 
 __all__ = ["multinomial_resample", "sample_smc", "systematic_resample"]
 
@@ -541,7 +541,8 @@ def sample_smc(
                 shift = shift * (cap / norm).clamp(max=1.0).reshape(-1, *([1] * (shift.dim() - 1)))
             mt = mp + shift
             x_new = mt + math.sqrt(var) * _randn(x.shape, generator, dtype, device)
-            check_finite(x_new, method, i + 1, "the twist gradient exploded; use more steps")
+            check_bounded(x_new, method, i + 1, s_next, "the twist gradient exploded; use more steps or a finite "
+                          "max_shift")
             log_ratio = (flat(x_new - mt) ** 2 - flat(x_new - mp) ** 2).sum(1) / (2 * var)
             x0_new, lt_new, grad = twist(x_new, s_next, i == steps - 1)
             logw = logw + as_pb(log_ratio + lt_new - lt)

@@ -17,6 +17,10 @@ entries of each batch item, ``mean_pixels`` the mean over its pixels; batch item
 Normalisation vs. the official code (``NVlabs/RED-diff``, ``algos/reddiff.py``): it minimises
 ``obs_weight_o · mean_meas((y − Aμ)²)/2 + lam_o · ω · mean_pixels((ε̂ − ε) μ)`` and never uses σ_y. That is *this*
 loss with ``obs_weight = obs_weight_o / m`` (``m`` = number of measurement entries per item) and ``lam = lam_o``.
+The official operators (DDRM's ``H_funcs``) return only the measured entries; ``recon``'s return full-size arrays
+with structural zeros (the unsampled k-space of ``CartesianMRI``, the masked pixels of ``Inpainting``), so ``m``
+counts the entries ``A`` can make nonzero (``measured_entries``: one application of ``A`` to a random image), not
+the zeros: otherwise the data weight would shrink with the undersampling factor.
 Here ``obs_weight=None`` (default) means exactly that, ``obs_weight = 1/m`` (the official ``obs_weight 1.0``), so
 the official hyper-parameters (``lam 0.25``, ``lr 0.1``; README: 100 steps, ``lr 0.5``) carry over unchanged.
 The paper's Gaussian likelihood ``‖y − Aμ‖²/(2σ_y²)`` is ``obs_weight = 1/σ_y²`` (then ``lam`` must grow by
@@ -68,6 +72,19 @@ def _reddiff_sigmas(prior, steps, sigma_min, sigma_max, rho, sigmas, timesteps) 
     return schedule.sigma(ts).to(torch.float64)
 
 
+def measured_entries(physics, template: torch.Tensor) -> int:
+    """Entries of one measurement that ``physics.A`` can make nonzero: the count of nonzeros of ``A`` applied to a
+    random image of ``template``'s shape (its first item; a fixed seed, the caller's generator untouched). A
+    structural zero (masked k-space, a masked pixel) is exactly 0 for every input; a measured entry is 0 for a
+    random input with probability 0."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(tuple(template[:1].shape), generator=g, dtype=torch.float64).to(template.device,
+                                                                                        template.dtype)
+    with torch.no_grad():
+        count = int(torch.count_nonzero(physics.A(probe)[0]))
+    return count if count > 0 else int(physics.A(probe)[0].numel())
+
+
 def sample_reddiff(
     physics,
     y: torch.Tensor,
@@ -101,7 +118,7 @@ def sample_reddiff(
         particles: ignored (RED-diff returns one estimate per measurement).
         lr: Adam learning rate (official 0.1), betas (0.9, 0.99).
         lam: regulariser weight λ (official ``grad_term_weight`` 0.25).
-        obs_weight: data-term weight; ``None`` = ``1/m`` (the official mean over measurements).
+        obs_weight: data-term weight; ``None`` = ``1/m`` (the official mean over the measured entries).
         weighting: ``"linear"`` (ω = σ), ``"sqrt"``, ``"square"`` or ``"const"``.
         init: ``"analytic"`` (the physics' fast analytic inverse) or ``"zeros"``.
         timesteps, sigma_min, sigma_max, rho, sigmas: the noise levels (module docstring).
@@ -125,7 +142,7 @@ def sample_reddiff(
     mu0 = analytic_inverse(physics, y).to(template.dtype) if init == "analytic" else template
     mu = mu0.detach().clone().requires_grad_(True)
     y = y.detach()
-    m = y[0].numel()
+    m = measured_entries(physics, template) if obs_weight is None else y[0].numel()
     w_obs = 1.0 / m if obs_weight is None else float(obs_weight)
     d = mu[0].numel()
     opt = torch.optim.Adam([mu], lr=float(lr), betas=(0.9, 0.99))

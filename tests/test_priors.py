@@ -282,6 +282,13 @@ def test_train_prior_command_on_mixed_formats(tmp_path, ct_file):
     assert (out / "samples_0000003.png").is_file()
     prior = load_prior(out / "prior")
     assert prior.card["training"]["steps"] == 3 and len(prior.card["training"]["files"]) == 4
+    card_text = (out / "prior" / "model_card.json").read_text()
+    assert str(tmp_path) not in card_text  # the run's card names files, it does not keep machine paths
+    from recon.priors.train import export_prior
+
+    shipped = load_prior(export_prior(out, tmp_path / "shipped", extra={"quality": {"psnr": 1.0}}))
+    assert shipped.card["quality"] == {"psnr": 1.0} and "NOT for clinical use" in shipped.card["intended_use"]
+    assert shipped.card["training"]["config"]["data"] == ["data"] and shipped.card["training"]["steps"] == 3
     res = subprocess.run([sys.executable, "-m", "recon.cli", "train-prior", "-i", str(tmp_path / "missing"), "-o",
                           str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "missing" in res.stderr and "Traceback" not in res.stderr

@@ -376,7 +376,8 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
         )
         prior = _make_prior(ema, cfg)
         save_prior(prior, out / "prior", arch, card={
-            "training": {"steps": step, "config": dataclasses.asdict(cfg), "files": report[0]["used"],
+            "training": {"steps": step, "config": _config_names_only(dataclasses.asdict(cfg)),
+                         "files": [Path(f).name for f in report[0]["used"]],
                          "skipped": report[1:], "parameters": count_parameters(ema)},
         })
 
@@ -443,6 +444,16 @@ DATA_LICENCES = {
 }
 
 
+def _config_names_only(config: dict) -> dict:
+    """A training configuration as model cards keep it: file names, not machine paths."""
+    config = dict(config)
+    config["data"] = [Path(p).name for p in config.get("data", [])]
+    config["out"] = Path(config.get("out") or "").name
+    if config.get("init_from"):
+        config["init_from"] = Path(config["init_from"]).name
+    return config
+
+
 def export_prior(run: str | os.PathLike, dest: str | os.PathLike, extra: dict | None = None) -> Path:
     """Copy a training run's EMA prior (``RUN/prior``) to ``dest`` with a shippable model card: training files by
     name (no machine paths), data licence, intended use, and ``extra`` (e.g. measured quality)."""
@@ -451,12 +462,9 @@ def export_prior(run: str | os.PathLike, dest: str | os.PathLike, extra: dict | 
     src = Path(run) / "prior"
     card = json.loads((src / CARD).read_text())
     training = dict(card.get("training", {}))
-    config = dict(training.get("config", {}))
-    config["data"] = [Path(p).name for p in config.get("data", [])]
-    config["out"] = Path(config.get("out", "")).name
-    training["config"] = config
+    training["config"] = _config_names_only(training.get("config", {}))
     training["files"] = [Path(p).name for p in training.get("files", [])]
-    modality = config.get("modality", "ct")
+    modality = training["config"].get("modality", "ct")
     card.update({
         "training": training,
         "data_licence": DATA_LICENCES.get(modality, "see training.files"),

@@ -7,7 +7,11 @@ CT: the 3D modified Shepp–Logan phantom (``recon.datasets.phantoms.shepp_logan
 seen by the CT prior, through slice-by-slice parallel-beam sparse-view CT (``--views``, default 30) with 1 %
 Gaussian noise. MRI: nilearn's MNI152 T1 template resampled to ``size³`` (NOTE: the built-in MRI prior was
 trained on 2D slices of this template, so this MRI row measures the coupling, not generalisation), 4× Cartesian
-sampling with one random 1D mask per slice (``fft_dims="2d"``), σ_y = 0.01.
+sampling with one random 1D mask per slice (``fft_dims="2d"``), σ_y = 0.01. ``--task mri-anatomical``: the same
+MRI task on nibabel's ``anatomical.nii`` (a T1 brain the MRI prior never saw, 25 × 41 × 33 at 2 mm, resized to
+24 × 48 × 40 as in notebook 4; ``--size`` is ignored):
+
+    python benchmarks/bench_volumes.py --task mri-anatomical --json benchmarks/volumes_mri_anatomical.json
 
 Memory and time growth at large sizes (``--steps N`` overrides every method's step count, so a 256³ run that
 would take hours measures its peak memory and its time per step in minutes; such rows carry ``"steps_override"``
@@ -39,6 +43,10 @@ METHODS = {
     "3D TV": ("tv", {"steps": 300}),
     "slice-independent DDS (no coupling)": ("dds", {"steps": 50, "tv_weight": 0.0}),
     "DiffusionMBIR-style (200 levels)": ("diffusion-mbir", {"steps": 200}),
+    # the official MRI script's lamb = 0.005, rho = 0.01 for [0, 1] images and a unit-norm A: λ = 0.01, ρ = 0.01 in
+    # the prior's [-1, 1] units (threshold λ/ρ = 1); MRI tasks only
+    "DiffusionMBIR-style, official MRI λ, ρ (200 levels)": ("diffusion-mbir", {"steps": 200, "lam": 0.01,
+                                                                               "rho": 0.01}),
     "DDS-style + TV-z (50 steps)": ("dds", {"steps": 50, "tv_weight": None}),
     "DDS-style + TV-z (20 steps)": ("dds", {"steps": 20, "tv_weight": None}),
     # the TV-z shrinkage threshold λ/ρ at 3× the official 0.008: DDS applies it once per step (20 times) where
@@ -57,7 +65,21 @@ METHODS = {
 }
 
 
+ANATOMICAL_SHAPE = (24, 48, 40)  # nibabel's anatomical.nii (25 × 41 × 33 at 2 mm) resized as in notebook 4
+
+
 def volume(task: str, size: int, prior) -> np.ndarray:
+    if task == "mri-anatomical":  # a T1 brain the MRI prior never saw
+        import os
+
+        from nibabel.testing import data_path
+        from skimage.transform import resize
+
+        from recon.datasets.io import read_image
+
+        vol = np.abs(read_image(os.path.join(data_path, "anatomical.nii")).array)
+        vol = resize(vol, ANATOMICAL_SHAPE, anti_aliasing=True, preserve_range=True)
+        return prior.normalize(torch.from_numpy(vol)).clamp(-1, 1).numpy()
     if task == "ct":
         from recon.datasets.phantoms import shepp_logan_3d
 
@@ -118,20 +140,21 @@ def run_one(task: str, size: int, views: int, label: str, seed: int, steps: int 
     prior = load_prior("default-ct" if task == "ct" else "default-mri")
     ref = volume(task, size, prior)
     x = torch.from_numpy(ref).float()[None, None]
+    shape = ref.shape
     if task == "ct":
-        physics = ParallelBeamCT((size, size, size), angles=views)
+        physics = ParallelBeamCT(shape, angles=views)
     else:
         g = torch.Generator().manual_seed(seed)
         from recon.operators import random_mask
 
-        masks = torch.stack([random_mask((size, size), 4.0, seed=int(torch.randint(1 << 30, (1,), generator=g)))
-                             for _ in range(size)])
-        physics = CartesianMRI((size, size, size), mask=masks, fft_dims="2d", real_input=True)
+        masks = torch.stack([random_mask(shape[1:], 4.0, seed=int(torch.randint(1 << 30, (1,), generator=g)))
+                             for _ in range(shape[0])])
+        physics = CartesianMRI(shape, mask=masks, fft_dims="2d", real_input=True)
     ax = physics.A(x)
     g = torch.Generator().manual_seed(seed)
     sigma_y = 0.01 * float(ax.pow(2).mean().sqrt()) if task == "ct" else 0.01
     noise = sigma_y * torch.randn(ax.shape, generator=g)
-    y = ax + (physics.A(physics.A_adjoint(noise)) if task == "mri" else noise)
+    y = ax + (noise if task == "ct" else physics.A(physics.A_adjoint(noise)))
     method, options = METHODS[label]
     options = dict(options)
     if "tv_threshold" in options:  # λ = threshold · ρ with the sampler's own default ρ = 0.025 ‖A‖₂²
@@ -155,7 +178,8 @@ def run_one(task: str, size: int, views: int, label: str, seed: int, steps: int 
     seconds = time.perf_counter() - t0
     rec = res.x[0, 0].double().numpy()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": label, "size": size, "seconds": seconds, "nfe_per_slice": res.info.get("denoiser_calls",
+    return {"method": label, "size": size if task != "mri-anatomical" else list(shape), "seconds": seconds,
+            "nfe_per_slice": res.info.get("denoiser_calls",
             res.nfe), "peak_rss_MiB": peak, "threads": torch.get_num_threads(),
             **({"rss_after_setup_MiB": setup_mib, "peak_rss_reconstructing_MiB": _rss_mib("VmHWM")} if reset else {}),
             **({"steps_override": steps} if steps is not None else {}),
@@ -164,7 +188,9 @@ def run_one(task: str, size: int, views: int, label: str, seed: int, steps: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=["ct", "mri"], default="ct")
+    parser.add_argument("--task", choices=["ct", "mri", "mri-anatomical"], default="ct",
+                        help="mri: MNI152 at --size³; mri-anatomical: nibabel's anatomical.nii at 24 × 48 × 40 "
+                             "(--size ignored), a brain the MRI prior never saw")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--views", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -183,6 +209,8 @@ def main() -> None:
     rows = []
     for label in METHODS:
         if args.only and not any(s in label for s in args.only):
+            continue
+        if args.task == "ct" and "MRI" in label:
             continue
         cmd = [sys.executable, __file__, "--task", args.task, "--size", str(args.size), "--views", str(args.views),
                "--seed", str(args.seed), "--threads", str(args.threads), "--method", label]

@@ -195,13 +195,13 @@ orthogonal_views({"reference": ct_ref, **{k.split(" (")[0]: ct_phys(v.x) for k, 
                  (-1000, -500), "3D Shepp–Logan, 30 views, HU window [−1000, −500]")
 
 # %% [markdown]
-# PSNR here is on a 2000 HU data range (the phantom's clipped values). Slice-independent DDS treats the 32
-# axial slices as 32 separate problems. With TV along `z` and the same 30 network evaluations per slice, each
-# slice borrows strength from its neighbours: the noise and the streaks, which differ from slice to slice, are
-# suppressed, and every orientation gains; `dds3d` gains most. The gain over 3D TV is smaller, because a
-# piecewise-constant phantom is exactly what TV likes. DiffusionMBIR couples the slices too, but at 40 levels it is far from converged here (79
-# network evaluations per slice). The benchmark's 200 levels reach 34.5 dB axial at 32³, in about 10× the time of
-# DDS, and the paper uses 2000 levels (3999 evaluations per slice).
+# PSNR here is on a 2000 HU data range (the phantom's clipped values). Slice-independent DDS treats the 32 axial
+# slices as 32 separate problems. With TV along `z` and the same 30 network evaluations per slice, each slice
+# borrows strength from its neighbours: the noise and the streaks, which differ from slice to slice, are suppressed,
+# and every orientation gains; `dds3d` gains most. The gain over 3D TV is smaller, because a piecewise-constant
+# phantom is exactly what TV likes. DiffusionMBIR couples the slices too, but at 40 levels it is far from converged
+# here (79 network evaluations per slice). The benchmark's 200 levels reach 34.5 dB axial at 32³, in about 10× the
+# time of DDS, and the paper uses 2000 levels (3999 evaluations per slice).
 #
 # Below, the error of one coronal plane. Streaks that change from slice to slice show up as horizontal stripes.
 

@@ -42,9 +42,10 @@ METHODS = {
     "analytic": ("analytic", {}),
     "3D TV": ("tv", {"steps": 300}),
     "slice-independent DDS (no coupling)": ("dds", {"steps": 50, "tv_weight": 0.0}),
-    "DiffusionMBIR-style (200 levels)": ("diffusion-mbir", {"steps": 200}),
+    # the official CT weights (the default on CT; on MRI the CT weights transferred, the default before the MRI one)
+    "DiffusionMBIR-style (200 levels)": ("diffusion-mbir", {"steps": 200, "settings": "ct"}),
     # the official MRI script's lamb = 0.005, rho = 0.01 for [0, 1] images and a unit-norm A: λ = 0.01, ρ = 0.01 in
-    # the prior's [-1, 1] units (threshold λ/ρ = 1); MRI tasks only
+    # the prior's [-1, 1] units (threshold λ/ρ = 1), the default for MRI operators; MRI tasks only
     "DiffusionMBIR-style, official MRI λ, ρ (200 levels)": ("diffusion-mbir", {"steps": 200, "lam": 0.01,
                                                                                "rho": 0.01}),
     "DDS-style + TV-z (50 steps)": ("dds", {"steps": 50, "tv_weight": None}),

@@ -466,6 +466,14 @@ def test_builtin_recipe_is_the_documented_one(tmp_path):
     assert "693_UNCR.dcm" not in {Path(p).name for p in cfg.data}  # the benchmark's held-out image
     rddm = default_lowdose_ct_config(str(tmp_path), model="rddm")
     assert rddm.model == "rddm" and rddm.schedule().kind == "rddm"
+    # the card's recipe is the command that reproduces the run: the preset plus what differs from it
+    from recon.restoration.train import _recipe
+
+    assert _recipe(cfg) == "recon train-restorer --preset default-lowdose-ct -o RUN"
+    tuned = default_lowdose_ct_config(str(tmp_path), model="rddm", lr=2e-5, steps=1000, seed=2,
+                                      init_from=str(tmp_path / "rddm-6000"))
+    assert _recipe(tuned) == ("recon train-restorer --preset default-lowdose-ct --model rddm --steps 1000 --lr 2e-05 "
+                              "--seed 2 --init-from rddm-6000 -o RUN")
 
 
 def test_warm_start_begins_from_the_given_restorer(tiny_restorer, tmp_path):

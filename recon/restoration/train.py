@@ -309,6 +309,25 @@ def _names_only(cfg: RestorerConfig) -> dict:
     return config
 
 
+def _recipe(cfg: RestorerConfig) -> str:
+    """The command line that trains ``cfg``: the preset plus the flags in which ``cfg`` differs from it (a warm
+    start names its folder), or the plain command without a preset."""
+    if not cfg.preset:
+        return f"recon train-restorer --model {cfg.model} --task {cfg.task} -i DATA -o RUN --steps {cfg.steps}"
+    flags = [f"--preset {cfg.preset}"]
+    if cfg.model != "resshift":
+        flags.append(f"--model {cfg.model}")
+    base = PRESETS[cfg.preset](cfg.out, **({"model": cfg.model} if cfg.model != "resshift" else {}))
+    for name, flag in (("steps", "--steps"), ("lr", "--lr"), ("seed", "--seed"), ("batch_size", "--batch-size"),
+                       ("crop", "--crop")):
+        if getattr(cfg, name) != getattr(base, name):
+            flags.append(f"{flag} {getattr(cfg, name):g}" if isinstance(getattr(cfg, name), float)
+                         else f"{flag} {getattr(cfg, name)}")
+    if cfg.init_from:
+        flags.append(f"--init-from {Path(cfg.init_from).name}")
+    return "recon train-restorer " + " ".join(flags) + " -o RUN"
+
+
 def _card(cfg: RestorerConfig, step: int, report: list, params: int, quality: dict | None) -> dict:
     from recon.priors.train import DATA_LICENCES, DEFAULT_CT_FILES
 
@@ -326,8 +345,7 @@ def _card(cfg: RestorerConfig, step: int, report: list, params: int, quality: di
         "intended_use": "Research and teaching only; NOT for clinical use. A small network trained for a short time "
                         f"to undo one simulated degradation ({cfg.task}); it may remove or invent structures, and "
                         "it knows nothing of other degradations, scanners or doses.",
-        "recipe": (f"recon train-restorer --preset {cfg.preset} -o RUN" if cfg.preset else
-                   f"recon train-restorer --model {cfg.model} --task {cfg.task} -i DATA -o RUN --steps {cfg.steps}"),
+        "recipe": _recipe(cfg),
     }
     if cfg.init_from:  # a warm start: the steps of the run it continued are recorded too
         try:

@@ -183,7 +183,7 @@ def main() -> None:
             "command": shlex.join(["python", "benchmarks/bench_restoration.py", *sys.argv[1:]]),
             "task": {"degradation": "lowdose-ct", "photons": PHOTONS, "views": VIEWS, "pixel_mm": PIXEL_MM,
                      "filter": "hann"},
-            "threads": args.threads, "restorers": {r.kind: r.card.get("path") for r, _ in restorers},
+            "threads": args.threads, "restorers": {r.kind: Path(r.card.get("path") or "").name for r, _ in restorers},
             "rows": rows}, indent=1))
 
 

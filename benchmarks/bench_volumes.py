@@ -53,7 +53,7 @@ METHODS = {
     # the TV-z shrinkage threshold λ/ρ at 3× the official 0.008: DDS applies it once per step (20 times) where
     # MBIR applies the official one at each of its 400 evaluations; chosen on the 64³ CT phantom between 1× and 3×
     # (so an oracle choice among two), then run unchanged at the other sizes and on MRI
-    "DDS-style + TV-z, 3× threshold (20 steps)": ("dds", {"steps": 20, "tv_threshold": 0.024}),
+    "DDS-style + TV-z, 3× threshold (20 steps)": ("dds", {"steps": 20, "tv_weight": None, "tv_threshold": 0.024}),
     # the ADMM state restarted at each step (z = u = 0) with 3 ADMM iterations: chosen on the 32³ MRI volume, where
     # the persistent state (official, kept by every other row) made the coupled result worse than the uncoupled one
     "DDS-style + TV-z, ADMM restarted per step (20 steps)": ("dds", {"steps": 20, "tv_weight": None,
@@ -62,8 +62,7 @@ METHODS = {
     # iterations, anchor γ = ρ on x̂0, threshold 3× the official: chosen on 32³ tuning cases (CT and MRI, seed 1,
     # ~15 settings; γ = ρ rather than the grid's 0.2 dB better γ = 0.3 ρ, for one constant fewer), then run
     # unchanged on the seed-0 64³ volumes of both tasks
-    "DDS-style + anchored TV-z (20 steps)": ("dds", {"steps": 20, "tv_threshold": 0.024, "gamma_per_rho": 1.0,
-                                                      "admm_persistent": False, "admm_iters": 5}),
+    "DDS-style + anchored TV-z (20 steps)": ("dds3d", {"steps": 20}),  # the shipped dds3d defaults
 }
 
 
@@ -160,17 +159,9 @@ def run_one(task: str, size: int, views: int, label: str, seed: int, steps: int 
     y = ax + (noise if task == "ct" else physics.A(physics.A_adjoint(noise)))
     method, options = METHODS[label]
     options = dict(options)
-    if "tv_threshold" in options:  # λ = threshold · ρ with the sampler's own default ρ = 0.025 ‖A‖₂²
-        from recon.samplers.base import operator_norm
-        from recon.samplers.volume import RHO_PER_OPERATOR_NORM2
-
-        rho = RHO_PER_OPERATOR_NORM2 * operator_norm(physics, physics.A_adjoint(y)) ** 2
-        options.update(tv_weight=options.pop("tv_threshold") * rho, rho=rho)
-        if "gamma_per_rho" in options:
-            options["gamma"] = options.pop("gamma_per_rho") * rho
     if steps is not None and "steps" in options:
         options["steps"] = steps
-    if max_memory is not None and method in ("dds", "diffusion-mbir"):
+    if max_memory is not None and method in ("dds", "dds3d", "diffusion-mbir"):
         options["memory_budget"] = max_memory
     del x, ax, noise
     gc.collect()

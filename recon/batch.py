@@ -82,6 +82,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from recon.datasets.io import has_dicom_preamble
 from recon.pipeline import PipelineError
 
 __all__ = [
@@ -161,14 +162,7 @@ def _is_nifti(name: str) -> bool:
 def _looks_dicom(path: Path) -> bool:
     if path.name.upper() == "DICOMDIR":
         return False
-    if path.suffix.lower() in _DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return path.suffix.lower() in _DICOM_SUFFIXES or has_dicom_preamble(path)
 
 
 def _safe_name(parts: tuple[str, ...]) -> str:

@@ -136,6 +136,18 @@ def _parse_bytes(text) -> float:
     return value
 
 
+def _reconstruction_options(cfg: dict) -> dict:
+    """The options ``recon reconstruct`` and ``recon batch`` share, from the resolved configuration, as keyword
+    arguments of ``reconstruct_file`` / ``run_batch``."""
+    return {"method": cfg.get("method", "dps"), "prior": cfg.get("prior", "default"), "steps": cfg.get("steps"),
+            "particles": cfg.get("particles"), "seed": int(cfg.get("seed", 0)), "device": cfg.get("device", "cpu"),
+            "format": cfg.get("format"), "series": cfg.get("series"),
+            "on_irregular": cfg.get("on_irregular") or "error", "task": cfg.get("task"),
+            "task_params": _task_params(cfg), "photons": cfg.get("photons"), "noise": cfg.get("noise"),
+            "anonymize": bool(cfg.get("anonymize", False)), "overwrite": bool(cfg.get("overwrite", False)),
+            "config": cfg}
+
+
 def _task_params(cfg: dict) -> dict:
     return {k: cfg[k] for k in TASK_OPTIONS if cfg.get(k) is not None}
 
@@ -204,14 +216,8 @@ def cmd_reconstruct(args) -> int:
     callback, close = _progress(args)
     try:
         report = reconstruct_file(
-            cfg["input"], cfg["output"], method=cfg.get("method", "dps"), prior=cfg.get("prior", "default"),
-            steps=cfg.get("steps"), particles=cfg.get("particles"), seed=int(cfg.get("seed", 0)),
-            device=cfg.get("device", "cpu"), format=cfg.get("format"), reference=cfg.get("reference"),
-            series=cfg.get("series"), on_irregular=cfg.get("on_irregular") or "error", task=cfg.get("task"),
-            task_params=_task_params(cfg),
-            photons=cfg.get("photons"), noise=cfg.get("noise"), options=options,
-            anonymize=bool(cfg.get("anonymize", False)), overwrite=bool(cfg.get("overwrite", False)),
-            memory_budget=memory, callback=callback, config=cfg)
+            cfg["input"], cfg["output"], **_reconstruction_options(cfg), reference=cfg.get("reference"),
+            options=options, memory_budget=memory, callback=callback)
     finally:
         close()
     lines = [f"{report['method']} on {report['task']}: {report['nfe']} network evaluations, {report['seconds']:.1f} s, "
@@ -269,15 +275,10 @@ def cmd_batch(args) -> int:
     callback, close = _batch_progress(args)
     try:
         summary = run_batch(
-            cfg["input"], cfg["output"], method=cfg.get("method", "dps"), prior=cfg.get("prior", "default"),
-            steps=cfg.get("steps"), particles=cfg.get("particles"), seed=int(cfg.get("seed", 0)),
-            device=cfg.get("device", "cpu"), format=cfg.get("format"), series=cfg.get("series"),
-            on_irregular=cfg.get("on_irregular") or "error", task=cfg.get("task"), task_params=_task_params(cfg),
-            photons=cfg.get("photons"), noise=cfg.get("noise"), options=dict(cfg.get("options") or {}),
-            anonymize=bool(cfg.get("anonymize", False)), engine=cfg.get("engine", "local"),
-            workers=cfg.get("workers", 1), threads=cfg.get("threads"), retries=cfg.get("retries", 1),
-            num_parts=num_parts or 1, part_id=part_id or 0, ray_address=cfg.get("ray_address"),
-            overwrite=bool(cfg.get("overwrite", False)), config=cfg, progress=callback, quiet=args.quiet)
+            cfg["input"], cfg["output"], **_reconstruction_options(cfg), options=dict(cfg.get("options") or {}),
+            engine=cfg.get("engine", "local"), workers=cfg.get("workers", 1), threads=cfg.get("threads"),
+            retries=cfg.get("retries", 1), num_parts=num_parts or 1, part_id=part_id or 0,
+            ray_address=cfg.get("ray_address"), progress=callback, quiet=args.quiet)
     finally:
         close()
     part = f" part {summary.part[0]} of {summary.part[1]} (ids 0-{summary.part[1] - 1})" if summary.part[1] > 1 else ""

@@ -352,7 +352,8 @@ def _is_nifti(p: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def _has_dicm(p: Path) -> bool:
+def has_dicom_preamble(p: Path) -> bool:
+    """True if ``p`` starts with the DICOM Part 10 preamble (128 bytes, then ``DICM``); False if not or unreadable."""
     try:
         with open(p, "rb") as f:
             head = f.read(132)
@@ -701,7 +702,7 @@ def _read_dicom_dataset(p: Path, *, header_only: bool, force: bool):
 def _read_dicom_file(p: Path, on_irregular: str) -> MedicalImage:
     from pydicom.errors import InvalidDicomError
 
-    preamble = _has_dicm(p)
+    preamble = has_dicom_preamble(p)
     try:
         ds = _read_dicom_dataset(p, header_only=False, force=not preamble)
     except InvalidDicomError as err:
@@ -725,7 +726,7 @@ def _dicom_header_or_none(f: Path):
     """The header (no pixels) of a DICOM image file, None for other files; ImageReadError for corrupt DICOM."""
     if f.name.upper() == "DICOMDIR":
         return None
-    preamble = _has_dicm(f)
+    preamble = has_dicom_preamble(f)
     if not preamble and f.suffix.lower() not in _DICOM_SUFFIXES:
         return None
     try:
@@ -815,7 +816,7 @@ def _read_dicom_folder(folder: Path, series, on_irregular: str) -> MedicalImage:
     for name in info.files:
         f = Path(name)
         try:
-            ds = _read_dicom_dataset(f, header_only=False, force=not _has_dicm(f))
+            ds = _read_dicom_dataset(f, header_only=False, force=not has_dicom_preamble(f))
         except Exception as err:
             raise ImageReadError(f, f"corrupt or truncated DICOM file ({type(err).__name__}: {_one_line(err)})") \
                 from err

@@ -273,6 +273,10 @@ class Blur(_KeepFloat64Buffers, LinearPhysics):
         y = op(x)                                              # x: (B, C, 64, 64)
     """
 
+    modality = "image"  #: what the operator measures (samplers read this, never the class)
+    adjoint_is_inverse = False
+    complex_data = False
+
     def __init__(
         self,
         img_size: Sequence[int],

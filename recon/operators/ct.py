@@ -78,6 +78,10 @@ def _describe_angles(deg: torch.Tensor) -> str:
 class _CTBase(deepinv.physics.LinearPhysics):
     """Shared plumbing: ray table, reshaping between images and sinograms, checks, autograd."""
 
+    modality = "ct"  #: what the operator measures (samplers read this, never the class)
+    adjoint_is_inverse = False  #: ``A_adjoint`` is not ``A^†``: use ``fbp`` for the analytic inverse
+    complex_data = False  #: real sinograms
+
     def __init__(self, noise_model=None, matrix_memory: float = _DEFAULT_MATRIX_MEMORY, **kwargs):
         if noise_model is None:
             noise_model = deepinv.physics.ZeroNoise()

@@ -129,6 +129,10 @@ class Downsampling(_KeepFloat64Buffers, LinearPhysics):
     :param truncate: half-width of the Gaussian filter in sigmas (default 4).
     """
 
+    modality = "image"  #: what the operator measures (samplers read this, never the class)
+    adjoint_is_inverse = False
+    complex_data = False
+
     def __init__(
         self,
         img_size: Sequence[int],

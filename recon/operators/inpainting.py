@@ -141,6 +141,10 @@ class Inpainting(LinearPhysics):
     :param noise_model: a deepinv noise model (default: no noise).
     """
 
+    modality = "image"  #: what the operator measures (samplers read this, never the class)
+    adjoint_is_inverse = True  #: a 0/1 diagonal: ``A^T = A^†``
+    complex_data = False
+
     def __init__(self, img_size: Sequence[int], mask: torch.Tensor, noise_model=None) -> None:
         size = as_size(img_size)
         if isinstance(mask, torch.Tensor) and mask.is_complex():

@@ -80,6 +80,10 @@ def _fmt_size(size: tuple) -> str:
 class _CartesianBase(LinearPhysics):
     """Shared mask, FFT and input handling of the Cartesian MRI operators (not public)."""
 
+    modality = "mri"  #: what the operator measures (samplers read this, never the class)
+    adjoint_is_inverse = True  #: orthonormal FFT rows: ``A^T`` is the zero-filled inverse ``A^†``
+    complex_data = True  #: k-space as real/imaginary channels
+
     def __init__(
         self,
         img_size: Sequence[int],

@@ -69,12 +69,8 @@ __all__ = [
 # analytic inverse
 # ---------------------------------------------------------------------------------------------------------
 def _adjoint_is_inverse(physics) -> bool:
-    if getattr(physics, "adjoint_is_inverse", False):
-        return True
-    from recon.operators.inpainting import Inpainting
-    from recon.operators.mri import _CartesianBase  # CartesianMRI and MultiCoilMRI
-
-    return isinstance(physics, (_CartesianBase, Inpainting))
+    """The operator's own public flag (``recon``'s MRI and inpainting operators set it; any physics may)."""
+    return bool(getattr(physics, "adjoint_is_inverse", False))
 
 
 def analytic_inverse(physics, y: torch.Tensor) -> torch.Tensor:

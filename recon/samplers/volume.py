@@ -351,9 +351,9 @@ def physics_modality(physics) -> str:
     from deepinv.physics import MRI
     from deepinv.physics import MultiCoilMRI as DeepinvMultiCoilMRI
 
-    from recon.operators import CartesianMRI, MultiCoilMRI
-
-    return "mri" if isinstance(physics, (CartesianMRI, MultiCoilMRI, MRI, DeepinvMultiCoilMRI)) else "ct"
+    if getattr(physics, "modality", None) is not None:  # recon's operators say what they measure
+        return "mri" if physics.modality == "mri" else "ct"
+    return "mri" if isinstance(physics, (MRI, DeepinvMultiCoilMRI)) else "ct"
 
 
 def _tv_axes(tv_axes, spatial: int) -> tuple:

@@ -287,6 +287,11 @@ def read_manifest(path: str | os.PathLike) -> list[Study]:
                 opts.setdefault("task_params", {})[col] = parsed
         if opts.get("method") is not None and opts["method"] not in METHODS:
             raise BatchError(f"{where}, column 'method': {opts['method']!r} is not one of {', '.join(METHODS)}")
+        if opts.get("method") is not None and opts.get("options"):
+            try:
+                METHODS[opts["method"]].check_options(opts["options"])
+            except ValueError as err:
+                raise BatchError(f"{where}: {err}") from err
         if opts.get("task") is not None and opts["task"] not in TASKS:
             raise BatchError(f"{where}, column 'task': {opts['task']!r} is not one of {', '.join(TASKS)}")
         studies.append(Study(name, _relative_to(Path(given), path.parent), opts))
@@ -721,7 +726,7 @@ def run_batch(
     input: str | os.PathLike,
     outdir: str | os.PathLike,
     *,
-    method: str = "dps",
+    method: str | None = None,
     prior: str = "default",
     steps: int | None = None,
     particles: int | None = None,
@@ -771,8 +776,13 @@ def run_batch(
             raise BatchError(f"{name} must be an integer >= {low}, got {value!r}")
     if ray_address and engine != "ray":
         raise BatchError("--ray-address applies to --engine ray")
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise BatchError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method is not None:
+        try:  # a bad option is one error for the batch, not one failed study each (and never retried)
+            METHODS[method].check_options(options or {})
+        except ValueError as err:
+            raise BatchError(str(err)) from err
     if engine == "local":
         resolve_device(device)  # a bad --device is one error, not one per study
     elif device != "auto":  # the workers may have GPUs this machine lacks: check the spelling only

@@ -139,7 +139,7 @@ def _parse_bytes(text) -> float:
 def _reconstruction_options(cfg: dict) -> dict:
     """The options ``recon reconstruct`` and ``recon batch`` share, from the resolved configuration, as keyword
     arguments of ``reconstruct_file`` / ``run_batch``."""
-    return {"method": cfg.get("method", "dps"), "prior": cfg.get("prior", "default"), "steps": cfg.get("steps"),
+    return {"method": cfg.get("method"), "prior": cfg.get("prior", "default"), "steps": cfg.get("steps"),
             "particles": cfg.get("particles"), "seed": int(cfg.get("seed", 0)), "device": cfg.get("device", "cpu"),
             "format": cfg.get("format"), "series": cfg.get("series"),
             "on_irregular": cfg.get("on_irregular") or "error", "task": cfg.get("task"),
@@ -209,8 +209,11 @@ def cmd_reconstruct(args) -> int:
     options = dict(cfg.get("options") or {})
     for key in ("checkpoint", "checkpoint_every", "resume"):
         if cfg.get(key):
-            if cfg.get("method") not in ("diffusion-mbir", "dds"):
-                raise UserError(f"--{key.replace('_', '-')} applies to --method diffusion-mbir or dds (long runs)")
+            method = _method_spec(cfg.get("method") or _recommended("ct"))
+            if not method.long_running:
+                resumable = ", ".join(m for m, s in _methods().items() if s.long_running)
+                raise UserError(f"--{key.replace('_', '-')} applies to the long-running methods ({resumable}), "
+                                f"not --method {method.name}")
             options[key] = cfg[key]
     memory = _parse_bytes(cfg["max_memory"]) if cfg.get("max_memory") else None
     callback, close = _progress(args)
@@ -344,6 +347,48 @@ def _tasks():
     return TASKS
 
 
+def _recommended(modality: str | None) -> str:
+    from recon.samplers import recommended_method
+
+    return recommended_method(modality)
+
+
+def _methods() -> dict:
+    from recon.samplers import METHODS
+
+    return METHODS
+
+
+def _method_spec(name: str):
+    from recon.samplers import OptionError, get_method
+
+    try:
+        return get_method(name)
+    except OptionError as err:
+        raise UserError(str(err)) from err
+
+
+def cmd_methods(args) -> int:
+    """The method table, or one method's options (type, default, help), from the registry."""
+    methods = _methods()
+    if args.name:
+        spec = _method_spec(args.name)
+        rows = [{"option": o.name, "type": o.hint, "default": o.default, "help": o.help} for o in spec.options.values()]
+        summary = {"method": spec.name, "summary": spec.summary, "needs_prior": spec.needs_prior,
+                   "long_running": spec.long_running, "complex_data": spec.complex_data, "options": rows}
+        lines = [f"{spec.name}: {spec.summary}", f"  needs a prior: {spec.needs_prior}; checkpoint/resume: "
+                 f"{spec.long_running}; complex images: {spec.complex_data}", "  options (--set options.NAME=VALUE):"]
+        lines += [f"    {r['option']} ({r['type'] or 'any'}, default {r['default']!r}): {r['help']}" for r in rows]
+        _print(summary, args.json, lines)
+        return 0
+    table = [{"method": n, "summary": s.summary, "needs_prior": s.needs_prior, "long_running": s.long_running}
+             for n, s in methods.items()]
+    lines = [f"{r['method']:16s} {r['summary']}" for r in table]
+    lines.append("recon methods NAME lists a method's options")
+    _print({"methods": table}, args.json, lines)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout")
@@ -381,7 +426,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from recon import __version__
-    from recon.samplers import METHODS
+
+    METHODS = _methods()
 
     parser = argparse.ArgumentParser(prog="recon", description="Medical image reconstruction with diffusion priors.")
     parser.add_argument("--version", action="version", version=f"recon {__version__}")
@@ -391,10 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="recon-demo", help="output folder (default ./recon-demo)")
     demo.add_argument("--views", type=int, default=60, help="number of views over 180° (default 60)")
     demo.add_argument("--photons", type=float, default=1e5, help="photons per detector element (default 1e5)")
-    demo.add_argument("--method", default="dps", choices=[m for m in METHODS if m not in ("analytic", "ddpm", "ddim")])
+    demo.add_argument("--method", default=_recommended("ct"),
+                      choices=[m for m, spec in METHODS.items() if spec.needs_prior and spec.conditional])
     demo.add_argument("--steps", type=int, default=None, help="sampler steps (method default)")
     _common(demo)
     demo.set_defaults(func=cmd_demo, device="cpu", seed=0)
+
+    mt = sub.add_parser("methods", help="the reconstruction methods, or one method's options")
+    mt.add_argument("name", nargs="?", default=None, help="a method: list its options (type, default, help)")
+    _common(mt, device=False)
+    mt.set_defaults(func=cmd_methods)
 
     info = sub.add_parser("info", help="what a DICOM / NIfTI / image file or folder holds (reads only)")
     info.add_argument("-i", "--input", required=True)
@@ -414,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-i", "--input", default=None, help="measurement file (.npz), or an image with --task")
     rec.add_argument("-o", "--output", default=None,
                      help="reconstruction: .nii.gz/.nii/.npy/.png, or a folder (no suffix) for a DICOM series")
-    rec.add_argument("--method", choices=list(METHODS), default=None, help="default dps")
+    rec.add_argument("--method", choices=list(METHODS), default=None, metavar="METHOD",
+                    help=f"one of {', '.join(METHODS)} (`recon methods` describes them); default: the recommended "
+                    f"method of the task's modality (CT {_recommended('ct')}, MRI {_recommended('mri')})")
     rec.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
     rec.add_argument("--steps", type=int, default=None)
     rec.add_argument("--particles", type=int, default=None)
@@ -422,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--format", choices=["dicom"], default=None, help="write a derived DICOM series")
     rec.add_argument("--anonymize", action="store_true", help="DICOM basic de-identification of written DICOM")
     rec.add_argument("--checkpoint", default=None,
-                     help="diffusion-mbir / dds: save the sampler state to this file every --checkpoint-every steps")
+                     help="long-running methods (" + ", ".join(m for m, spec in METHODS.items() if spec.long_running)
+                     + "): save the sampler state to this file every --checkpoint-every steps")
     rec.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 10)")
     rec.add_argument("--resume", action="store_true", help="continue from --checkpoint after an interruption")
     rec.add_argument("--max-memory", default=None,
@@ -439,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 if a study failed.")
     bt.add_argument("-i", "--input", default=None, help="folder of studies, or a .csv manifest")
     bt.add_argument("-o", "--output", default=None, help="output folder (one subfolder per study)")
-    bt.add_argument("--method", choices=list(METHODS), default=None, help="default dps")
+    bt.add_argument("--method", choices=list(METHODS), default=None, metavar="METHOD",
+                    help=f"one of {', '.join(METHODS)} (`recon methods` describes them); default: the recommended "
+                    f"method of the task's modality (CT {_recommended('ct')}, MRI {_recommended('mri')})")
     bt.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
     bt.add_argument("--steps", type=int, default=None)
     bt.add_argument("--particles", type=int, default=None)

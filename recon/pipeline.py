@@ -371,7 +371,7 @@ def reconstruct_file(
     input: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    method: str = "dps",
+    method: str | None = None,
     prior: str = "default",
     steps: int | None = None,
     particles: int | None = None,
@@ -397,22 +397,23 @@ def reconstruct_file(
 
     ``input`` is a measurement file from ``simulate_file``, or an image when ``task`` is given (simulated with
     ``task_params``, ``photons``/``noise`` and ``seed``; the image is then the reference). ``method`` is any of
-    ``recon.samplers.METHODS``; ``options`` go to the sampler. ``format="dicom"`` (or an output path without
-    suffix) writes a derived DICOM series, next to ``reference``'s (or the input image's) series when that is
-    DICOM. ``memory_budget`` (bytes of network activations per call) bounds how many slices of a volume go
-    through the prior at once. ``callback`` receives the sampler's per-step dicts (the command line draws its
-    progress bar). ``cache`` is a dict the caller keeps between calls (``recon batch``'s workers): a prior is
-    loaded once per (name, device) and reused, and the operator of the same task, geometry and arrays is reused
-    (at most 4 kept); the outputs are those of fresh objects (a ``memory_budget`` set on a cached prior stays
-    set). The operator that simulates measurements (with ``task``) is always built afresh.
+    ``recon.samplers.METHODS`` (None: the recommended one for the operator's modality); ``options`` go to the
+    sampler (checked first: an unknown or ill-typed option raises ``OptionError``, a ``ValueError``).
+    ``format="dicom"`` (or an output path without suffix) writes a derived DICOM series, next to ``reference``'s (or
+    the input image's) series when that is DICOM. ``memory_budget`` (bytes of network activations per call) bounds
+    how many slices of a volume go through the prior at once. ``callback`` receives the sampler's per-step dicts
+    (the command line draws its progress bar). ``cache`` is a dict the caller keeps between calls (``recon batch``'s
+    workers): a prior is loaded once per (name, device) and reused, and the operator of the same task, geometry and
+    arrays is reused (at most 4 kept); the outputs are those of fresh objects (a ``memory_budget`` set on a cached
+    prior stays set). The operator that simulates measurements (with ``task``) is always built afresh.
     """
     from recon import reconstruct
-    from recon.samplers import METHODS
+    from recon.samplers import get_method
     from recon.samplers.baselines import analytic_inverse
 
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise PipelineError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method is not None:
+        get_method(method).check_options(options or {})  # a bad name or option fails before anything is read
     paths = output_paths(output, format)
     check_outputs(paths, overwrite)
     dev = resolve_device(device)
@@ -430,9 +431,14 @@ def reconstruct_file(
         meas = _fastmri_measurement(in_path)
         ref_image = read_image(reference, on_irregular=on_irregular) if reference is not None else None
         headers_from = ref_image
-        if method not in ("analytic", "tv"):
+        if method is None:
+            method = "analytic"
+        if not get_method(method).complex_data:
+            from recon.samplers import METHODS
+
+            usable = " or ".join(m for m, s in METHODS.items() if s.complex_data)
             raise PipelineError(f"{in_path}: measured complex k-space; recon's diffusion priors are real-valued "
-                                "(magnitude) priors, so use --method analytic or tv for fastMRI files")
+                                f"(magnitude) priors, so use --method {usable} for fastMRI files")
     else:
         if in_path.suffix != ".npz":
             raise PipelineError(f"{in_path}: give a measurement file (.npz from `recon simulate`), a fastMRI .h5 "
@@ -449,9 +455,14 @@ def reconstruct_file(
 
     physics = _physics(meas, dev, cache)
     meas.y = meas.y.to(dev)
+    if method is None:
+        from recon.samplers import recommended_method
+
+        method = recommended_method(getattr(physics, "modality", None))
+        get_method(method).check_options(options or {})
     with torch.no_grad():
         analytic_d = analytic_inverse(physics, meas.y)
-    needs_prior = method not in ("analytic", "tv")
+    needs_prior = get_method(method).needs_prior
     prior_obj, prior_name = (None, None)
     if needs_prior:
         prior_obj, prior_name = _pick_prior(prior, meas, dev, cache)

@@ -279,13 +279,13 @@ def test_fastmri_kspace_file_zero_filled_and_tv(tmp_path, capsys, coils):
 
 
 def test_volume_method_checkpoint_and_resume_from_the_command_line(tmp_path, ct5n, capsys, monkeypatch):
-    """dds on a 5-slice CT series: a run interrupted (Ctrl-C at step 4) and continued with --resume gives exactly
-    the volume of an uninterrupted run."""
+    """dds3d (the README's command) on a 5-slice CT series: a run interrupted (Ctrl-C at step 4) and continued with
+    --resume gives exactly the volume of an uninterrupted run."""
     import recon.cli as cli
 
     meas = tmp_path / "vol.npz"
     assert main(["simulate", "-i", str(ct5n), "-o", str(meas), "--task", "sparse-view-ct", "--views", "20", "-q"]) == 0
-    common = ["reconstruct", "-i", str(meas), "--method", "dds", "--steps", "6", "--max-memory", "64MB", "-q"]
+    common = ["reconstruct", "-i", str(meas), "--method", "dds3d", "--steps", "6", "--max-memory", "64MB", "-q"]
     assert main([*common, "-o", str(tmp_path / "full.npy")]) == 0
     ckpt = tmp_path / "state.pt"
     real_progress = cli._progress
@@ -310,5 +310,5 @@ def test_volume_method_checkpoint_and_resume_from_the_command_line(tmp_path, ct5
     assert main([*common, "-o", str(tmp_path / "resumed.npy"), *ckpt_args, "--resume"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "full.npy"))
     _fails(capsys, "reconstruct", "-i", meas, "-o", tmp_path / "x.npy", "--method", "dps", "--checkpoint", ckpt,
-           match="diffusion-mbir or dds")
+           match="long-running methods (diffusion-mbir, dds, mbir3d, dds3d), not --method dps")
     _fails(capsys, *common, "-o", tmp_path / "y.npy", "--max-memory", "lots", match="--max-memory")

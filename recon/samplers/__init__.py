@@ -14,13 +14,18 @@ from recon.samplers.base import (
     data_residual,
     reconstruct,
 )
+from recon.samplers.registry import MethodSpec, OptionError, get_method, recommended_method
 
 __all__ = [
     "METHODS",
+    "MethodSpec",
+    "OptionError",
     "ReconstructionResult",
     "SamplerDivergence",
     "check_bounded",
     "check_finite",
     "data_residual",
+    "get_method",
+    "recommended_method",
     "reconstruct",
 ]

@@ -17,12 +17,13 @@ Conventions (shared by all methods):
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from recon.samplers.registry import METHODS, OptionError, get_method, recommended_method
 
 __all__ = [
     "METHODS",
@@ -151,39 +152,15 @@ def weighted_moments(samples: torch.Tensor, weights: torch.Tensor) -> tuple[torc
     return mean, var.clamp(min=0).sqrt()
 
 
-# name -> (module, function) inside recon.samplers; filled in as methods land
-METHODS: dict[str, tuple[str, str]] = {
-    "dps": ("dps", "sample_dps"),
-    "red-diff": ("reddiff", "sample_reddiff"),
-    "smc": ("smc", "sample_smc"),
-    "analytic": ("baselines", "sample_analytic"),
-    "tv": ("baselines", "sample_tv"),
-    "ddpm": ("baselines", "sample_unconditional_ddpm"),
-    "ddim": ("baselines", "sample_unconditional_ddim"),
-    "deepinv-dps": ("baselines", "sample_deepinv_dps"),
-    "deepinv-diffpir": ("baselines", "sample_deepinv_diffpir"),
-    "deepinv-ddrm": ("baselines", "sample_deepinv_ddrm"),
-    "diffusion-mbir": ("volume", "sample_diffusion_mbir"),
-    "dds": ("volume", "sample_dds"),
-    # the volume methods under the names of the command line's 3D habit (`--method mbir3d|dds3d`); dds3d turns
-    # DDS's anchored TV-z coupling on (METHOD_DEFAULTS)
-    "mbir3d": ("volume", "sample_diffusion_mbir"),
-    "dds3d": ("volume", "sample_dds"),
-}
-
-# options a method name implies (given options override them)
-# dds3d: DDS with the anchored TV-z coupling (recon.samplers.volume's docstring, "The anchored coupling"): each
-# step solves min ½‖Ax − y‖² + ρ/2‖x − x̂0‖² + λ‖D_z x‖₁ afresh (5 ADMM iterations from z = u = 0), λ = 0.024 ρ
-METHOD_DEFAULTS: dict[str, dict] = {
-    "dds3d": {"tv_weight": None, "tv_threshold": 0.024, "gamma": "rho", "admm_persistent": False, "admm_iters": 5},
-}
+# the method table lives in recon.samplers.registry; the options each method name implies, as a plain mapping
+METHOD_DEFAULTS: dict[str, dict] = {name: dict(spec.implies) for name, spec in METHODS.items() if spec.implies}
 
 
 def reconstruct(
     physics,
     y: torch.Tensor,
     prior=None,
-    method: str = "dps",
+    method: str | None = None,
     sigma_y: float = 0.0,
     seed: int = 0,
     steps: int | None = None,
@@ -197,23 +174,26 @@ def reconstruct(
         physics: any deepinv ``Physics`` (``recon.operators`` or deepinv's own).
         y: measurements, as ``physics.A`` returns them.
         prior: a diffusion prior (not needed by ``analytic`` and ``tv``).
-        method: one of ``METHODS``: ``"dps"``, ``"red-diff"``, ``"smc"``, ``"analytic"`` (FBP/FDK for CT, the
-            zero-filled inverse for MRI, else the pseudo-inverse), ``"tv"``, ``"ddpm"``/``"ddim"``
-            (unconditional baselines).
+        method: a name of ``recon.samplers.registry.METHODS`` (``"dps"``, ``"red-diff"``, ``"smc"``,
+            ``"analytic"``, ``"tv"``, ``"dds3d"``, ...); an unknown name raises ``OptionError``. None: the
+            recommended method for ``physics.modality`` (``recon.samplers.registry.recommended_method``).
         sigma_y: measurement noise standard deviation (in the units of ``y``).
         seed: seeds every random draw (same seed, same result on the same device).
         steps: number of sampler steps (method default if None).
         particles: number of particles / independent samples (method default if None).
         callback: called with a dict after every step.
-        **options: method-specific options (see each ``sample_*`` function).
+        **options: method-specific options (the sampler function's keyword arguments; an unknown or ill-typed
+            one raises ``OptionError``, a ``ValueError``, naming the valid ones).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    method = recommended_method(getattr(physics, "modality", None)) if method is None else method
+    spec = get_method(method)
     if not (sigma_y >= 0):
         raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
-    module, name = METHODS[method]
-    options = {**METHOD_DEFAULTS.get(method, {}), **options}
-    fn = getattr(importlib.import_module(f"recon.samplers.{module}"), name)
+    if spec.needs_prior and prior is None:
+        raise OptionError(f"method {method!r} needs a prior (methods without one: "
+                          f"{', '.join(m for m, s in METHODS.items() if not s.needs_prior)})")
+    options = spec.check_options(options)
+    fn = spec.sampler
     generator = torch.Generator(device=y.device).manual_seed(int(seed))
     kwargs = {"sigma_y": float(sigma_y), "generator": generator, "callback": callback, **options}
     if steps is not None:

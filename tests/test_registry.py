@@ -1,0 +1,134 @@
+"""The method registry: options derived from the samplers, one-line errors for unknown or ill-typed options in
+the API, the command line and batch, and the registry read by the CLI (no hard-coded method lists)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+import recon
+from recon.cli import build_parser, main
+from recon.operators import CartesianMRI, Inpainting, ParallelBeamCT
+from recon.samplers import METHODS, OptionError, get_method, recommended_method
+from recon.samplers.registry import COMMON_ARGUMENTS, _docstring_args, _fits
+
+CT_SMALL = get_testdata_file("CT_small.dcm")
+
+
+def test_options_are_the_sampler_keyword_arguments():
+    for name, spec in METHODS.items():
+        params = inspect.signature(spec.sampler).parameters
+        expected = [p for p in params if p not in COMMON_ARGUMENTS]
+        assert list(spec.options) == expected, name
+        for opt in spec.options.values():
+            default = params[opt.name].default
+            assert opt.default == spec.implies.get(opt.name, default), (name, opt.name)
+
+
+def test_every_long_running_method_takes_the_checkpoint_options():
+    for name, spec in METHODS.items():
+        has = {"checkpoint", "checkpoint_every", "resume"} <= set(spec.options)
+        assert has == spec.long_running, name
+
+
+def test_docstring_args_parse_single_grouped_and_continued_entries():
+    doc = """Summary.
+
+    Args:
+        a: first line
+            continued.
+        b, c (int): shared text.
+        d_e: last.
+
+    Returns:
+        nothing.
+    """
+    assert _docstring_args(doc) == {"a": "first line continued.", "b": "shared text.", "c": "shared text.",
+                                    "d_e": "last."}
+
+
+@pytest.mark.parametrize(("value", "hint", "ok"), [
+    (0.3, float, True), (3, float, True), (True, float, False), ("x", float, False), (None, float | None, True),
+    ("rho", float | str | None, True), (2, int, True), (2.5, int, False), ("a", str, True), ((1, 2), tuple, True),
+    (object(), torch.Tensor, True),
+])
+def test_type_check(value, hint, ok):
+    assert _fits(value, hint) is ok
+
+
+def test_unknown_and_ill_typed_options_raise_one_line_value_errors():
+    op = Inpainting((8, 8), torch.ones(8, 8))
+    y = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"method 'tv' has no option 'bogus' \(its options: .*lam"):
+        recon.reconstruct(op, y, method="tv", bogus=1)
+    with pytest.raises(OptionError, match="method 'analytic' has no option 'zeta' \\(its options: none\\)"):
+        recon.reconstruct(op, y, method="analytic", zeta=0.3)
+    with pytest.raises(OptionError, match=r"option 'zeta' expects float \| None, got 'big'"):
+        recon.reconstruct(op, y, torch.nn.Identity(), method="dps", zeta="big")
+    with pytest.raises(OptionError, match="unknown method 'nope'; choose one of dps"):
+        recon.reconstruct(op, y, method="nope")
+    with pytest.raises(OptionError, match="needs a prior"):
+        recon.reconstruct(op, y, method="dps")
+
+
+def test_implied_options_are_given_options_overridable():
+    spec = get_method("dds3d")
+    assert spec.check_options({})["gamma"] == "rho"
+    assert spec.check_options({"gamma": 0.5})["gamma"] == 0.5
+    assert get_method("dds").check_options({}) == {}
+
+
+def test_the_recommended_method_follows_the_operator_modality():
+    assert ParallelBeamCT((8, 8), angles=4).modality == "ct"
+    assert CartesianMRI((8, 8), acceleration=2).modality == "mri"
+    for modality in ("ct", "mri", "image", None):
+        assert recommended_method(modality) in METHODS
+
+
+@pytest.mark.parametrize(("method", "option"), [("tv", "options.bogus=1"), ("analytic", "options.zeta=0.3"),
+                                                ("dps", "options.zeta=abc")])
+def test_cli_bad_option_is_one_line_exit_2(tmp_path, capsys, method, option):
+    code = main(["reconstruct", "-i", CT_SMALL, "-o", str(tmp_path / "r.npy"), "--task", "inpainting", "--method",
+                 method, "--set", option, "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("recon: error: method"), err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_batch_bad_option_is_one_error_not_a_retried_study(tmp_path):
+    from recon.batch import BatchError, run_batch
+
+    studies = tmp_path / "in"
+    studies.mkdir()
+    (studies / "a.nii.gz").write_bytes(b"")
+    with pytest.raises(BatchError, match="method 'tv' has no option 'bogus'"):
+        run_batch(studies, tmp_path / "out", method="tv", task="inpainting", options={"bogus": 1})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("input,output,method,options.zeta\nin/a.nii.gz,a,analytic,0.3\n")
+    with pytest.raises(BatchError, match="row 2: method 'analytic' has no option 'zeta'"):
+        run_batch(manifest, tmp_path / "out2", task="inpainting")
+
+
+def test_cli_reads_the_registry():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command in ("reconstruct", "batch"):
+        method = next(a for a in sub[command]._actions if a.dest == "method")
+        assert list(method.choices) == list(METHODS)
+    demo = next(a for a in sub["demo"]._actions if a.dest == "method")
+    assert set(demo.choices) == {m for m, s in METHODS.items() if s.needs_prior and s.conditional}
+
+
+def test_recon_methods_lists_the_registry_and_one_methods_options(capsys):
+    assert main(["methods", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["methods"]
+    assert [r["method"] for r in table] == list(METHODS)
+    assert main(["methods", "dds3d", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["long_running"] and {r["option"]: r["default"] for r in info["options"]}["gamma"] == "rho"
+    assert main(["methods", "nope"]) == 2
+

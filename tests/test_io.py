@@ -371,7 +371,7 @@ def test_anonymized_derived_series(tmp_path, oblique):
         assert ds.PatientName == "" and ds.PatientID == "" and ds.PatientBirthDate == ""
         assert "PatientAge" not in ds and "InstitutionName" not in ds
         assert not any(e.tag.is_private for e in ds) and ds.PatientIdentityRemoved == "YES"
-        assert ds.StudyDate == "20000101" and "DeidentificationMethod" in ds
+        assert ds.StudyDate == "" and "DeidentificationMethod" in ds  # PS3.15 Table E.1-1: Z
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     dss = [pydicom.dcmread(p) for p in paths]
     assert len({d.StudyInstanceUID for d in dss}) == 1 and len({d.SOPInstanceUID for d in dss}) == len(dss)
@@ -390,7 +390,7 @@ def test_anonymize_dataset_nested_names_dates_private():
     anonymize_dataset(ds)
     assert ds.PatientName == "" and ds.PatientID == "" and "OtherPatientIDs" not in ds
     assert "InstitutionName" not in ds and not any(e.tag.is_private for e in ds)
-    assert ds.RequestedProcedureCodeSequence[0].PerformingPhysicianName == ""
+    assert "PerformingPhysicianName" not in ds.RequestedProcedureCodeSequence[0]  # X at any depth
     assert ds.RequestedProcedureCodeSequence[0].ScheduledProcedureStepStartDate == "20000101"
     assert ds.StudyInstanceUID != study and ds.StudyInstanceUID.startswith("2.25.")
     again = pydicom.dcmread(CT_SMALL)
@@ -604,8 +604,9 @@ def test_undecodable_transfer_syntax_named(tmp_path):
     ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
     ds.PixelData = encapsulate([b"\xff\xd8 not really jpeg" * 4])
     ds.save_as(tmp_path / "jpeg.dcm")
-    with pytest.raises(ImageReadError, match=r"JPEG Baseline.*pip install pylibjpeg"):
+    with pytest.raises(ImageReadError, match=r"corrupt.*JPEG Baseline") as err:  # a decoder is installed: no hint
         read_image(tmp_path / "jpeg.dcm")
+    assert "pip install" not in str(err.value)
 
 
 def test_existing_output_and_unwritable_folder(tmp_path):

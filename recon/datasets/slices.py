@@ -1,9 +1,14 @@
 """2D slices in physical units from a mix of medical and plain image files, for training priors.
 
-This reads pixels only (HU for CT after the DICOM rescale); geometry-preserving I/O for reconstruction lives
-with the command line's readers. Supported: DICOM (single and multi-frame; CT rescale applied), NIfTI
-(``.nii``, ``.nii.gz``; slices along the third axis), PNG/TIFF (grayscale), NumPy (``.npy``; ``.npz``: every
-2D/3D array; 3D arrays are slices along the first axis). Folders are searched recursively.
+Every file is read through the readers of :mod:`recon.datasets.io` (the ones reconstruction uses), so training and
+reconstruction read the same file the same way: the same rescale order for DICOM (enhanced multi-frame functional
+groups first, then the top level), the same checks (gzip checksums, header sizes, rescale parameters, every
+page/frame present), the same refusals. Supported: DICOM (single and multi-frame; rescale applied, HU for CT),
+NIfTI (``.nii``, ``.nii.gz``; 3D or 4D), PNG/TIFF (grayscale; RGB becomes luminance), NumPy (``.npy``; ``.npz``:
+every 2D/3D array; 3D arrays are slices along the first axis). Folders are searched recursively.
+
+Slices are taken from the ``(D, H, W)`` arrays the readers return, so a slice is oriented exactly as
+reconstruction sees it (``H`` rows, ``W`` columns).
 """
 
 from __future__ import annotations
@@ -14,22 +19,30 @@ from pathlib import Path
 
 import numpy as np
 
+from recon.datasets.io.dicom_read import read_dicom_object
+from recon.datasets.io.errors import ImageReadError, one_line
+from recon.datasets.io.nifti import is_nifti, load_nifti_data
+from recon.datasets.io.simple import PICTURE_SUFFIXES, load_numpy_arrays, read_picture
+
 __all__ = ["SliceReadError", "find_files", "read_slices"]
 
-_IMAGE_EXT = (".png", ".tif", ".tiff")
 _NUMPY_EXT = (".npy", ".npz")
 
 
-class SliceReadError(ValueError):
-    """A training file could not be read; ``path`` names it and the message says why."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        super().__init__(f"{path}: {reason}")
+class SliceReadError(ImageReadError):
+    """A training file could not be read; ``path`` names it and the one-line message says why (an
+    :class:`~recon.datasets.io.ImageReadError`, so one ``except`` catches both)."""
 
 
 def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively, hidden files skipped) into a sorted list of files."""
+    """Expand files and folders (recursively, hidden files skipped) into a sorted list of files.
+
+    Args:
+        paths: files and folders.
+
+    Returns:
+        The files, folders expanded in sorted order.
+    """
     out: list[Path] = []
     for p in paths:
         p = Path(p)
@@ -42,101 +55,67 @@ def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _is_nifti(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
+def _nifti_slices(path: Path, axes: Sequence[int]) -> list[np.ndarray]:
+    data, _ = load_nifti_data(path, allow_4d=True)
+    volumes = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
+    slices = []
+    for vol in volumes:
+        dhw = vol.transpose(2, 1, 0)  # NIfTI (i, j, k) → (D, H, W), as read_image returns it
+        if len(volumes) > 1:  # a time series: axial slices of every volume
+            slices += list(dhw)
+            continue
+        slices += [np.take(dhw, k, axis=2 - ax) for ax in axes for k in range(dhw.shape[2 - ax])]
+    return slices
+
+
+def _numpy_slices(path: Path) -> list[np.ndarray]:
+    slices: list[np.ndarray] = []
+    for a in load_numpy_arrays(path).values():
+        if a.ndim == 2:
+            slices.append(a)
+        elif a.ndim == 3:
+            slices += list(a)
+    if not slices:
+        raise ImageReadError(path, "no 2D or 3D array inside")
+    return slices
+
+
+def _file_slices(path: Path, axes: Sequence[int]) -> list[np.ndarray]:
+    suffix = path.suffix.lower()
+    if is_nifti(path):
+        return _nifti_slices(path, axes)
+    if suffix in PICTURE_SUFFIXES:
+        return list(read_picture(path).array)
+    if suffix in _NUMPY_EXT:
+        return _numpy_slices(path)
+    return [frame.pixels for frame in read_dicom_object(path)]
 
 
 def read_slices(path: str | os.PathLike, axes: Sequence[int] = (2,)) -> Iterator[np.ndarray]:
-    """Yield the 2D float64 slices of one file in physical units. Raises ``SliceReadError``.
+    """Yield the 2D float64 slices of one file in physical units.
 
-    ``axes``: for NIfTI volumes, the array axes to slice along (``(2,)``: the third axis, usually axial;
-    ``(0, 1, 2)``: all three orientations, an augmentation for 2D priors used on volumes).
+    Args:
+        path: the file.
+        axes: for NIfTI volumes, the NIfTI axes to slice along (``(2,)``: the third axis, usually axial;
+            ``(0, 1, 2)``: all three orientations, an augmentation for 2D priors used on volumes).
+
+    Returns:
+        An iterator over ``(H, W)`` slices.
+
+    Raises:
+        SliceReadError: the file cannot be read (its one-line reason), a slice smaller than 8 pixels, NaN or
+            infinite values.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
     try:
-        if _is_nifti(path):
-            import nibabel as nib
-
-            data = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float64))
-            if data.ndim == 2:
-                data = data[:, :, None]
-            if data.ndim == 4:
-                data = data.reshape(*data.shape[:3], -1).transpose(3, 0, 1, 2).reshape(-1, *data.shape[1:3])
-                slices = list(data)
-            elif data.ndim == 3:
-                slices = [np.take(data, k, axis=ax) for ax in axes for k in range(data.shape[ax])]
-            else:
-                raise SliceReadError(path, f"NIfTI with {data.ndim} dimensions is not supported")
-        elif suffix in _IMAGE_EXT:
-            from skimage.io import imread
-
-            img = np.asarray(imread(str(path)), dtype=np.float64)
-            if img.ndim == 3:  # RGB(A) → luminance
-                img = img[..., :3].mean(-1)
-            slices = [img]
-        elif suffix in _NUMPY_EXT:
-            arrays = [np.load(path)] if suffix == ".npy" else list(np.load(path).values())
-            slices = []
-            for a in arrays:
-                a = np.asarray(a, dtype=np.float64)
-                if a.ndim == 2:
-                    slices.append(a)
-                elif a.ndim == 3:
-                    slices += list(a)
-            if not slices:
-                raise SliceReadError(path, "no 2D or 3D array inside")
-        else:
-            slices = _dicom_slices(path)
-    except SliceReadError:
-        raise
+        slices = _file_slices(path, axes)
+    except ImageReadError as err:
+        raise SliceReadError(err.path, err.reason) from err
     except Exception as err:  # any library error becomes one line naming the file
-        reason = " ".join(str(err).split())  # one line, whatever the library printed
-        raise SliceReadError(path, f"unreadable ({type(err).__name__}: {reason})") from err
+        raise SliceReadError(path, f"unreadable ({type(err).__name__}: {one_line(err)})") from err
     for s in slices:
         if s.ndim != 2 or min(s.shape) < 8:
             raise SliceReadError(path, f"slice of shape {s.shape} is not a 2D image")
         if not np.isfinite(s).all():
             raise SliceReadError(path, "contains NaN or infinite values")
         yield s
-
-
-def _dicom_slices(path: Path) -> list[np.ndarray]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(str(path))
-    except InvalidDicomError as err:
-        raise SliceReadError(path, "not a DICOM file (and not NIfTI, PNG/TIFF or NumPy)") from err
-    if "PixelData" not in ds:
-        raise SliceReadError(path, "DICOM file without pixel data")
-    arr = np.asarray(ds.pixel_array, dtype=np.float64)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if arr.ndim == 3 and frames > 1:
-        return [arr[k] * _rescale(ds, k)[0] + _rescale(ds, k)[1] for k in range(frames)]
-    if arr.ndim != 2:
-        raise SliceReadError(path, f"unsupported DICOM pixel array of shape {arr.shape}")
-    slope, intercept = _rescale(ds, 0)
-    return [arr * slope + intercept]
-
-
-def _rescale(ds, frame: int) -> tuple[float, float]:
-    """Rescale slope and intercept: top level, else the enhanced multi-frame functional groups (per-frame
-    values override shared ones), else identity."""
-    def from_group(group):
-        if group is not None and "PixelValueTransformationSequence" in group:
-            item = group.PixelValueTransformationSequence[0]
-            return float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)
-        return None
-
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    for group in ((per_frame[frame] if per_frame and frame < len(per_frame) else None), shared[0] if shared else None):
-        found = from_group(group)
-        if found is not None:
-            return found
-    return 1.0, 0.0

@@ -305,3 +305,43 @@ def test_warm_start_from_a_prior_folder(tmp_path, ct_file):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FileNotFoundError, match="init_from"):
         train_prior(_tiny_config([ct_file], tmp_path / "c", init_from=str(tmp_path / "nothing")))
+
+
+def test_augmentations_rotation_zoom_and_through_plane(tmp_path):
+    """Warped crops keep the crop size and values in range (a zoom of 2 on a ramp doubles its slope); through-plane
+    slices of an anisotropic volume are resampled to the finest spacing; tiny volumes and 2D files give none."""
+    import nibabel as nib
+
+    from recon.priors.train import BatchMaker, through_plane_slices
+
+    ramp = torch.linspace(-1, 1, 64)[None, :].repeat(64, 1)
+    cfg = TrainConfig(crop=16, batch_size=3, modality="mri", rotation_deg=0.0, scale_range=(2.0, 2.0),
+                      min_foreground=0.0)
+    maker = BatchMaker([ramp], cfg, torch.Generator().manual_seed(0))
+    patch = maker._warped_crop(ramp)
+    assert patch.shape == (16, 16)
+    steps = patch[0].diff().abs()
+    assert torch.allclose(steps, torch.full_like(steps, 2 * 2 / 63), atol=1e-4)
+    cfg = TrainConfig(crop=16, batch_size=3, modality="mri", rotation_deg=10.0, scale_range=(0.5, 1.25))
+    batch = BatchMaker([ramp], cfg, torch.Generator().manual_seed(0)).next()
+    assert batch.shape == (3, 1, 16, 16) and batch.abs().max() <= 1
+    vol = np.random.default_rng(0).random((40, 36, 32)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "v.nii.gz")
+    nib.save(nib.Nifti1Image(vol[:8], np.eye(4)), tmp_path / "small.nii.gz")
+    slices = through_plane_slices(tmp_path / "v.nii.gz", TrainConfig(through_plane_stride=8))
+    assert len(slices) == 5 + 4 and slices[0].shape == (36, 64) and slices[-1].shape == (40, 64)
+    assert through_plane_slices(tmp_path / "small.nii.gz", TrainConfig(through_plane_stride=8)) == []
+    assert through_plane_slices(tmp_path / "v.nii.gz", TrainConfig()) == []
+
+
+def test_presets_read_the_recipe_folder(tmp_path, monkeypatch):
+    from recon.priors.train import default_ct_config, default_mri_config
+
+    monkeypatch.setenv("RECON_PRIOR_DATA", str(tmp_path / "prior-data"))
+    with pytest.raises(FileNotFoundError, match=r"recon\.priors\.recipe --out"):
+        default_ct_config(str(tmp_path / "run"))
+    for m in ("ct", "mri"):
+        (tmp_path / "prior-data" / m / "train").mkdir(parents=True)
+    ct, mri = default_ct_config("run"), default_mri_config("run", steps=5)
+    assert ct.data == [str(tmp_path / "prior-data" / "ct" / "train")] and ct.p_mean < -1 and ct.rotation_deg > 0
+    assert mri.modality == "mri" and mri.steps == 5 and mri.through_plane_stride > 0

@@ -47,7 +47,9 @@ __all__ = [
     "export_prior",
     "mni152_template_path",
     "network_and_ema",
+    "prior_data_dir",
     "sample_unconditional",
+    "through_plane_slices",
     "train_prior",
     "write_grid",
 ]
@@ -75,6 +77,10 @@ class TrainConfig:
     min_foreground: float = 0.05  # reject crops with less than this share of non-background pixels
     volume_axes: tuple = (2,)  # NIfTI volumes: axes to slice along ((0, 1, 2): all three orientations)
     intensity_jitter: float = 0.0  # random intensity scale in [1 - j, 1 + j] (MRI: robustness to normalisation)
+    rotation_deg: float = 0.0  # small random rotations in [-r, r] degrees (bilinear resampling of the crop)
+    scale_range: tuple = (1.0, 1.0)  # random zoom: source pixels per output pixel, log-uniform in [lo, hi]
+    through_plane_stride: int = 0  # NIfTI volumes (≥ 32 voxels each way): also every k-th slice along the other
+    # two axes, resampled to the in-plane spacing (0: off)
     p_mean: float = -1.0
     p_std: float = 1.4
     sigma_data: float = 0.5
@@ -98,6 +104,7 @@ class TrainConfig:
         self.channels = tuple(int(c) for c in self.channels)
         self.exclude = tuple(self.exclude)
         self.volume_axes = tuple(int(a) for a in self.volume_axes)
+        self.scale_range = tuple(float(v) for v in self.scale_range)
         if self.on_error not in ("skip", "stop"):
             raise ValueError(f"on_error must be 'skip' or 'stop', got {self.on_error!r}")
         if self.crop % 2 ** (len(self.channels) - 1):
@@ -113,8 +120,8 @@ class TrainConfig:
         }
 
 
-# Real CT slices that ship with pydicom (test files) and pydicom-data, used by the built-in prior's recipe.
-# The head CT whose names begin with "693_" is held out: the default prior is judged on it.
+# Real CT slices that ship with pydicom (test files) and pydicom-data, used by the first built-in prior's recipe
+# (kept for reference; the current recipe is recon.priors.recipe). The head CT "693_*" is held out.
 DEFAULT_CT_FILES = (
     "CT_small.dcm",  # 128², pydicom test file
     "J2K_pixelrep_mismatch.dcm",  # 512² head, pydicom test file
@@ -123,18 +130,31 @@ DEFAULT_CT_FILES = (
     "bad_sequence.dcm",  # 512² neck (JPEG lossless: needs pylibjpeg-libjpeg), pydicom-data
 )
 
+PRIOR_DATA_ENV = "RECON_PRIOR_DATA"
+
+
+def prior_data_dir(modality: str) -> Path:
+    """The recipe's training folder for ``modality``: ``$RECON_PRIOR_DATA/<modality>/train`` (default root
+    ``prior-data``), written by ``python -m recon.priors.recipe --out prior-data/<modality> --modality
+    <modality>``. Raises FileNotFoundError (one line, with that command) when it is missing."""
+    root = Path(os.environ.get(PRIOR_DATA_ENV, "prior-data"))
+    folder = root / modality / "train"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no prepared {modality} training data; run `python -m recon.priors.recipe "
+                                f"--out {root / modality} --modality {modality}` (or set {PRIOR_DATA_ENV})")
+    return folder
+
 
 def default_ct_config(out: str, **overrides) -> TrainConfig:
-    """The recipe of the built-in CT prior: pydicom's real CT slices (693_* held out) plus random phantoms.
-
-    Files are located offline through ``pydicom.data.get_testdata_file(name, download=False)``; install the
-    ``pydicom-data`` package (``pip install diffrecon[train]``) for the 512² slices.
+    """The recipe of the built-in CT prior: the recipe's CT training folder (:func:`prior_data_dir`: the InVesalius
+    head CT minus its held-out slab, pydicom's real CT slices minus 693_* and CT_small) plus 15 % random phantoms;
+    small rotations and zooms (0.5–1.25 source pixels per pixel), through-plane slices, noise levels weighted
+    towards low σ (P_mean = −1.8). The shipped weights continued the previous built-in prior (``init_from``).
     """
-    from pydicom.data import get_testdata_file
-
-    files = [f for f in (get_testdata_file(n, download=False) for n in DEFAULT_CT_FILES) if f]
-    base = {"data": files, "out": out, "modality": "ct", "phantom_fraction": 0.3, "steps": 20_000,
-            "checkpoint_every": 250, "sample_every": 1000}
+    base = {"data": [str(prior_data_dir("ct"))], "out": out, "modality": "ct", "phantom_fraction": 0.15,
+            "rotation_deg": 10.0, "scale_range": (0.5, 1.25), "through_plane_stride": 8, "intensity_jitter": 0.03,
+            "p_mean": -1.8, "p_std": 1.5, "min_foreground": 0.2, "steps": 20_000, "checkpoint_every": 250,
+            "sample_every": 1000}
     return TrainConfig(**{**base, **overrides})
 
 
@@ -151,12 +171,14 @@ def mni152_template_path() -> str:
 
 
 def default_mri_config(out: str, **overrides) -> TrainConfig:
-    """The recipe of the built-in brain MRI prior: slices of the MNI152 T1 template along all three axes,
-    scaled by the volume's 99.5th percentile, with intensity jitter. Held out: nibabel's ``anatomical.nii``
-    and pydicom's MR files."""
-    base = {"data": [mni152_template_path()], "out": out, "modality": "mri", "phantom_fraction": 0.0,
-            "volume_axes": (0, 1, 2), "intensity_jitter": 0.15, "steps": 20_000, "checkpoint_every": 250,
-            "sample_every": 1000}
+    """The recipe of the built-in brain MRI prior: the recipe's MR training folder (:func:`prior_data_dir`: Colin27,
+    MNI152, pydicom's and dipy's MR slices, nibabel's EPI; held out: MR_small and its study, anatomical.nii and
+    its derivatives, emri_small), slices along the third axis plus every 4th through-plane slice, each file scaled
+    by its 99.5th percentile, intensity jitter, small rotations and zooms, low-σ weighted noise levels."""
+    base = {"data": [str(prior_data_dir("mri"))], "out": out, "modality": "mri", "phantom_fraction": 0.0,
+            "volume_axes": (2,), "through_plane_stride": 4, "intensity_jitter": 0.15, "rotation_deg": 10.0,
+            "scale_range": (0.5, 1.25), "p_mean": -1.8, "p_std": 1.5, "min_foreground": 0.2, "steps": 20_000,
+            "checkpoint_every": 250, "sample_every": 1000}
     return TrainConfig(**{**base, **overrides})
 
 
@@ -176,7 +198,7 @@ def load_training_slices(cfg: TrainConfig) -> tuple[list[torch.Tensor], list[dic
         if any(path.name.startswith(prefix) for prefix in cfg.exclude):
             continue
         try:
-            file_slices = list(read_slices(path, cfg.volume_axes))
+            file_slices = list(read_slices(path, cfg.volume_axes)) + through_plane_slices(path, cfg)
         except SliceReadError as err:
             if cfg.on_error == "stop":
                 raise
@@ -197,6 +219,33 @@ def load_training_slices(cfg: TrainConfig) -> tuple[list[torch.Tensor], list[dic
     return slices, [{"used": used}, *skipped]
 
 
+def through_plane_slices(path: Path, cfg: TrainConfig) -> list[np.ndarray]:
+    """Every ``cfg.through_plane_stride``-th slice of a NIfTI volume along the two axes not in ``cfg.volume_axes``,
+    resampled (linear) to the finest voxel spacing so anatomy keeps its proportions; [] for other files, for
+    volumes under 32 voxels along an axis, or when the stride is 0."""
+    stride = cfg.through_plane_stride
+    name = path.name.lower()
+    if stride <= 0 or not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return []
+    import nibabel as nib
+    from scipy.ndimage import zoom
+
+    img = nib.load(str(path))
+    if len(img.shape) != 3 or min(img.shape) < 32:
+        return []
+    data = np.asarray(img.get_fdata(dtype=np.float64))
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    factors = zooms / zooms.min()
+    out = []
+    for ax in (a for a in range(3) if a not in cfg.volume_axes):
+        keep = [a for a in range(3) if a != ax]
+        for k in range(stride // 2, data.shape[ax], stride):
+            sl = np.take(data, k, axis=ax)
+            f = factors[keep]
+            out.append(zoom(sl, f, order=1) if np.any(np.abs(f - 1) > 1e-3) else sl)
+    return out
+
+
 class BatchMaker:
     """Draws training batches (crops, flips, rotations, phantoms) from one seeded generator."""
 
@@ -211,8 +260,35 @@ class BatchMaker:
     def _randint(self, n: int) -> int:
         return int(torch.randint(n, (1,), generator=self.g))
 
+    def _uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=self.g))
+
+    def _warped_crop(self, img: torch.Tensor) -> torch.Tensor:
+        """A crop seen through a random small rotation and zoom (one bilinear ``grid_sample`` of the crop's
+        c × c output grid, border padding), centred on a random pixel of the image."""
+        c = self.cfg.crop
+        lo, hi = self.cfg.scale_range
+        h, w = img.shape
+        for _ in range(20):
+            s = math.exp(self._uniform(math.log(lo), math.log(hi)))
+            t = math.radians(self._uniform(-self.cfg.rotation_deg, self.cfg.rotation_deg))
+            half = 0.5 * c * s * (abs(math.cos(t)) + abs(math.sin(t)))  # half the source window's extent
+            ci = self._uniform(min(half, h / 2), max(h - half, h / 2))
+            cj = self._uniform(min(half, w / 2), max(w - half, w / 2))
+            theta = torch.tensor([[s * c / w * math.cos(t), -s * c / w * math.sin(t), 2 * cj / w - 1],
+                                  [s * c / h * math.sin(t), s * c / h * math.cos(t), 2 * ci / h - 1]],
+                                 dtype=torch.float32)[None]
+            grid = torch.nn.functional.affine_grid(theta, [1, 1, c, c], align_corners=False)
+            patch = torch.nn.functional.grid_sample(img[None, None].float(), grid, mode="bilinear",
+                                                    padding_mode="border", align_corners=False)[0, 0]
+            if float((patch > -0.98).float().mean()) >= self.cfg.min_foreground:
+                break
+        return patch
+
     def _crop(self, img: torch.Tensor) -> torch.Tensor:
         c = self.cfg.crop
+        if self.cfg.rotation_deg > 0 or self.cfg.scale_range != (1.0, 1.0):
+            return self._augment(self._warped_crop(img))
         if min(img.shape) < c:  # small image: reflect-pad up to the crop size
             ph, pw = max(0, c - img.shape[0]), max(0, c - img.shape[1])
             img = torch.nn.functional.pad(img[None, None], (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2),
@@ -222,6 +298,10 @@ class BatchMaker:
             patch = img[i : i + c, j : j + c]
             if float((patch > -0.98).float().mean()) >= self.cfg.min_foreground:
                 break
+        return self._augment(patch)
+
+    def _augment(self, patch: torch.Tensor) -> torch.Tensor:
+        """Random 90° rotation, flip and intensity jitter of one crop."""
         k = self._randint(4)
         patch = torch.rot90(patch, k)
         if self._randint(2):

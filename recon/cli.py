@@ -31,19 +31,37 @@ import logging
 import sys
 from pathlib import Path
 
-TASK_OPTIONS = {  # CLI flag -> (type, help); passed to recon.tasks.make_task when given
-    "views": (int, "number of views (CT tasks)"),
-    "arc": (float, "angular range in degrees (limited-angle-ct, default 120)"),
-    "acceleration": (float, "MRI acceleration R >= 1 (default 4)"),
-    "mask_type": (str, "MRI mask: random (fastMRI 1D, default), equispaced, equispaced_fraction, poisson, gaussian"),
-    "center_fraction": (float, "MRI fully sampled centre fraction (default 0.08 for R < 8)"),
-    "coils": (int, "MRI coils (1: single coil, default; N > 1: SENSE with simulated maps)"),
-    "fwhm": (float, "blur FWHM in mm (default 3)"),
-    "fwhm_z": (float, "blur FWHM along z in mm for volumes (default 0: in-plane)"),
-    "missing": (float, "inpainting: fraction of missing pixels (default 0.5)"),
-    "keep_every": (int, "inpainting: keep every k-th slice (rows in 2D) instead of random pixels"),
-    "factor": (int, "super-resolution factor (default 4 in-plane for 2D, 2 through-plane for volumes)"),
-}
+
+def _task_options() -> dict[str, tuple[type, str]]:
+    """CLI flag name -> (type, help) of every task parameter, from ``recon.operators.PARAMETERS`` and the tasks'
+    defaults in ``recon.tasks.TASK_TABLE`` (passed to ``recon.tasks.make_task`` when given)."""
+    from recon.operators.parameters import PARAMETERS
+    from recon.tasks import TASK_TABLE
+
+    out = {}
+    for name, param in PARAMETERS.items():
+        if name in ("photons", "noise"):  # noise models, not task parameters
+            continue
+        defaults: dict = {}
+        for task in TASK_TABLE.values():
+            if name in task.defaults and task.defaults[name] is not None:
+                defaults.setdefault(task.defaults[name], []).append(task.name)
+        where = "; ".join(f"{v:g} for {', '.join(ts)}" if isinstance(v, float) else f"{v} for {', '.join(ts)}"
+                          for v, ts in defaults.items())
+        unit = f", {param.unit}" if param.unit else ""
+        out[name] = (param.kind, f"{param.help}{unit}" + (f" (default {where})" if where else ""))
+    return out
+
+
+def _flagged(message: str) -> str:
+    """A library message names arguments (``views must be ...``); the command line's user sees its flags."""
+    from recon.operators.parameters import PARAMETERS
+
+    for name in (*PARAMETERS, "device", "max_memory", "memory_budget"):
+        if message.startswith(f"{name} "):
+            flag = "--max-memory" if name == "memory_budget" else "--" + name.replace("_", "-")
+            return flag + message[len(name):]
+    return message
 
 
 class UserError(Exception):
@@ -149,7 +167,7 @@ def _reconstruction_options(cfg: dict) -> dict:
 
 
 def _task_params(cfg: dict) -> dict:
-    return {k: cfg[k] for k in TASK_OPTIONS if cfg.get(k) is not None}
+    return {k: cfg[k] for k in _task_options() if cfg.get(k) is not None}
 
 
 def _print(summary: dict, as_json: bool, lines: list[str]) -> None:
@@ -400,14 +418,15 @@ def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
+    from recon.operators.parameters import PARAMETERS
     from recon.tasks import TASKS
 
-    p.add_argument("--task", choices=TASKS, default=None)
-    for name, (typ, text) in TASK_OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
-    p.add_argument("--photons", type=float, default=None, help="CT: photons per detector element (default 1e5)")
-    p.add_argument("--noise", type=float, default=None,
-                   help="additive Gaussian noise, std relative to the measurement RMS (default 0.01 for non-CT)")
+    p.add_argument("--task", choices=TASKS, default=None, help="one of " + ", ".join(TASKS))
+    for name, (typ, text) in _task_options().items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text,
+                       choices=PARAMETERS[name].choices)
+    p.add_argument("--photons", type=float, default=None, help=PARAMETERS["photons"].help + " (CT default 1e5)")
+    p.add_argument("--noise", type=float, default=None, help=PARAMETERS["noise"].help + " (default 0.01 for non-CT)")
     _series_args(p)
 
 
@@ -611,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             FileNotFoundError, ValueError) as err:
         if args.verbose:
             raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        message = _flagged(str(err).splitlines()[0]) if str(err) else type(err).__name__
         print(f"recon: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,9 +50,12 @@ from recon.datasets.io import atomic_write_bytes
 __all__ = [
     "MU_WATER_PER_MM",
     "TASKS",
+    "TASK_TABLE",
     "Measurement",
+    "TaskInfo",
     "TaskSpec",
     "build_physics",
+    "check_parameter",
     "from_domain",
     "load_measurement",
     "make_task",
@@ -66,19 +69,33 @@ MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective ene
 MEASUREMENT_FORMAT = "recon-measurement"
 MEASUREMENT_VERSION = 1
 
-TASKS = ("sparse-view-ct", "limited-angle-ct", "cone-beam-ct", "mri", "blur", "inpainting", "super-resolution")
-CT_TASKS = ("sparse-view-ct", "limited-angle-ct", "cone-beam-ct")
+@dataclass(frozen=True)
+class TaskInfo:
+    """A named task: what it simulates, its parameters with their defaults, and whether it is CT."""
 
-# per-task parameters and their defaults (the command line exposes them as --views, --acceleration, ...)
-DEFAULTS: dict[str, dict] = {
-    "sparse-view-ct": {"views": 60},
-    "limited-angle-ct": {"views": 90, "arc": 120.0},
-    "cone-beam-ct": {"views": 90},
-    "mri": {"acceleration": 4.0, "mask_type": "random", "center_fraction": None, "coils": 1, "complex": False},
-    "blur": {"fwhm": 3.0, "fwhm_z": 0.0},
-    "inpainting": {"missing": 0.5, "keep_every": None},
-    "super-resolution": {"factor": None},
-}
+    name: str
+    summary: str
+    defaults: dict
+    is_ct: bool = False
+
+
+# the task table, declared once: the command line's --task choices and flags, recon simulate, the measurement
+# file and recon batch's manifest columns read it; the parameters' types and ranges are recon.operators.PARAMETERS
+TASK_TABLE: dict[str, TaskInfo] = {t.name: t for t in (
+    TaskInfo("sparse-view-ct", "parallel-beam CT, views equally spaced over 180°", {"views": 60}, True),
+    TaskInfo("limited-angle-ct", "parallel-beam CT, views over an arc < 180°", {"views": 90, "arc": 120.0}, True),
+    TaskInfo("cone-beam-ct", "cone-beam CT (fan beam for a 2D image), views over 360°", {"views": 90}, True),
+    TaskInfo("mri", "Cartesian MRI, single coil or SENSE, undersampled k-space",
+             {"acceleration": 4.0, "mask_type": "random", "center_fraction": None, "coils": 1, "complex": False}),
+    TaskInfo("blur", "Gaussian blur of a FWHM in mm", {"fwhm": 3.0, "fwhm_z": 0.0}),
+    TaskInfo("inpainting", "missing pixels, or missing slices of a volume", {"missing": 0.5, "keep_every": None}),
+    TaskInfo("super-resolution", "anti-aliased downsampling (through-plane thick slices for volumes)",
+             {"factor": None}),
+)}
+TASKS = tuple(TASK_TABLE)
+CT_TASKS = tuple(name for name, t in TASK_TABLE.items() if t.is_ct)
+DEFAULTS: dict[str, dict] = {name: dict(t.defaults) for name, t in TASK_TABLE.items()}
+_INTERNAL = ("complex",)  # set by readers of measured data (fastMRI), not by users
 
 
 class TaskError(ValueError):
@@ -128,8 +145,10 @@ def make_task(task: str, image_shape: tuple, spacing: tuple, seed: int = 0, **pa
         raise TaskError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     given = {k: v for k, v in params.items() if v is not None}
     if unknown := set(given) - set(DEFAULTS[task]):
+        takes = [k for k in DEFAULTS[task] if k not in _INTERNAL]
         raise TaskError(f"task {task!r} takes no {', '.join(sorted(unknown))} (it takes: "
-                        f"{', '.join(DEFAULTS[task]) or 'nothing'})")
+                        f"{', '.join(takes) or 'nothing'})")
+    given = {k: check_parameter(k, v) for k, v in given.items()}
     shape = tuple(int(v) for v in image_shape)
     if len(shape) == 3 and shape[0] == 1:
         shape, spacing = shape[1:], tuple(spacing)[1:]
@@ -139,13 +158,25 @@ def make_task(task: str, image_shape: tuple, spacing: tuple, seed: int = 0, **pa
     return TaskSpec(task, shape, tuple(spacing), p, int(seed))
 
 
+def check_parameter(name: str, value):
+    """``value`` checked against ``recon.operators.PARAMETERS[name]`` (``TaskError`` naming the argument)."""
+    from recon.operators.parameters import PARAMETERS
+
+    if name not in PARAMETERS:
+        return value
+    try:
+        return PARAMETERS[name].check(value)
+    except ValueError as err:
+        raise TaskError(str(err)) from err
+
+
 def _positive(value, name: str, integer: bool = False, minimum: float = 0.0):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > minimum
     if integer:
         ok = ok and float(value).is_integer()
     if not ok:
         kind = "an integer" if integer else "a number"
-        raise TaskError(f"--{name.replace('_', '-')} must be {kind} > {minimum:g}, got {value!r}")
+        raise TaskError(f"{name} must be {kind} > {minimum:g}, got {value!r}")
     return int(value) if integer else float(value)
 
 
@@ -166,7 +197,7 @@ def build_physics(spec: TaskSpec, arrays: dict | None = None):
         else:
             arc = _positive(p["arc"], "arc")
             if arc > 180:
-                raise TaskError(f"--arc must be at most 180 degrees for parallel beam, got {arc:g}")
+                raise TaskError(f"arc must be at most 180 degrees for parallel beam, got {arc:g}")
             angles = torch.arange(views, dtype=torch.float64) * (arc / views)
         px = min(sp[-2:])
         return ops.ParallelBeamCT(size, angles=angles, spacing=sp, detector_spacing=px)
@@ -184,7 +215,7 @@ def build_physics(spec: TaskSpec, arrays: dict | None = None):
         else:
             acc = p["acceleration"]
             if not isinstance(acc, (int, float)) or not acc >= 1:
-                raise TaskError(f"--acceleration must be a number >= 1, got {acc!r}")
+                raise TaskError(f"acceleration must be a number >= 1, got {acc!r}")
             kw.update(acceleration=float(acc), mask_type=p["mask_type"], center_fraction=p["center_fraction"],
                       seed=spec.seed)
         if coils == 1:
@@ -197,7 +228,7 @@ def build_physics(spec: TaskSpec, arrays: dict | None = None):
         if len(size) == 3:  # in-plane unless fwhm_z > 0
             fz = float(p.get("fwhm_z") or 0.0)
             if fz < 0:
-                raise TaskError(f"--fwhm-z must be >= 0 mm, got {fz:g}")
+                raise TaskError(f"fwhm_z must be >= 0 mm, got {fz:g}")
             return ops.Blur.gaussian(size, (fz, fwhm, fwhm), spacing=sp, boundary="zero")
         return ops.Blur.gaussian(size, fwhm, spacing=sp, boundary="zero")
     if spec.task == "inpainting":
@@ -209,7 +240,7 @@ def build_physics(spec: TaskSpec, arrays: dict | None = None):
             else:
                 frac = p["missing"]
                 if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
-                    raise TaskError(f"--missing must be a fraction in [0, 1), got {frac!r}")
+                    raise TaskError(f"missing must be a fraction in [0, 1), got {frac!r}")
                 mask = ops.random_pixel_mask(size, float(frac), seed=spec.seed)
         return ops.Inpainting(size, torch.as_tensor(np.asarray(mask, dtype=np.float32)))
     # super-resolution
@@ -294,10 +325,10 @@ def simulate(spec: TaskSpec, image: torch.Tensor, unit: str | None = None, *, ph
     clean = physics.A(to_domain(spec, x, unit))
     g = torch.Generator().manual_seed(int(seed))
     if photons and noise:
-        raise TaskError("give --photons (Beer–Lambert) or --noise (Gaussian), not both")
+        raise TaskError("give photons (Beer–Lambert) or noise (Gaussian), not both")
     if photons:
         if not spec.is_ct:
-            raise TaskError(f"--photons applies to CT tasks only, not {spec.task!r}; use --noise")
+            raise TaskError(f"photons applies to CT tasks only, not {spec.task!r}; use noise")
         photons = _positive(photons, "photons")
         model = TransmissionPoissonNoise(I0=photons, rng=g)
         y = model(clean.double()).float()

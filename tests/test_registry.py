@@ -132,3 +132,35 @@ def test_recon_methods_lists_the_registry_and_one_methods_options(capsys):
     assert info["long_running"] and {r["option"]: r["default"] for r in info["options"]}["gamma"] == "rho"
     assert main(["methods", "nope"]) == 2
 
+
+
+# ----------------------------------------------------------------------------------------------- task table
+def test_task_parameters_are_declared_once_and_checked_the_same_everywhere():
+    from recon.operators.parameters import PARAMETERS
+    from recon.restoration.degradations import Degradation
+    from recon.tasks import DEFAULTS, TASK_TABLE, TaskError, make_task
+
+    for task in TASK_TABLE.values():
+        assert set(task.defaults) - {"complex"} <= set(PARAMETERS), task.name
+    with pytest.raises(TaskError, match=r"^views must be an integer >= 1, got 0$"):
+        make_task("sparse-view-ct", (1, 8, 8), (1, 1, 1), views=0)
+    with pytest.raises(ValueError, match=r"^views must be an integer >= 1, got 0$"):
+        Degradation("sparse-view-ct", views=0)
+    with pytest.raises(TaskError, match="arc must be a number in \\(0, 180\\] degrees"):
+        make_task("limited-angle-ct", (1, 8, 8), (1, 1, 1), arc=200)
+    with pytest.raises(TaskError, match="mask_type must be one of random"):
+        make_task("mri", (1, 8, 8), (1, 1, 1), mask_type="spiral")
+    assert make_task("sparse-view-ct", (1, 8, 8), (1, 1, 1), views=30.0).params["views"] == 30
+    assert DEFAULTS["sparse-view-ct"] == TASK_TABLE["sparse-view-ct"].defaults
+
+
+def test_cli_task_flags_come_from_the_parameter_table(capsys):
+    from recon.operators.parameters import PARAMETERS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    flags = {a.dest for a in sub["simulate"]._actions}
+    assert set(PARAMETERS) <= flags
+    assert main(["simulate", "-i", CT_SMALL, "-o", "/nonexistent/m.npz", "--task", "sparse-view-ct", "--views",
+                 "0"]) == 2
+    assert capsys.readouterr().err.strip() == "recon: error: --views must be an integer >= 1, got 0"

@@ -36,6 +36,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from recon.operators.parameters import PARAMETERS
 from recon.priors.base import IntensityWindow
 
 __all__ = ["DEFAULT_PARAMS", "DEGRADATIONS", "Degradation"]
@@ -75,16 +76,12 @@ class Degradation:
             raise ValueError(f"pixel_mm must be a positive length in mm, got {pixel_mm!r}")
         p = self.params
         if task in CT_DEGRADATIONS:
-            if not (isinstance(p["views"], int) and p["views"] >= 1):
-                raise ValueError(f"--views must be an integer >= 1, got {p['views']!r}")
-            if p["photons"] is not None and not (p["photons"] >= 0 and math.isfinite(p["photons"])):
-                raise ValueError(f"--photons must be a positive number of photons, got {p['photons']!r}")
+            p["views"] = PARAMETERS["views"].check(p["views"])
             if task == "lowdose-ct" and not p["photons"]:
-                raise ValueError("lowdose-ct needs --photons > 0")
-            p["photons"] = float(p["photons"]) if p["photons"] else None
+                raise ValueError("lowdose-ct needs photons > 0")
+            p["photons"] = PARAMETERS["photons"].check(p["photons"]) if p["photons"] else None  # 0: noiseless
         else:
-            if not (isinstance(p["factor"], int) and p["factor"] >= 1):
-                raise ValueError(f"--factor must be an integer >= 1, got {p['factor']!r}")
+            p["factor"] = PARAMETERS["factor"].check(p["factor"])
             if p["upsample"] not in ("bicubic", "bilinear"):
                 raise ValueError(f"upsample must be 'bicubic' or 'bilinear', got {p['upsample']!r}")
         self._operators: OrderedDict = OrderedDict()  # (H, W) -> operator, a few kept (system matrices are large)

@@ -104,7 +104,7 @@ def number(value) -> float | None:
 
 
 def _rescale_value(p: Path, value, name: str) -> float | None:
-    """A present rescale value must be a finite number; None when absent or empty."""
+    """A present numeric value (rescale, frame count) must be a finite number; None when absent or empty."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
@@ -313,7 +313,10 @@ def dicom_frames(ds, p: Path) -> list[Frame]:
     """
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageReadError(p, "DICOM object without Rows/Columns (truncated, or not an image)")
-    n_frames = int(number(ds.get("NumberOfFrames", 1)) or 1)
+    frames_value = _rescale_value(p, ds.get("NumberOfFrames"), "NumberOfFrames")
+    n_frames = int(frames_value) if frames_value else 1
+    if frames_value is not None and frames_value != n_frames:
+        raise ImageReadError(p, f"NumberOfFrames {frames_value!r} (expected a whole number)")
     pixels = _dicom_pixels(ds, p, n_frames)
     per = ds.get("PerFrameFunctionalGroupsSequence")
     shared = ds.get("SharedFunctionalGroupsSequence")

@@ -150,7 +150,8 @@ def _head(p: Path, gz: bool) -> bytes:
         with open(p, "rb") as f:
             return f.read(540)
     except (OSError, EOFError, zlib.error) as err:
-        raise ImageReadError(p, f"damaged gzip stream ({one_line(err)})") from err
+        raise ImageReadError(p, f"damaged gzip stream (deflate data invalid or truncated: {one_line(err)}); "
+                                "the file is corrupt") from err
 
 
 def load_nifti_data(p: Path, allow_4d: bool = False) -> tuple[np.ndarray, Any]:

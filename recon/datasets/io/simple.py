@@ -2,7 +2,8 @@
 
 These images get the identity geometry (1 mm voxels, voxel ``[0, 0, 0]`` at the origin). Every damaged file is
 refused: a TIFF whose page chain is broken (tifffile only logs a warning and returns the pages it found) or whose
-page count disagrees with its own shape metadata, a PNG whose CRC or stream is damaged (Pillow), a NumPy file
+page count disagrees with its own shape metadata, a PNG whose chunk CRCs or stream are damaged (Pillow's
+``verify``), a NumPy file
 whose header claims more data than it holds (NumPy).
 """
 
@@ -106,6 +107,8 @@ def _read_png(p: Path) -> MedicalImage:
 
     meta: dict[str, Any] = {}
     try:
+        with Image.open(p) as im:
+            im.verify()  # every chunk's CRC-32 (decoding alone skips the image data's CRCs)
         with Image.open(p) as im:
             im.load()
             mode = im.mode

@@ -335,11 +335,12 @@ def test_augmentations_rotation_zoom_and_through_plane(tmp_path):
 
 
 def test_presets_read_the_recipe_folder(tmp_path, monkeypatch):
-    from recon.priors.train import default_ct_config, default_mri_config
+    from recon.priors.train import default_ct_config, default_mri_config, prior_data_dir, pydicom_ct_files
 
     monkeypatch.setenv("RECON_PRIOR_DATA", str(tmp_path / "prior-data"))
     with pytest.raises(FileNotFoundError, match=r"recon\.priors\.recipe --out"):
-        default_ct_config(str(tmp_path / "run"))
+        prior_data_dir("ct")
+    assert default_ct_config(str(tmp_path / "run")).data == pydicom_ct_files()  # no recipe run: the first data
     for m in ("ct", "mri"):
         (tmp_path / "prior-data" / m / "train").mkdir(parents=True)
     ct, mri = default_ct_config("run"), default_mri_config("run", steps=5)

@@ -48,6 +48,7 @@ __all__ = [
     "mni152_template_path",
     "network_and_ema",
     "prior_data_dir",
+    "pydicom_ct_files",
     "sample_unconditional",
     "through_plane_slices",
     "train_prior",
@@ -145,13 +146,31 @@ def prior_data_dir(modality: str) -> Path:
     return folder
 
 
+def pydicom_ct_files() -> list[str]:
+    """The first built-in CT prior's files (:data:`DEFAULT_CT_FILES`) that are installed, located offline."""
+    from pydicom.data import get_testdata_file
+
+    return [f for f in (get_testdata_file(n, download=False) for n in DEFAULT_CT_FILES) if f]
+
+
+def _preset_data(modality: str) -> list[str]:
+    """The recipe folder, or (with a warning) the first built-in prior's data when the recipe has not been run."""
+    try:
+        return [str(prior_data_dir(modality))]
+    except FileNotFoundError as err:
+        log.warning("%s; using the first built-in prior's data instead", err)
+        return pydicom_ct_files() if modality == "ct" else [mni152_template_path()]
+
+
 def default_ct_config(out: str, **overrides) -> TrainConfig:
     """The recipe of the built-in CT prior: the recipe's CT training folder (:func:`prior_data_dir`: the InVesalius
     head CT minus its held-out slab, pydicom's real CT slices minus 693_* and CT_small) plus 15 % random phantoms;
     small rotations and zooms (0.5–1.25 source pixels per pixel), through-plane slices, noise levels weighted
     towards low σ (P_mean = −1.8). The shipped weights continued the previous built-in prior (``init_from``).
+    Without the recipe folder the data falls back, with a warning, to :func:`pydicom_ct_files` (what
+    ``recon.restoration``'s preset uses).
     """
-    base = {"data": [str(prior_data_dir("ct"))], "out": out, "modality": "ct", "phantom_fraction": 0.15,
+    base = {"data": _preset_data("ct"), "out": out, "modality": "ct", "phantom_fraction": 0.15,
             "rotation_deg": 10.0, "scale_range": (0.5, 1.25), "through_plane_stride": 8, "intensity_jitter": 0.03,
             "p_mean": -1.8, "p_std": 1.5, "min_foreground": 0.2, "steps": 20_000, "checkpoint_every": 250,
             "sample_every": 1000}
@@ -175,7 +194,7 @@ def default_mri_config(out: str, **overrides) -> TrainConfig:
     MNI152, pydicom's and dipy's MR slices, nibabel's EPI; held out: MR_small and its study, anatomical.nii and
     its derivatives, emri_small), slices along the third axis plus every 4th through-plane slice, each file scaled
     by its 99.5th percentile, intensity jitter, small rotations and zooms, low-σ weighted noise levels."""
-    base = {"data": [str(prior_data_dir("mri"))], "out": out, "modality": "mri", "phantom_fraction": 0.0,
+    base = {"data": _preset_data("mri"), "out": out, "modality": "mri", "phantom_fraction": 0.0,
             "volume_axes": (2,), "through_plane_stride": 4, "intensity_jitter": 0.15, "rotation_deg": 10.0,
             "scale_range": (0.5, 1.25), "p_mean": -1.8, "p_std": 1.5, "min_foreground": 0.2, "steps": 20_000,
             "checkpoint_every": 250, "sample_every": 1000}

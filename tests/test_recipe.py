@@ -97,6 +97,8 @@ def test_ct_recipe_roles_dedup_and_manifest(tmp_path, sources):
     assert all(f["licence"] and f["source"] for f in m["files"] + m["dropped"])
     assert by_origin[f"Cranium.inv3[{SLAB[0]}:{SLAB[1]}]"]["licence"].startswith("GPL-2")
     assert m["missing_sources"] == []
+    free = prepare_prior_data(tmp_path / "free", "ct", roots, skip=("invesalius",), report=lambda line: None)
+    assert not any("Cranium" in f["origin"] for f in free["files"]) and free["skipped_sources"] == ["invesalius"]
 
 
 def test_the_held_out_slab_keeps_its_world_position(tmp_path, sources):

@@ -22,8 +22,10 @@ Sources (each optional; a missing one is reported in one line and skipped, or is
 - ``dipy`` (MR): ``dipy/data/files`` (``t1_coronal_slice.npy``, ``S0_10slices.nii.gz``, ``aniso_vox.nii.gz``).
 
 Deduplication: one image in several encodings counts once (SHA-256 of the decoded pixel array rounded to two
-decimals); a duplicate of a held-out image is held out. Held-out status spreads to every file of the same DICOM
-study. Derived maps (perfusion, diffusion maps, subtractions) and lossy-compressed copies are dropped.
+decimals; held-out files are taken first, so a re-encoded copy of a held-out image is dropped, never trained on),
+and an exact crop of another image of the same DICOM study is dropped too. Held-out status spreads to every file of
+the same DICOM study. Derived maps (perfusion, diffusion maps, subtractions) and lossy-compressed copies are
+dropped. ``--skip invesalius`` leaves the GPL-2 volume out (for weights free of GPL training data).
 """
 
 from __future__ import annotations
@@ -279,8 +281,10 @@ ROOT_OF = {"invesalius": "debian", "mricron": "debian"}
 
 
 def find_candidates(modality: str, roots: dict[str, str | None], strict: bool = False,
-                    report: Callable[[str], None] = print) -> tuple[list[Candidate], list[str]]:
-    """Every candidate image of ``modality``'s sources, and the one-line reasons of missing sources.
+                    report: Callable[[str], None] = print,
+                    skip: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
+    """Every candidate image of ``modality``'s sources (less those named in ``skip``), and the one-line reasons of
+    missing sources.
 
     Raises:
         RecipeError: a source is missing and ``strict``, or no source at all is available.
@@ -290,6 +294,8 @@ def find_candidates(modality: str, roots: dict[str, str | None], strict: bool = 
     out: list[Candidate] = []
     missing: list[str] = []
     for source, find in SOURCES[modality]:
+        if source in skip:
+            continue
         root = roots.get(ROOT_OF.get(source, source))
         try:
             if not root:
@@ -344,7 +350,7 @@ def _usable(image: MedicalImage, modality: str) -> str | None:
 
 
 def prepare_prior_data(out_dir: str | os.PathLike, modality: str = "ct", roots: dict[str, str | None] | None = None,
-                       strict: bool = False, report: Callable[[str], None] = print) -> dict:
+                       strict: bool = False, report: Callable[[str], None] = print, skip: Sequence[str] = ()) -> dict:
     """Gather, deduplicate and write ``modality``'s training and held-out images with ``manifest.json``.
 
     Args:
@@ -354,6 +360,7 @@ def prepare_prior_data(out_dir: str | os.PathLike, modality: str = "ct", roots: 
             ``os.pathsep``; ``nilearn``/``nibabel``/``dipy``: their data folders); default :func:`default_roots`.
         strict: a missing source is an error instead of a reported skip.
         report: receives one line per skipped source.
+        skip: source names to leave out (e.g. ``("invesalius",)`` for weights free of GPL-2 training data).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -362,7 +369,7 @@ def prepare_prior_data(out_dir: str | os.PathLike, modality: str = "ct", roots: 
         RecipeError: a missing source with ``strict``, no source at all, or an unreadable file (one line).
     """
     roots = default_roots() if roots is None else roots
-    cands, missing = find_candidates(modality, roots, strict, report)
+    cands, missing = find_candidates(modality, roots, strict, report, skip)
     _assign_roles(cands, modality)
     out = Path(out_dir)
     for sub in ("train", "held-out"):
@@ -400,7 +407,7 @@ def prepare_prior_data(out_dir: str | os.PathLike, modality: str = "ct", roots: 
         files.append({"file": rel, **entry, "role": c.role, "note": c.note, "shape_dhw": list(image.shape),
                       "spacing_dhw_mm": [round(s, 4) for s in image.spacing], "pixel_sha256": digest})
     manifest = {"modality": modality, "recipe": f"python -m recon.priors.recipe --out DIR --modality {modality}",
-                "files": files, "dropped": dropped, "missing_sources": missing,
+                "files": files, "dropped": dropped, "missing_sources": missing, "skipped_sources": list(skip),
                 "held_out": [f["file"] for f in files if f["role"] == "held-out"]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -455,13 +462,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modality", choices=["ct", "mri"], default="ct")
     parser.add_argument("--debian-root", help="the dpkg -x root of the Debian packages (default /work/data/root)")
     parser.add_argument("--strict", action="store_true", help="a missing source is an error")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="SOURCE",
+                        help="sources to leave out, e.g. invesalius (GPL-2) for weights free of GPL training data")
     args = parser.parse_args(argv)
     roots = default_roots()
     if args.debian_root:
         roots["debian"] = args.debian_root
     try:
         m = prepare_prior_data(args.out, args.modality, roots, args.strict,
-                               report=lambda line: print(line, file=sys.stderr))
+                               report=lambda line: print(line, file=sys.stderr), skip=args.skip)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -329,7 +329,7 @@ def run_case(case: Case, work: Path, reference: MedicalImage | None, seconds: fl
         return "hang", f"over {seconds:g} s"
     except ImageReadError as err:
         text = str(err)
-        ok = "\n" not in text and text.startswith(str(work))
+        ok = "\n" not in text and text.startswith((str(path), str(work)))
         return ("refused" if ok else "crash"), text
     except Exception as err:  # a foreign exception: a defect
         return "crash", f"{type(err).__name__}: {one_line(err)}"

@@ -15,7 +15,13 @@ from recon.datasets.io.image import MedicalImage
 __all__ = ["atomic_write", "atomic_write_bytes", "check_image", "check_target", "make_folder", "remove_folders"]
 
 
-def check_image(image, path: Path) -> None:
+def check_image(image: MedicalImage, path: Path) -> None:
+    """Refuse (ImageWriteError naming ``path``) anything but a non-empty, finite image with an invertible affine.
+
+    Args:
+        image: what is to be written.
+        path: the output (for the message).
+    """
     if not isinstance(image, MedicalImage):
         raise ImageWriteError(path, f"expected a MedicalImage, got {type(image).__name__}")
     if image.array.ndim != 3 or min(image.array.shape) < 1:
@@ -27,8 +33,15 @@ def check_image(image, path: Path) -> None:
 
 
 def make_folder(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; returns those created (deepest last). ImageWriteError naming
-    the folder when it cannot be created or written to."""
+    """Create ``folder`` and its missing parents; ImageWriteError naming the folder when it cannot be created or
+    written to.
+
+    Args:
+        folder: the folder.
+
+    Returns:
+        The folders created (deepest last), for :func:`remove_folders` after a failure.
+    """
     missing = []
     f = folder
     while not f.exists() and f != f.parent:
@@ -48,6 +61,11 @@ def make_folder(folder: Path) -> list[Path]:
 
 
 def remove_folders(created: list[Path]) -> None:
+    """Remove the (empty) folders :func:`make_folder` created, deepest first; errors are ignored.
+
+    Args:
+        created: :func:`make_folder`'s result.
+    """
     for f in reversed(created):
         try:
             f.rmdir()
@@ -56,6 +74,12 @@ def remove_folders(created: list[Path]) -> None:
 
 
 def check_target(path: Path, overwrite: bool) -> None:
+    """Refuse a target that is a folder, or that exists when not ``overwrite``.
+
+    Args:
+        path: the output file.
+        overwrite: whether an existing file may be replaced.
+    """
     if path.is_dir():
         raise ImageWriteError(path, "is a folder (expected a file name)")
     if (path.exists() or path.is_symlink()) and not overwrite:
@@ -63,7 +87,16 @@ def check_target(path: Path, overwrite: bool) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) -> str:
-    """Write ``path`` through ``write(tmp)`` on a temporary name in the same folder, then ``os.replace``."""
+    """Write ``path`` through ``write(tmp)`` on a temporary name in the same folder, then ``os.replace``.
+
+    Args:
+        path: the output file.
+        write: writes the content into the temporary file it is given.
+        overwrite: whether an existing file may be replaced.
+
+    Returns:
+        ``str(path)``.
+    """
     path = Path(os.fspath(path))
     check_target(path, overwrite)
     created = make_folder(path.parent)
@@ -93,14 +126,19 @@ def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool) -> 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = False) -> str:
     """Write ``data`` to ``path`` atomically (temporary name in the same folder, then rename): an interrupted
     or failed write leaves nothing behind. ImageWriteError if ``path`` exists and not ``overwrite``, or on
-    failure. The one atomic-write helper of ``recon`` (reports, provenance, measurement files, priors)."""
+    failure. The one atomic-write helper of ``recon`` (reports, provenance, measurement files, priors).
+
+    Args:
+        data: the bytes.
+        path: the output file.
+        overwrite: whether an existing file may be replaced.
+
+    Returns:
+        ``str(path)``.
+    """
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
     return atomic_write(Path(os.fspath(path)), write, overwrite)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing: NIfTI, PNG, NumPy

@@ -37,7 +37,14 @@ _DICOMDIR_UID = "1.2.840.10008.1.3.10"
 
 
 def python_value(v):
-    """A NumPy scalar/array or bytes as a plain Python value (for JSON-able metadata)."""
+    """A NumPy scalar/array or bytes as a plain Python value (for JSON-able metadata).
+
+    Args:
+        v: a value.
+
+    Returns:
+        The plain value.
+    """
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     if isinstance(v, np.generic):
@@ -77,7 +84,14 @@ def _dicom_header_or_none(f: Path):
 
 
 def scan_folder(folder: Path) -> tuple[list[SeriesInfo], list[Path]]:
-    """The image series in ``folder`` (sorted) and the files skipped (not DICOM, DICOMDIR, not images)."""
+    """The image series in a folder, and the files skipped (not DICOM, DICOMDIR, not images).
+
+    Args:
+        folder: the folder (searched recursively; hidden files skipped).
+
+    Returns:
+        ``(series, skipped)``: the series sorted by (SeriesNumber, SeriesInstanceUID), the skipped files.
+    """
     files = sorted(
         f for f in folder.rglob("*")
         if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts)

@@ -27,7 +27,17 @@ _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights for RGB →
 
 
 def identity_image(p: Path, array: np.ndarray, kind: str, meta: dict) -> MedicalImage:
-    """A :class:`MedicalImage` on the identity grid; ImageReadError for shapes that are not 2D/3D or are empty."""
+    """A :class:`MedicalImage` on the identity grid; ImageReadError for shapes that are not 2D/3D or are empty.
+
+    Args:
+        p: the file (for messages and the source).
+        array: ``(H, W)`` or ``(D, H, W)`` values.
+        kind: the format's name.
+        meta: facts about the file.
+
+    Returns:
+        The image.
+    """
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:

@@ -24,6 +24,19 @@ def write_image(image: MedicalImage, path: str | os.PathLike, *, format: str | N
     slice ``D // 2`` (percentile window); ``.npy``: the ``(D, H, W)`` float64 array (no geometry); a path without
     suffix (or ``format="dicom"``): :func:`write_dicom_series` into that folder, with ``reference``,
     ``description`` and ``anonymize``. Raises ImageWriteError for an unknown format.
+
+    Args:
+        image: the image.
+        path: the output file (or folder, for DICOM).
+        format: ``"nifti"``, ``"dicom"``, ``"png"`` or ``"npy"``; None: from the path.
+        reference: for DICOM, the image it was derived from.
+        description: for DICOM, the series description.
+        anonymize: for DICOM, de-identify every slice.
+        overwrite: replace existing outputs.
+        series_number: for DICOM, the SeriesNumber.
+
+    Returns:
+        The written paths.
     """
     p = Path(os.fspath(path))
     name = p.name.lower()

@@ -108,13 +108,29 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from recon.priors.schedules import karras_sigmas
-from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm, weighted_moments
+from recon.samplers.base import (
+    ReconstructionResult,
+    check_bounded,
+    check_finite,
+    operator_norm,
+    record_step,
+    weighted_moments,
+)
 
-__all__ = ["multinomial_resample", "sample_smc", "systematic_resample"]
+__all__ = [
+    "RESAMPLERS",
+    "degeneracy_report",
+    "multinomial_resample",
+    "normalise_log_weights",
+    "resample_particles",
+    "sample_smc",
+    "systematic_resample",
+]
 
 _F64 = torch.float64
 
@@ -157,7 +173,54 @@ def multinomial_resample(weights: torch.Tensor, generator: torch.Generator | Non
     return torch.multinomial(w.to(gdev), p, replacement=True, generator=generator).T.to(weights.device)
 
 
-_RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resample}
+RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resample}
+
+
+def normalise_log_weights(logw: torch.Tensor):
+    """``logw (P, B)`` → normalised log-weights, weights and ESS ``(B,)`` (log-sum-exp per column)."""
+    logw = logw - torch.logsumexp(logw, 0, keepdim=True)
+    w = logw.exp()
+    return logw, w, 1.0 / (w**2).sum(0)
+
+
+def resample_particles(logw: torch.Tensor, state: dict, ess_threshold: float, resampler: Callable,
+                       generator: torch.Generator | None):
+    """Normalise ``logw (P, B)``, compute the ESS and resample the measurements whose ``ESS/P < ess_threshold``.
+
+    ``state`` maps names to ``(P·B, ...)`` tensors (row ``p·B + b``; None values are skipped); the rows of resampled
+    items are replaced in place by their ancestors' and their log-weights reset to ``−log P``. Returns the new
+    log-weights, weights, ESS ``(B,)`` and the number of items resampled (shared by SMC's weightings and FPS).
+    """
+    n_p, n_b = logw.shape
+    device = logw.device
+    logw, w, ess = normalise_log_weights(logw)
+    low = ess < ess_threshold * n_p
+    events = int(low.sum())
+    if events:
+        idx = resampler(w, generator)  # (P, B)
+        keep = torch.arange(n_p, device=device)[:, None].expand(n_p, n_b)
+        idx = torch.where(low[None, :], idx.to(device), keep)
+        rows = (idx * n_b + torch.arange(n_b, device=device)[None, :]).reshape(-1)
+        for key, val in state.items():
+            if val is not None:
+                state[key] = val[rows]
+        logw = torch.where(low[None, :], torch.full_like(logw, -math.log(n_p)), logw)
+        w = logw.exp()
+    return logw, w, ess, events
+
+
+def degeneracy_report(ess: torch.Tensor, particles: int, below: float, method: str) -> tuple[bool, list[str]]:
+    """``(degenerate, warnings)``: degenerate when some item's final ``ESS/P < below``; the warning says what the
+    spread then means (a silent zero spread is a defect)."""
+    ess = torch.as_tensor(ess, dtype=_F64).flatten()
+    frac = ess / float(particles)
+    bad = [i for i, f in enumerate(frac.tolist()) if f < below]
+    if not bad or particles <= 1:
+        return False, []
+    worst = float(ess[bad].min())
+    return True, [f"{method}: the particle weights degenerated (final effective sample size {worst:.2f} of "
+                  f"{particles} < {below:g}·P for {len(bad)} of {ess.numel()} item(s)); the std map and intervals "
+                  f"come from about {max(1, round(worst))} distinct particle(s) and understate the uncertainty"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,9 +254,14 @@ class _DenseTilt:
         self.s = torch.zeros(d, dtype=_F64, device=a.device)
         self.s[:k] = s
         self.v = vh.T.contiguous()  # (d, d)
-        yt = y_rep.reshape(y_rep.shape[0], -1).to(_F64) @ u[:, :k]  # U^T y (the rest is particle-independent)
-        self.yt = torch.zeros(y_rep.shape[0], d, dtype=_F64, device=a.device)
-        self.yt[:, :k] = yt
+        self.u = u[:, :k]
+        self.retarget(y_rep)
+
+    def retarget(self, y_rep):
+        """Use the measurements ``y_rep`` from now on (FPS: a new noised measurement every step)."""
+        yt = y_rep.reshape(y_rep.shape[0], -1).to(_F64) @ self.u  # U^T y (the rest is particle-independent)
+        self.yt = torch.zeros(y_rep.shape[0], self.s.numel(), dtype=_F64, device=self.u.device)
+        self.yt[:, : self.u.shape[1]] = yt
 
     def _xi(self, x):
         return x.reshape(x.shape[0], -1).to(_F64) @ self.v
@@ -249,6 +317,10 @@ class _CGTilt:
             rs = rs_new
         return x
 
+    def retarget(self, y_rep):
+        """Use the measurements ``y_rep`` from now on (FPS: a new noised measurement every step)."""
+        self.y = y_rep
+
     def half_sq_residual(self, x):
         return 0.5 * ((self.physics.A(x) - self.y) ** 2).flatten(1).sum(1).to(_F64)
 
@@ -271,13 +343,6 @@ class _CGTilt:
 # ---------------------------------------------------------------------------------------------------------
 # the sampler
 # ---------------------------------------------------------------------------------------------------------
-def _normalise(logw: torch.Tensor):
-    """``logw (P, B)`` → normalised log-weights, weights and ESS ``(B,)``."""
-    logw = logw - torch.logsumexp(logw, 0, keepdim=True)
-    w = logw.exp()
-    return logw, w, 1.0 / (w**2).sum(0)
-
-
 def _init_moments(prior, image_shape, dtype, device, init_mean, init_var):
     if init_mean is None:
         init_mean = getattr(prior, "mean", None)
@@ -318,6 +383,7 @@ def sample_smc(
     cg_tol: float = 1e-10,
     cg_iters: int = 200,
     max_shift: float = 1.0,
+    degenerate_below: float = 0.1,
 ) -> ReconstructionResult:
     """Sequential Monte Carlo posterior sampling with ``particles`` weighted particles per measurement.
 
@@ -354,19 +420,83 @@ def sample_smc(
             ``max_shift · σ_i · sqrt(d)`` (the size of the state's own noise). An explicit gradient step is unstable
             when ``h‖A‖²/(σ_y² + σ²) ≫ 1`` (e.g. CT, where ``‖A‖²`` is in the thousands); the weights use the
             capped proposal, so they stay exact (any proposal is valid for importance weights). ``inf`` disables it.
+        dense_limit: largest image size (pixels) for which ``linear_solver="auto"`` forms ``A`` densely.
+        degenerate_below: the final ``ESS/P`` below which the result is flagged ``info["degenerate"]`` with a
+            message in ``info["warnings"]`` (the std map then comes from a handful of particles).
 
     Returns:
         ``ReconstructionResult`` with ``samples (P, B, ...)`` (final particles), normalised ``weights (P, B)``,
         ``x`` the weighted mean, ``std`` the weighted standard deviation; ``diagnostics`` per step: ``step``,
         ``sigma``, ``ess`` (mean over ``B``), ``ess_per_item``, ``residual`` (‖y − A x̄‖ of the weighted mean of
         the Tweedie estimates, mean over ``B``), ``nfe``, ``seconds``, ``resampled``; ``info``: ``method``,
-        ``weighting``, ``scheme``, ``resamplings`` (events, summed over ``B``), ``final_ess`` (per item), ``nfe``.
+        ``weighting``, ``scheme``, ``resamplings`` (events, summed over ``B``), ``ess_final`` (per item; also under
+        its old name ``final_ess``), ``degenerate``, ``warnings``, ``nfe``.
     """
     t0 = time.perf_counter()
     nfe0 = getattr(prior, "nfe", 0)
+    _check_options(weighting, resample, scheme, kernel, anneal, linear_solver, sigma_y, steps, particles, max_shift,
+                   ess_threshold, y)
+    n_p, n_b, steps = int(particles), int(y.shape[0]), int(steps)
+    smax = float(prior.sigma_max if sigma_max is None else sigma_max)
+    smin = float(prior.sigma_min if sigma_min is None else sigma_min)
+    if not 0 < smin < smax:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {smin}, {smax}")
+    dtype, device = y.dtype, y.device
+    if not dtype.is_floating_point:
+        raise ValueError(f"y must be a real floating tensor, got {y.dtype}")
+    with torch.no_grad():
+        image_shape = tuple(physics.A_adjoint(y[:1]).shape[1:])
+    m0, var0 = _init_moments(prior, image_shape, dtype, device, init_mean, init_var)
+    run = _Run(physics=physics, y=y, y_rep=y.repeat(n_p, *([1] * (y.dim() - 1))), prior=prior, generator=generator,
+               callback=callback, n_p=n_p, n_b=n_b, steps=steps, image_shape=image_shape, dtype=dtype, device=device,
+               s2y=float(sigma_y) ** 2, m0=m0, rho2=smax**2 + var0, resampler=RESAMPLERS[resample],
+               ess_threshold=ess_threshold, t0=t0, nfe0=nfe0, method=f"smc-{weighting}")
+    tilt = None
+    if weighting == "afdps":
+        use_dense = linear_solver == "dense" or (linear_solver == "auto" and math.prod(image_shape) <= dense_limit)
+        tilt = (_DenseTilt(physics, run.y_rep, image_shape) if use_dense
+                else _CGTilt(physics, run.y_rep, cg_tol, cg_iters))
+        x, ess = _afdps_weighting(run, tilt, smin, smax, rho, scheme, kernel, anneal)
+    else:
+        x, ess = _tds_weighting(run, smin, smax, rho, max_shift)
+    samples = run.as_pb(x.detach())
+    check_finite(samples, run.method, steps)
+    mean, std = weighted_moments(samples, run.weights)
+    degenerate, warnings = degeneracy_report(ess, n_p, degenerate_below, run.method)
+    info = {
+        "method": "smc",
+        "weighting": weighting,
+        "scheme": scheme if weighting == "afdps" else "ancestral-twisted",
+        "steps": steps,
+        "particles": n_p,
+        "resamplings": run.resamplings,
+        "final_ess": ess.tolist(),
+        "ess_final": ess.tolist(),
+        "degenerate": degenerate,
+        "warnings": warnings,
+        "nfe": getattr(prior, "nfe", 0) - nfe0,
+        "seconds": time.perf_counter() - t0,
+        "options": {
+            "ess_threshold": ess_threshold,
+            "resample": resample,
+            "sigma_max": smax,
+            "sigma_min": smin,
+            "rho": rho,
+            "rho2_init": run.rho2,
+            "linear_solver": None if tilt is None else type(tilt).__name__.strip("_").replace("Tilt", "").lower(),
+        },
+    }
+    return ReconstructionResult(
+        x=mean, samples=samples, weights=run.weights.to(dtype), std=std, diagnostics=run.diagnostics, info=info
+    )
+
+
+def _check_options(weighting, resample, scheme, kernel, anneal, linear_solver, sigma_y, steps, particles, max_shift,
+                   ess_threshold, y) -> None:
+    """``sample_smc``'s argument checks (one ``ValueError`` naming the argument)."""
     if weighting not in ("afdps", "tds"):
         raise ValueError(f"weighting must be 'afdps' or 'tds', got {weighting!r}")
-    if resample not in _RESAMPLERS:
+    if resample not in RESAMPLERS:
         raise ValueError(f"resample must be 'systematic' or 'multinomial', got {resample!r}")
     if scheme not in ("exact", "euler", "ode"):
         raise ValueError(f"scheme must be 'exact', 'euler' or 'ode', got {scheme!r}")
@@ -386,201 +516,186 @@ def sample_smc(
         raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
     if y.dim() < 2:
         raise ValueError(f"y must have a batch dimension first, got shape {tuple(y.shape)}")
-    n_p, n_b, steps = int(particles), int(y.shape[0]), int(steps)
-    smax = float(prior.sigma_max if sigma_max is None else sigma_max)
-    smin = float(prior.sigma_min if sigma_min is None else sigma_min)
-    if not 0 < smin < smax:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {smin}, {smax}")
-    dtype, device = y.dtype, y.device
-    if not dtype.is_floating_point:
-        raise ValueError(f"y must be a real floating tensor, got {y.dtype}")
-    resampler = _RESAMPLERS[resample]
 
-    y_rep = y.repeat(n_p, *([1] * (y.dim() - 1)))  # row p·B + b is y[b]
-    with torch.no_grad():
-        image_shape = tuple(physics.A_adjoint(y[:1]).shape[1:])
-    d = math.prod(image_shape)
-    m0, var0 = _init_moments(prior, image_shape, dtype, device, init_mean, init_var)
-    rho2 = smax**2 + var0
-    n_tot = n_p * n_b
-    s2y = float(sigma_y) ** 2
-    method = f"smc-{weighting}"
 
-    def as_pb(t):
-        return t.reshape(n_p, n_b, *t.shape[1:])
+@dataclass
+class _Run:
+    """What both weightings share: the problem, the particle layout, the weights, resampling and the records."""
 
-    def residual_of(x0):
-        w = weights.to(dtype).reshape(n_p, n_b, *([1] * len(image_shape)))
-        mean = (w * as_pb(x0)).sum(0)
-        return float((y - physics.A(mean)).flatten(1).norm(dim=1).mean())
+    physics: object
+    y: torch.Tensor
+    y_rep: torch.Tensor
+    prior: object
+    generator: torch.Generator | None
+    callback: Callable[[dict], None] | None
+    n_p: int
+    n_b: int
+    steps: int
+    image_shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    s2y: float
+    m0: torch.Tensor
+    rho2: float
+    resampler: Callable
+    ess_threshold: float
+    t0: float
+    nfe0: int
+    method: str
+    weights: torch.Tensor | None = None
+    resamplings: int = 0
+    diagnostics: list = field(default_factory=list)
 
-    def flat(t):
-        return (t.reshape(n_tot, -1) if t.dim() > 1 else t.reshape(n_tot, 1)).to(_F64)
+    def __post_init__(self):
+        self.weights = torch.full((self.n_p, self.n_b), 1.0 / self.n_p, dtype=_F64, device=self.device)
 
-    tilt = None
-    if weighting == "afdps":
-        use_dense = linear_solver == "dense" or (linear_solver == "auto" and d <= dense_limit)
-        tilt = _DenseTilt(physics, y_rep, image_shape) if use_dense else _CGTilt(physics, y_rep, cg_tol, cg_iters)
+    def new_logw(self) -> torch.Tensor:
+        return torch.zeros(self.n_p, self.n_b, dtype=_F64, device=self.device)
 
-    diagnostics: list[dict] = []
-    logw = torch.zeros(n_p, n_b, dtype=_F64, device=device)
-    weights = torch.full((n_p, n_b), 1.0 / n_p, dtype=_F64, device=device)
-    resamplings = 0
+    def as_pb(self, t):
+        return t.reshape(self.n_p, self.n_b, *t.shape[1:])
 
-    def reweight_and_resample(logw, state: dict):
-        """Normalise, compute the ESS, resample the items below threshold; returns new logw, w, ess, flag."""
-        nonlocal resamplings
-        check_finite(logw, method, len(diagnostics), "the log-weights overflowed; use more steps")
-        logw, w, ess = _normalise(logw)
-        low = ess < ess_threshold * n_p
-        if bool(low.any()):
-            idx = resampler(w, generator)  # (P, B)
-            keep = torch.arange(n_p, device=device)[:, None].expand(n_p, n_b)
-            idx = torch.where(low[None, :], idx.to(device), keep)
-            rows = (idx * n_b + torch.arange(n_b, device=device)[None, :]).reshape(-1)
-            for key, val in state.items():
-                if val is not None:
-                    state[key] = val[rows]
-            logw = torch.where(low[None, :], torch.full_like(logw, -math.log(n_p)), logw)
-            w = logw.exp()
-            resamplings += int(low.sum())
-        return logw, w, ess, bool(low.any())
+    def flat(self, t):
+        n = self.n_p * self.n_b
+        return (t.reshape(n, -1) if t.dim() > 1 else t.reshape(n, 1)).to(_F64)
 
-    def record(step, sigma, ess, resampled, x0):
-        info = {
-            "step": step,
-            "steps": steps,
-            "sigma": float(sigma),
-            "ess": float(ess.mean()),
-            "ess_per_item": ess.tolist(),
-            "residual": residual_of(x0),
-            "nfe": getattr(prior, "nfe", 0) - nfe0,
-            "seconds": time.perf_counter() - t0,
-            "resampled": resampled,
-        }
-        diagnostics.append(info)
-        if callback is not None:
-            callback(dict(info))
+    def randn(self, shape):
+        return _randn(shape, self.generator, self.dtype, self.device)
 
-    if weighting == "afdps":
-        sig = karras_sigmas(steps, smin, smax, rho).tolist()  # steps levels, then 0
-        s2 = [s2y + anneal * s**2 for s in sig]  # tilt variance: exp(-α_σ μ_y), α_σ = σ_y² / s2(σ)
-        if scheme == "euler":
-            lip = 1.01 * operator_norm(physics, torch.zeros((1, *image_shape), dtype=dtype, device=device)) ** 2
-            worst = max((sig[i] ** 2 - sig[i + 1] ** 2) * lip / s2[i] for i in range(steps))
-            if worst >= 2.0:
-                raise ValueError(
-                    f"smc afdps scheme='euler' is unstable: max step h ‖A‖²/(σ_y² + anneal σ²) = {worst:.3g} must be "
-                    f"< 2; use scheme='exact', more steps, anneal > 0 or a smaller sigma_max"
-                )
-        x = tilt.sample(m0.expand(n_tot, *image_shape), rho2, s2[0], generator)  # Stage I, zero log-weights
-        check_finite(x, method, 0, "check sigma_y and the operator")
-        for i in range(steps):
-            s_i, s_next = sig[i], sig[i + 1]
-            h = s_i**2 - s_next**2
-            with torch.no_grad():
-                score = prior.score(x, s_i)
-            x0 = x + s_i**2 * score
-            if scheme == "exact":
-                m = x + h * score
-                v = h if kernel == "euler" else h * s_next**2 / s_i**2
-                logw = logw + as_pb(tilt.log_norm(m, v, s2[i + 1]) + tilt.half_sq_residual(x) / s2[i])
-                state = {"m": m, "x0": x0}
-                logw, weights, ess, flag = reweight_and_resample(logw, state)
-                x0 = state["x0"]
-                x = tilt.sample(state["m"], v, s2[i + 1], generator) if v > 0 else state["m"]
+    def residual_of(self, x0) -> float:
+        w = self.weights.to(self.dtype).reshape(self.n_p, self.n_b, *([1] * len(self.image_shape)))
+        mean = (w * self.as_pb(x0)).sum(0)
+        return float((self.y - self.physics.A(mean)).flatten(1).norm(dim=1).mean())
+
+    def reweight_and_resample(self, logw, state: dict):
+        """Normalise, compute the ESS, resample the items below threshold; returns new logw, ess, flag."""
+        check_finite(logw, self.method, len(self.diagnostics), "the log-weights overflowed; use more steps")
+        logw, self.weights, ess, events = resample_particles(logw, state, self.ess_threshold, self.resampler,
+                                                             self.generator)
+        self.resamplings += events
+        return logw, ess, events > 0
+
+    def normalise(self, logw):
+        logw, self.weights, ess = normalise_log_weights(logw)
+        return logw, ess
+
+    def record(self, step, sigma, ess, resampled, x0) -> None:
+        record_step(self.diagnostics, self.callback, self.t0, self.prior, self.nfe0, step, self.steps, sigma,
+                    self.residual_of(x0), ess=float(ess.mean()), ess_per_item=ess.tolist(), resampled=resampled)
+
+
+def _afdps_check_euler(run: _Run, sig, s2) -> None:
+    lip = 1.01 * operator_norm(run.physics, torch.zeros((1, *run.image_shape), dtype=run.dtype,
+                                                        device=run.device)) ** 2
+    worst = max((sig[i] ** 2 - sig[i + 1] ** 2) * lip / s2[i] for i in range(run.steps))
+    if worst >= 2.0:
+        raise ValueError(
+            f"smc afdps scheme='euler' is unstable: max step h ‖A‖²/(σ_y² + anneal σ²) = {worst:.3g} must be "
+            f"< 2; use scheme='exact', more steps, anneal > 0 or a smaller sigma_max"
+        )
+
+
+def _afdps_weighting(run: _Run, tilt, smin, smax, rho, scheme, kernel, anneal):
+    """AFDPS: state-space likelihood tilt (module docstring); returns the final particles and ESS."""
+    steps, method, physics = run.steps, run.method, run.physics
+    sig = karras_sigmas(steps, smin, smax, rho).tolist()  # steps levels, then 0
+    s2 = [run.s2y + anneal * s**2 for s in sig]  # tilt variance: exp(-α_σ μ_y), α_σ = σ_y² / s2(σ)
+    if scheme == "euler":
+        _afdps_check_euler(run, sig, s2)
+    x = tilt.sample(run.m0.expand(run.n_p * run.n_b, *run.image_shape), run.rho2, s2[0], run.generator)  # Stage I
+    check_finite(x, method, 0, "check sigma_y and the operator")
+    logw = run.new_logw()
+    for i in range(steps):
+        s_i, s_next = sig[i], sig[i + 1]
+        h = s_i**2 - s_next**2
+        with torch.no_grad():
+            score = run.prior.score(x, s_i)
+        x0 = x + s_i**2 * score
+        if scheme == "exact":
+            m = x + h * score
+            v = h if kernel == "euler" else h * s_next**2 / s_i**2
+            logw = logw + run.as_pb(tilt.log_norm(m, v, s2[i + 1]) + tilt.half_sq_residual(x) / s2[i])
+            state = {"m": m, "x0": x0}
+            logw, ess, flag = run.reweight_and_resample(logw, state)
+            x0 = state["x0"]
+            x = tilt.sample(state["m"], v, s2[i + 1], run.generator) if v > 0 else state["m"]
+        else:
+            gm = physics.A_adjoint(physics.A(x) - run.y_rep) / s2[i]
+            gm_f, sc_f = run.flat(gm), run.flat(score)
+            if scheme == "euler":
+                inc = 0.5 * h * (gm_f**2).sum(1) - h * (sc_f * gm_f).sum(1)  # Δμ dropped (constant)
             else:
-                gm = physics.A_adjoint(physics.A(x) - y_rep) / s2[i]
-                gm_f, sc_f = flat(gm), flat(score)
-                if scheme == "euler":
-                    inc = 0.5 * h * (gm_f**2).sum(1) - h * (sc_f * gm_f).sum(1)  # Δμ dropped (constant)
-                else:
-                    inc = -0.5 * h * (sc_f * gm_f).sum(1)
-                if anneal:  # -(α_{i+1} - α_i) μ_y(x_i): the explicit time dependence of the tilt
-                    inc = inc - tilt.half_sq_residual(x) * (1.0 / s2[i + 1] - 1.0 / s2[i])
-                logw = logw + as_pb(inc)
-                state = {"x": x, "score": score, "gm": gm, "x0": x0}
-                logw, weights, ess, flag = reweight_and_resample(logw, state)
-                x, score, gm, x0 = state["x"], state["score"], state["gm"], state["x0"]
-                if scheme == "euler":
-                    x = x + h * (score - gm) + math.sqrt(h) * _randn(x.shape, generator, dtype, device)
-                else:
-                    x = x + 0.5 * h * score
-            check_finite(x, method, i + 1, "use more steps (or scheme='exact')")
-            record(i + 1, s_next, ess, flag, x0)
-        logw, weights, ess = _normalise(logw)
-    else:
-        sig = karras_sigmas(steps + 1, smin, smax, rho)[:-1].tolist()  # steps + 1 levels, no 0
-
-        def twist(x, s, last):
-            """Tweedie estimate, log twist and its gradient at noise level ``s``."""
-            if last:
-                with torch.no_grad():
-                    x0 = prior.denoise(x, s)
-                    lt = -((physics.A(x) - y_rep) ** 2).flatten(1).sum(1).to(_F64) / (2 * s2y)
-                return x0, lt, None
-            with torch.enable_grad():
-                xg = x.detach().requires_grad_(True)
-                x0 = prior.denoise(xg, s)
-                lt = -((physics.A(x0) - y_rep) ** 2).flatten(1).sum(1) / (2 * (s2y + s**2))
-                (grad,) = torch.autograd.grad(lt.sum(), xg)
-            return x0.detach(), lt.detach().to(_F64), grad.detach()
-
-        x = m0 + math.sqrt(rho2) * _randn((n_tot, *image_shape), generator, dtype, device)
-        x0, lt, grad = twist(x, sig[0], steps == 0)
-        logw = logw + as_pb(lt)
-        for i in range(steps):
-            s_i, s_next = sig[i], sig[i + 1]
-            r = s_next**2 / s_i**2
-            var = s_next**2 * (1.0 - r)
-            mp = x0 + r * (x - x0)
-            shift = (s_i**2 - s_next**2) * grad
-            if math.isfinite(max_shift):  # cap the explicit gradient step (the weights below use the capped mean)
-                norm = shift.flatten(1).norm(dim=1).clamp_min(1e-30)
-                cap = max_shift * s_i * math.sqrt(shift[0].numel())
-                shift = shift * (cap / norm).clamp(max=1.0).reshape(-1, *([1] * (shift.dim() - 1)))
-            mt = mp + shift
-            x_new = mt + math.sqrt(var) * _randn(x.shape, generator, dtype, device)
-            check_bounded(x_new, method, i + 1, s_next, "the twist gradient exploded; use more steps or a finite "
-                          "max_shift")
-            log_ratio = (flat(x_new - mt) ** 2 - flat(x_new - mp) ** 2).sum(1) / (2 * var)
-            x0_new, lt_new, grad = twist(x_new, s_next, i == steps - 1)
-            logw = logw + as_pb(log_ratio + lt_new - lt)
-            x, x0, lt = x_new, x0_new, lt_new
-            if i < steps - 1:  # the final weighted ensemble is returned as is
-                state = {"x": x, "x0": x0, "lt": lt, "grad": grad}
-                logw, weights, ess, flag = reweight_and_resample(logw, state)
-                x, x0, lt, grad = state["x"], state["x0"], state["lt"], state["grad"]
+                inc = -0.5 * h * (sc_f * gm_f).sum(1)
+            if anneal:  # -(α_{i+1} - α_i) μ_y(x_i): the explicit time dependence of the tilt
+                inc = inc - tilt.half_sq_residual(x) * (1.0 / s2[i + 1] - 1.0 / s2[i])
+            logw = logw + run.as_pb(inc)
+            state = {"x": x, "score": score, "gm": gm, "x0": x0}
+            logw, ess, flag = run.reweight_and_resample(logw, state)
+            x, score, gm, x0 = state["x"], state["score"], state["gm"], state["x0"]
+            if scheme == "euler":
+                x = x + h * (score - gm) + math.sqrt(h) * run.randn(x.shape)
             else:
-                check_finite(logw, method, i + 1, "the log-weights overflowed; use more steps")
-                logw, weights, ess = _normalise(logw)
-                flag = False
-            record(i + 1, s_next, ess, flag, x0)
-        logw, weights, ess = _normalise(logw)
+                x = x + 0.5 * h * score
+        check_finite(x, method, i + 1, "use more steps (or scheme='exact')")
+        run.record(i + 1, s_next, ess, flag, x0)
+    _, ess = run.normalise(logw)
+    return x, ess
 
-    samples = as_pb(x.detach())
-    check_finite(samples, method, steps)
-    mean, std = weighted_moments(samples, weights)
-    info = {
-        "method": "smc",
-        "weighting": weighting,
-        "scheme": scheme if weighting == "afdps" else "ancestral-twisted",
-        "steps": steps,
-        "particles": n_p,
-        "resamplings": resamplings,
-        "final_ess": ess.tolist(),
-        "nfe": getattr(prior, "nfe", 0) - nfe0,
-        "seconds": time.perf_counter() - t0,
-        "options": {
-            "ess_threshold": ess_threshold,
-            "resample": resample,
-            "sigma_max": smax,
-            "sigma_min": smin,
-            "rho": rho,
-            "rho2_init": rho2,
-            "linear_solver": None if tilt is None else type(tilt).__name__.strip("_").replace("Tilt", "").lower(),
-        },
-    }
-    return ReconstructionResult(
-        x=mean, samples=samples, weights=weights.to(dtype), std=std, diagnostics=diagnostics, info=info
-    )
+
+def _tds_twist(run: _Run, x, s, last):
+    """Tweedie estimate, log twist and its gradient at noise level ``s`` (the exact likelihood at the last)."""
+    physics, y_rep = run.physics, run.y_rep
+    if last:
+        with torch.no_grad():
+            x0 = run.prior.denoise(x, s)
+            lt = -((physics.A(x) - y_rep) ** 2).flatten(1).sum(1).to(_F64) / (2 * run.s2y)
+        return x0, lt, None
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        x0 = run.prior.denoise(xg, s)
+        lt = -((physics.A(x0) - y_rep) ** 2).flatten(1).sum(1) / (2 * (run.s2y + s**2))
+        (grad,) = torch.autograd.grad(lt.sum(), xg)
+    return x0.detach(), lt.detach().to(_F64), grad.detach()
+
+
+def _tds_proposal(grad, s_i, s_next, mp, max_shift):
+    """The twisted proposal mean: ``mp`` plus the (capped) shift ``(σ_i² − σ_{i+1}²)∇log p̃``."""
+    shift = (s_i**2 - s_next**2) * grad
+    if math.isfinite(max_shift):  # cap the explicit gradient step (the weights below use the capped mean)
+        norm = shift.flatten(1).norm(dim=1).clamp_min(1e-30)
+        cap = max_shift * s_i * math.sqrt(shift[0].numel())
+        shift = shift * (cap / norm).clamp(max=1.0).reshape(-1, *([1] * (shift.dim() - 1)))
+    return mp + shift
+
+
+def _tds_weighting(run: _Run, smin, smax, rho, max_shift):
+    """TDS: Tweedie-twisted proposal and weights (module docstring); returns the final particles and ESS."""
+    steps, method = run.steps, run.method
+    sig = karras_sigmas(steps + 1, smin, smax, rho)[:-1].tolist()  # steps + 1 levels, no 0
+    x = run.m0 + math.sqrt(run.rho2) * run.randn((run.n_p * run.n_b, *run.image_shape))
+    x0, lt, grad = _tds_twist(run, x, sig[0], steps == 0)
+    logw = run.new_logw() + run.as_pb(lt)
+    for i in range(steps):
+        s_i, s_next = sig[i], sig[i + 1]
+        r = s_next**2 / s_i**2
+        var = s_next**2 * (1.0 - r)
+        mp = x0 + r * (x - x0)
+        mt = _tds_proposal(grad, s_i, s_next, mp, max_shift)
+        x_new = mt + math.sqrt(var) * run.randn(x.shape)
+        check_bounded(x_new, method, i + 1, s_next, "the twist gradient exploded; use more steps or a finite "
+                      "max_shift")
+        log_ratio = (run.flat(x_new - mt) ** 2 - run.flat(x_new - mp) ** 2).sum(1) / (2 * var)
+        x0_new, lt_new, grad = _tds_twist(run, x_new, s_next, i == steps - 1)
+        logw = logw + run.as_pb(log_ratio + lt_new - lt)
+        x, x0, lt = x_new, x0_new, lt_new
+        if i < steps - 1:  # the final weighted ensemble is returned as is
+            state = {"x": x, "x0": x0, "lt": lt, "grad": grad}
+            logw, ess, flag = run.reweight_and_resample(logw, state)
+            x, x0, lt, grad = state["x"], state["x0"], state["lt"], state["grad"]
+        else:
+            check_finite(logw, method, i + 1, "the log-weights overflowed; use more steps")
+            logw, ess = run.normalise(logw)
+            flag = False
+        run.record(i + 1, s_next, ess, flag, x0)
+    _, ess = run.normalise(logw)
+    return x, ess

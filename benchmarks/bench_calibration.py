@@ -1,0 +1,344 @@
+"""Is the posterior spread calibrated? Coverage, calibration curves, z-scores and conformal factors.
+
+    python benchmarks/bench_calibration.py --modality mri --json benchmarks/calibration_mri.json
+    python benchmarks/bench_calibration.py --modality ct --json benchmarks/calibration_ct.json
+    python benchmarks/bench_calibration.py --gmm --json benchmarks/calibration_gmm.json
+
+Real images (held out from the priors' training): the head CT ``693_UNCR.dcm`` (central 384² resized to 128²,
+0.478 mm × 3 pixels) through ``sparse-view-ct`` with 30 and 60 views (1e5 photons) and a low-dose scan (90 views,
+1e4 photons); ``MR_small.dcm`` (64², native) through single-coil ``mri`` at 4× and 8× (random 1D mask, Gaussian
+noise 2 % of the k-space RMS). Measurements come from ``recon.tasks`` (``make_task``, ``simulate``,
+``normalised_problem``) as ``recon simulate``/``recon reconstruct`` make them; everything is measured in the
+prior's normalised units. Each case has 3 noise draws: draw 0 is the *tuning* case (conformal factors are fitted
+on it), draws 1 and 2 are reported.
+
+Methods (K = 16 samples per case): ``ensemble`` of independent DDS runs (``recon.samplers.ensemble``,
+``base="dds"``, one batched run of 16 chains), FPS (``recon.samplers.fps``, 16 particles), and on MRI also the
+ensemble of DPS runs. Per case: PSNR of the mean; coverage of the central 50/90/95 % intervals (predictive
+Student-t intervals ``mean ± t·s·sqrt(1 + 1/K)``, and empirical quantiles at 90 %) over the image and inside the
+body (``body_mask``: threshold + largest component + filled holes); calibration curve (nominal vs observed);
+z-score histogram; mean 90 % interval width; Spearman(std, |err|) inside the body; ESS; NFE and seconds.
+Conformal: the factor ``c`` (``conformal_factor``, body pixels of the tuning draw) applied to the reported draws.
+
+Exact posteriors (``--gmm``): ``GaussianMixturePrior`` problems with closed-form posteriors: *unimodal* (one
+full-covariance Gaussian, 4×4, 50 % pixel mask, σ_y = 0.1), *mixture* (3 components, as
+``tests/test_samplers_smc.py``) and *bimodal* (``bimodal_inpainting_example`` 6×6, σ_y = 0.1, mode weights
+0.3/0.7); P = 1024 particles/samples, 4 replicas: posterior-mean error in units of the posterior std against the
+floor of 1024 exact samples (target ≤ 1.5×), std ratio, mode-weight TV distance (target ≤ 0.05).
+
+One torch thread; the figures go to ``benchmarks/figures/calibration-<modality>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recon.samplers import uncertainty as U
+
+warnings.filterwarnings("ignore")
+HERE = Path(__file__).resolve().parent
+LEVELS = (0.5, 0.9, 0.95)
+CURVE = [*np.round(np.arange(0.05, 0.951, 0.05), 2).tolist(), 0.99]
+ZBINS = np.linspace(-6, 6, 49)
+K = 16
+DRAWS = (0, 1, 2)  # 0: tuning, 1-2: reported
+
+CASES = {
+    "ct": {
+        "sparse-view 30 views": {"task": "sparse-view-ct", "views": 30, "photons": 1e5},
+        "sparse-view 60 views": {"task": "sparse-view-ct", "views": 60, "photons": 1e5},
+        "low dose (90 views, 1e4 photons)": {"task": "sparse-view-ct", "views": 90, "photons": 1e4},
+    },
+    "mri": {
+        "4x": {"task": "mri", "acceleration": 4.0, "noise": 0.02},
+        "8x": {"task": "mri", "acceleration": 8.0, "noise": 0.02},
+    },
+}
+
+
+def methods_for(modality: str, steps: int) -> dict:
+    out = {
+        f"ensemble of DDS (K={K}, {steps} steps)": ("ensemble", {"base": "dds", "steps": steps, "particles": K,
+                                                               "per_run": K}),
+        f"FPS ({K} particles, {steps} steps)": ("fps", {"steps": steps, "particles": K, "cg_iters": 20}),
+    }
+    if modality == "mri":
+        out[f"ensemble of DPS (K={K}, {2 * steps} steps)"] = ("ensemble", {"base": "dps", "steps": 2 * steps,
+                                                                          "particles": K, "per_run": K})
+    return out
+
+
+def load_image(modality: str):
+    """(image in physical units (H, W), spacing (mm), unit)."""
+    from pydicom.data import get_testdata_file
+
+    from recon.datasets.slices import read_slices
+
+    if modality == "ct":
+        from skimage.transform import resize
+
+        hu = next(read_slices(get_testdata_file("693_UNCR.dcm", download=False)))[64:448, 64:448]
+        return resize(hu, (128, 128), anti_aliasing=True, preserve_range=True), (0.478516 * 3,) * 2, "HU"
+    mr = np.abs(next(read_slices(get_testdata_file("MR_small.dcm", download=False))))
+    return mr.astype(np.float64), (0.3125, 0.3125), None
+
+
+def make_problem(modality: str, params: dict, image, spacing, unit, prior, draw: int):
+    from recon.samplers.baselines import analytic_inverse
+    from recon.tasks import make_task, normalised_problem, simulate, to_domain
+
+    params = dict(params)
+    task = params.pop("task")
+    photons, noise = params.pop("photons", None), params.pop("noise", None)
+    spec = make_task(task, image.shape, spacing, seed=0, **params)
+    meas = simulate(spec, torch.from_numpy(image), unit, photons=photons, noise=noise, seed=1000 + draw)
+    physics = meas.physics()
+    with torch.no_grad():
+        analytic = analytic_inverse(physics, meas.y)
+    y_n, sigma_n, a, b = normalised_problem(meas, physics, prior, analytic)
+    truth = a * to_domain(spec, torch.from_numpy(image).float()[None, None], unit) + b
+    return physics, y_n.float(), float(sigma_n), truth.float()
+
+
+def run_method(name: str, options: dict, physics, y, prior, sigma_y: float, seed: int):
+    from recon.samplers.ensemble import sample_ensemble
+    from recon.samplers.fps import sample_fps
+
+    fn = sample_ensemble if name == "ensemble" else sample_fps
+    g = torch.Generator().manual_seed(seed)
+    nfe0, t0 = prior.nfe, time.perf_counter()
+    res = fn(physics, y, prior, sigma_y=sigma_y, generator=g, **options)
+    return res, prior.nfe - nfe0, time.perf_counter() - t0
+
+
+def psnr(x, ref) -> float:
+    mse = float((x - ref).pow(2).mean())
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def case_metrics(res, truth, mask) -> dict:
+    s, w = res.samples.float(), res.weights
+    mean, std = res.x.float(), res.std.float()
+    err = mean - truth
+    row = {"psnr": psnr(mean, truth), "ess_final": res.info.get("ess_final"),
+           "degenerate": bool(res.info.get("degenerate", False)), "warnings": res.info.get("warnings", [])}
+    for region, m in (("image", None), ("body", mask)):
+        for lv in LEVELS:
+            row[f"coverage_{int(lv * 100)}_{region}"] = U.coverage(*U.interval_bounds(s, w, lv, "t"), truth, m)
+        row[f"coverage_90_quantile_{region}"] = U.coverage(*U.interval_bounds(s, w, 0.9, "quantile"), truth, m)
+        lo, hi = U.interval_bounds(s, w, 0.9, "t")
+        row[f"width_90_{region}"] = float(U._masked(hi - lo, m).mean())
+        row[f"curve_{region}"] = U.calibration_curve(s, truth, w, CURVE, m)[1].tolist()
+        row[f"mean_std_{region}"] = float(U._masked(std, m).mean())
+        row[f"rmse_{region}"] = float(U._masked(err, m).pow(2).mean().sqrt())
+    z = U.zscores(mean, std, truth, mask).double().numpy()
+    row["zscore_hist_body"] = np.histogram(np.clip(z, -6, 6), ZBINS)[0].tolist()
+    row["zscore_std_body"] = float(np.std(z))
+    row["spearman_body"] = U.spearman(std, err.abs(), mask)
+    row["spearman_image"] = U.spearman(std, err.abs())
+    return row, std, err
+
+
+def conformal_rows(rows: list[dict], maps: dict) -> None:
+    """Fit c on the tuning draw (body pixels) per (case, method, level); apply to the reported draws."""
+    for r in rows:
+        if r["tuning"]:
+            continue
+        tuning = next(d for (c, m, d), _ in maps.items() if c == r["case"] and m == r["method"])
+        std_t, err_t, mask_t = maps[(r["case"], r["method"], tuning)]
+        std, err, mask = maps[(r["case"], r["method"], r["draw"])]
+        for lv in LEVELS:
+            c = U.conformal_factor(std_t, err_t, mask_t, coverage=lv)
+            r[f"conformal_factor_{int(lv * 100)}"] = c
+            for region, m in (("image", None), ("body", mask)):
+                inside = (err.abs() <= c * std)
+                r[f"conformal_coverage_{int(lv * 100)}_{region}"] = float(U._masked(inside, m).double().mean())
+
+
+def run_real(modality: str, steps: int, only: list[str] | None, draws: tuple[int, ...] = DRAWS) -> dict:
+    from recon.priors import load_prior
+
+    prior = load_prior("default-ct" if modality == "ct" else "default-mri")
+    image, spacing, unit = load_image(modality)
+    rows, maps = [], {}
+    for case, params in CASES[modality].items():
+        for draw in draws:
+            physics, y, sigma_y, truth = make_problem(modality, params, image, spacing, unit, prior, draw)
+            mask = U.body_mask(truth)
+            for label, (name, options) in methods_for(modality, steps).items():
+                if only and not any(o in label for o in only):
+                    continue
+                res, nfe, sec = run_method(name, options, physics, y, prior, sigma_y, seed=draw)
+                row, std, err = case_metrics(res, truth, mask)
+                maps[(case, label, draw)] = (std, err, mask)
+                row = {"case": case, "method": label, "draw": draw, "tuning": draw == draws[0], "nfe": nfe,
+                       "seconds": sec, "sigma_y": sigma_y, "body_fraction": float(mask.float().mean()), **row}
+                rows.append(row)
+                print(f"{case:34s} {label:34s} draw {draw} PSNR {row['psnr']:5.2f} cov90 "
+                      f"{row['coverage_90_image']:.3f}/{row['coverage_90_body']:.3f} rho {row['spearman_body']:.2f}"
+                      f" ess {min(row['ess_final']):.1f} {sec:6.1f} s NFE {nfe}", flush=True)
+    conformal_rows(rows, maps)
+    return {"modality": modality, "K": K, "steps": steps, "levels": LEVELS, "curve_levels": CURVE,
+            "zbins": ZBINS.tolist(), "draws": {"tuning": draws[0], "reported": list(draws[1:])},
+            "summary": summarise(rows), "rows": rows}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean over the reported draws per (case, method)."""
+    keys = [k for k in rows[0] if k.startswith(("coverage_", "conformal_", "width_", "spearman_", "psnr", "mean_std",
+                                                 "rmse", "zscore_std"))]
+    out = []
+    for case, method in dict.fromkeys((r["case"], r["method"]) for r in rows):
+        rep = [r for r in rows if r["case"] == case and r["method"] == method and not r["tuning"]]
+        agg = {k: float(np.mean([r[k] for r in rep if k in r])) for k in keys if any(k in r for r in rep)}
+        agg.update(nfe=float(np.mean([r["nfe"] for r in rep])), seconds=float(np.mean([r["seconds"] for r in rep])),
+                   min_ess=float(min(min(r["ess_final"]) for r in rep)), degenerate=any(r["degenerate"] for r in rep))
+        out.append({"case": case, "method": method, **agg})
+    return out
+
+
+def figure(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if not r["tuning"]]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(2, len(cases), figsize=(4.2 * len(cases), 7.5), squeeze=False)
+    centres = 0.5 * (ZBINS[1:] + ZBINS[:-1])
+    for j, case in enumerate(cases):
+        ax, axz = axes[0, j], axes[1, j]
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        for mi, method in enumerate(methods):
+            rr = [r for r in rows if r["case"] == case and r["method"] == method]
+            if not rr:
+                continue
+            col = f"C{mi}"
+            ax.plot(CURVE, np.mean([r["curve_body"] for r in rr], 0), "-o", ms=3, color=col, label=method)
+            ax.plot(CURVE, np.mean([r["curve_image"] for r in rr], 0), "--", color=col, lw=1)
+            hist = np.sum([r["zscore_hist_body"] for r in rr], 0).astype(float)
+            axz.step(centres, hist / hist.sum() / np.diff(ZBINS)[0], where="mid", color=col, label=method)
+        grid = np.linspace(-6, 6, 200)
+        axz.plot(grid, np.exp(-grid**2 / 2) / math.sqrt(2 * math.pi), "k:", lw=1, label="N(0, 1)")
+        ax.set(title=f"{result['modality'].upper()} {case}", xlabel="nominal coverage", ylabel="observed coverage",
+               xlim=(0, 1), ylim=(0, 1))
+        axz.set(xlabel="z = (truth − mean) / std (body)", ylabel="density", yscale="log", ylim=(1e-4, 1))
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    axes[1, 0].legend(fontsize=7, loc="lower center")
+    fig.suptitle("solid: inside the body, dashed: whole image (reported draws)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact Gaussian-mixture posteriors
+# ---------------------------------------------------------------------------------------------------------
+def gmm_problems():
+    from recon.operators.inpainting import Inpainting, random_pixel_mask
+    from recon.priors.gaussian import GaussianMixturePrior, bimodal_inpainting_example
+
+    out = {}
+    for name, comps in (("unimodal", 1), ("mixture (3 components)", 3)):
+        prior = GaussianMixturePrior.random((1, 4, 4), comps, seed=0)
+        physics = Inpainting((4, 4), random_pixel_mask((4, 4), 0.5, seed=0))
+        gen = torch.Generator().manual_seed(100)
+        y = physics.A(prior.sample(1, generator=gen))
+        y = y + 0.1 * torch.randn(y.shape, generator=gen, dtype=y.dtype)
+        out[name] = (prior, physics, y, 0.1)
+    prior, physics, y, sy = bimodal_inpainting_example((1, 6, 6), sigma_y=0.1)
+    out["bimodal"] = (prior, physics, y, sy)
+    return out
+
+
+def gmm_metrics(res, prior, physics, post, replicas: int) -> dict:
+    m, s = post.mean.flatten(), post.std.flatten()
+    errs, ratios, tvs = [], [], []
+    for b in range(replicas):
+        x, w = res.samples[:, b].flatten(1).double(), res.weights[:, b].double()
+        mean = (w[:, None] * x).sum(0)
+        std = (w[:, None] * (x - mean) ** 2).sum(0).sqrt()
+        errs.append(float((mean - m).norm() / s.norm()))
+        ratios.append(float((std / s).mean()))
+        if post.weights.numel() == 2:
+            hole = (physics.mask[0].expand(res.samples.shape[2:]) == 0).flatten()
+            dist = torch.stack([((x[:, hole] - mu.flatten()[hole]) ** 2).sum(1) for mu in prior.means], 1)
+            tvs.append(abs(float(w[dist.argmin(1) == 0].sum()) - float(post.weights[0])))
+    out = {"err": float(np.mean(errs)), "std_ratio": float(np.mean(ratios))}
+    if tvs:
+        out["mode_tv"] = float(np.mean(tvs))
+    return out
+
+
+def run_gmm(particles: int = 1024, replicas: int = 4) -> dict:
+    from recon.samplers.ensemble import sample_ensemble
+    from recon.samplers.fps import sample_fps
+    from recon.samplers.smc import sample_smc
+
+    methods = {
+        "FPS (50 steps)": (sample_fps, {"steps": 50}),
+        "FPS (200 steps)": (sample_fps, {"steps": 200}),
+        "SMC TDS (100 steps)": (sample_smc, {"steps": 100, "weighting": "tds"}),
+        "ensemble of DPS (50 steps)": (sample_ensemble, {"base": "dps", "steps": 50, "per_run": particles}),
+    }
+    rows = []
+    for name, (prior, physics, y, sy) in gmm_problems().items():
+        post = prior.posterior(physics, y, sy)
+        floor = np.mean([float((post.sample(particles, generator=torch.Generator().manual_seed(7 + r)).flatten(1)
+                                .mean(0) - post.mean.flatten()).norm() / post.std.flatten().norm())
+                         for r in range(replicas)])
+        yb = y.repeat(replicas, *([1] * (y.dim() - 1)))
+        for label, (fn, kw) in methods.items():
+            t0 = time.perf_counter()
+            res = fn(physics, yb, prior, sigma_y=sy, particles=particles, generator=torch.Generator().manual_seed(3),
+                     **kw)
+            row = {"problem": name, "method": label, "particles": particles, "err_floor": float(floor),
+                   **gmm_metrics(res, prior, physics, post, replicas), "seconds": time.perf_counter() - t0,
+                   "ess_final": res.info.get("ess_final", res.info.get("final_ess"))}
+            row["err_over_floor"] = row["err"] / row["err_floor"]
+            rows.append(row)
+            print(f"{name:24s} {label:28s} err {row['err']:.3f} ({row['err_over_floor']:.2f}x floor) std ratio "
+                  f"{row['std_ratio']:.3f} TV {row.get('mode_tv', float('nan')):.3f} {row['seconds']:.1f} s",
+                  flush=True)
+    return {"particles": particles, "replicas": replicas, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modality", choices=["ct", "mri"], default="mri")
+    parser.add_argument("--gmm", action="store_true", help="the exact Gaussian-mixture posteriors instead")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--only", nargs="+", help="only methods whose label contains one of these")
+    parser.add_argument("--draws", type=int, nargs="+", default=list(DRAWS),
+                        help="noise draws; the first is the tuning draw (conformal fit), the others are reported")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    if args.gmm:
+        result = run_gmm()
+    else:
+        result = run_real(args.modality, args.steps, args.only, tuple(args.draws))
+        figure(result, HERE / "figures" / f"calibration-{args.modality}.png")
+    result["total_seconds"] = time.perf_counter() - t0
+    result["threads"] = args.threads
+    print(f"total {result['total_seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -212,6 +212,10 @@ METHODS: dict[str, MethodSpec] = dict([
     _spec("mbir3d", "volume", "sample_diffusion_mbir", "diffusion-mbir under its 3D name", long_running=True),
     _spec("dds3d", "volume", "sample_dds", "DDS with the anchored TV-z coupling (volumes)", long_running=True,
           implies=_DDS3D),
+    _spec("ensemble", "ensemble", "sample_ensemble", "K independent runs of a base sampler (default DPS): mean and std",
+          family="particles"),
+    _spec("fps", "fps", "sample_fps", "Filtering Posterior Sampling: particle filter on noised measurements (linear A)",
+          family="particles"),
 ])
 
 

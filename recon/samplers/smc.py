@@ -100,6 +100,15 @@ is the true likelihood :math:`N(y; A x, σ_y^2)`. With :math:`σ_{min} > 0`, :ma
 :math:`τ^2 = σ_{min}^2` and :math:`\hat x_0 ≠ x`), so at the last level it is replaced by the exact likelihood
 of the final state (which carries noise :math:`σ_{min}`, a negligible :math:`σ_{min}^2` variance inflation).
 
+Code layout: ``sample_smc`` checks its arguments and builds a ``_Run`` (problem, particle layout, weights, step
+records); ``_tds_weighting`` and ``_afdps_weighting`` are the two weightings; both resample through
+``resample_particles`` (shared with ``recon.samplers.fps``).
+
+Degeneracy is reported, never silent: every step records ``ess`` and ``ess_per_item``; ``info["ess_final"]``
+holds the final ESS per measurement, and ``info["degenerate"]`` is True, with a message in ``info["warnings"]``,
+when a measurement's final ``ESS / P < degenerate_below`` (default 0.1): its std map then comes from a handful of
+particles.
+
 Cost: one prior evaluation per particle and step (TDS: plus a backward pass; ``steps + 1`` evaluations).
 """
 

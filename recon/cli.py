@@ -389,6 +389,12 @@ def _method_spec(name: str):
 def cmd_methods(args) -> int:
     """The method table, or one method's options (type, default, help), from the registry."""
     methods = _methods()
+    if args.markdown:
+        from recon.samplers.registry import markdown_table
+        from recon.tasks import markdown_table as task_table
+
+        print(markdown_table() + "\n\n" + task_table())
+        return 0
     if args.name:
         spec = _method_spec(args.name)
         rows = [{"option": o.name, "type": o.hint, "default": o.default, "help": o.help} for o in spec.options.values()]
@@ -464,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mt = sub.add_parser("methods", help="the reconstruction methods, or one method's options")
     mt.add_argument("name", nargs="?", default=None, help="a method: list its options (type, default, help)")
+    mt.add_argument("--markdown", action="store_true", help="the method and task tables of the README")
     _common(mt, device=False)
     mt.set_defaults(func=cmd_methods)
 

@@ -19,17 +19,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from recon.datasets.io import MedicalImage, atomic_write_bytes, read_image, write_image, write_png
+from recon.datasets.io import MedicalImage, read_image
+from recon.outputs import (
+    OutputError,
+    Written,
+    check_outputs,
+    input_files,
+    metrics,
+    output_paths,
+    sha256_files,
+    software_versions,
+    write_outputs,
+    write_preview,
+)
 from recon.tasks import (
     domain_scale,
     from_domain,
@@ -39,6 +50,8 @@ from recon.tasks import (
     save_measurement,
     simulate,
 )
+from recon.utils import jsonable as _jsonable
+from recon.utils import resolve_device as _resolve_device
 
 __all__ = [
     "PipelineError",
@@ -55,69 +68,13 @@ __all__ = [
     "write_preview",
 ]
 
-CT_WINDOW = (-1000.0, 1000.0)  # HU window of the CT metrics and previews
 
 
-class PipelineError(ValueError):
+class PipelineError(OutputError):
     """A user-facing problem (bad option combination, unusable file); the message names what is wrong."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def sha256_files(paths) -> str:
-    h = hashlib.sha256()
-    for p in sorted(str(p) for p in paths):
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def input_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
-    return [path]
-
-
-def _atomic_text(text: str, path: Path, overwrite: bool) -> str:
-    return atomic_write_bytes(text.encode(), path, overwrite=overwrite)
-
-
-def output_paths(output: str | os.PathLike, fmt: str | None = None) -> dict[str, Path]:
-    """Where ``reconstruct_file`` writes: the reconstruction and its companions beside it.
-
-    ``rec.nii.gz`` → ``rec.std.nii.gz``, ``rec.preview.png``, ``rec.report.json``, ``rec.provenance.json``,
-    ``rec.config.yaml``; a DICOM output (a folder, ``fmt="dicom"`` or a path without suffix) → ``FOLDER`` and
-    ``FOLDER_std`` (series folders) and the companions next to the folder.
-    """
-    out = Path(output)
-    name = out.name
-    if fmt == "dicom" or not out.suffix:
-        stem, std = name, out.with_name(name + "_std")
-    else:
-        for ext in (".nii.gz", ".nii", ".npy", ".png"):
-            if name.endswith(ext):
-                stem = name[: -len(ext)]
-                std = out.with_name(stem + ".std" + ext)
-                break
-        else:
-            raise PipelineError(f"{out}: unknown output format (use .nii.gz, .nii, .npy, .png, or a folder for DICOM)")
-    return {"image": out, "std": std, "preview": out.with_name(stem + ".preview.png"),
-            "report": out.with_name(stem + ".report.json"), "provenance": out.with_name(stem + ".provenance.json"),
-            "config": out.with_name(stem + ".config.yaml")}
-
-
-def check_outputs(paths: dict[str, Path], overwrite: bool) -> None:
-    parent = paths["image"].parent
-    if not parent.is_dir():
-        raise PipelineError(f"{parent}: output folder does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PipelineError(f"{parent}: output folder is not writable")
-    if not overwrite:
-        for p in paths.values():
-            if p.exists():
-                raise PipelineError(f"{p}: exists (use --overwrite to replace it)")
-
-
 def _geometry(image: MedicalImage) -> dict:
     return {"affine": np.asarray(image.affine).tolist(), "shape": list(image.shape), "modality": image.modality,
             "unit": image.unit}
@@ -129,70 +86,11 @@ def _image_tensor(image: MedicalImage) -> torch.Tensor:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``recon.utils.resolve_device`` with the command line's wording (``PipelineError``)."""
     try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise PipelineError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        raise PipelineError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    return dev
-
-
-def metrics(rec: np.ndarray, ref: np.ndarray, is_ct: bool) -> dict:
-    """PSNR (dB) and SSIM of ``rec`` against ``ref`` ((D, H, W) arrays, physical units). CT: on the
-    [-1000, 1000] HU window (data range 2000 HU); otherwise data range = the reference's max − min. SSIM is the
-    mean over slices (skimage's Gaussian-free 7×7 window)."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    if rec.shape != ref.shape:
-        raise PipelineError(f"the reference has shape {ref.shape}, the reconstruction {rec.shape}")
-    if is_ct:
-        lo, hi = CT_WINDOW
-        rec, ref = np.clip(rec, lo, hi), np.clip(ref, lo, hi)
-        rng = hi - lo
-    else:
-        rng = float(ref.max() - ref.min()) or 1.0
-    psnr = float(peak_signal_noise_ratio(ref, rec, data_range=rng))
-    win = min(7, *(s if s % 2 else s - 1 for s in ref.shape[1:]))
-    ssim = float(np.mean([structural_similarity(r, x, data_range=rng, win_size=max(win, 3))
-                          for r, x in zip(ref, rec, strict=True)]))
-    return {"psnr": psnr, "ssim": ssim}
-
-
-def write_preview(panels: list[tuple[str, np.ndarray]], is_ct: bool, path: Path, overwrite: bool) -> str:
-    """Middle slices side by side on one window (the error panel on its own, [0, window width / 4])."""
-    mids = [(name, a[a.shape[0] // 2]) for name, a in panels]
-    if is_ct:
-        lo, hi = CT_WINDOW
-    else:
-        base = mids[0][1]
-        lo, hi = float(np.percentile(base, 1)), float(np.percentile(base, 99.5))
-        hi = hi if hi > lo else lo + 1.0
-    tiles = []
-    for name, m in mids:
-        if name == "error":
-            t = np.clip(np.abs(m) / ((hi - lo) / 4), 0, 1)
-        else:
-            t = np.clip((m - lo) / (hi - lo), 0, 1)
-        tiles.append(np.pad(t, 2, constant_values=1.0))
-    mosaic = np.concatenate(tiles, axis=1)
-    return write_png(mosaic, path, window=(0.0, 1.0), overwrite=overwrite)
-
-
-def software_versions() -> dict:
-    import deepinv
-    import nibabel
-    import pydicom
-
-    from recon import __version__
-
-    return {"recon": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "deepinv": deepinv.__version__, "numpy": np.__version__, "pydicom": pydicom.__version__,
-            "nibabel": nibabel.__version__}
+        return _resolve_device(device)
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
 
 
 def _prior_checksum(prior) -> str | None:
@@ -407,9 +305,7 @@ def reconstruct_file(
     arrays is reused (at most 4 kept); the outputs are those of fresh objects (a ``memory_budget`` set on a cached
     prior stays set). The operator that simulates measurements (with ``task``) is always built afresh.
     """
-    from recon import reconstruct
     from recon.samplers import get_method
-    from recon.samplers.baselines import analytic_inverse
 
     t_start = time.perf_counter()
     if method is not None:
@@ -420,140 +316,154 @@ def reconstruct_file(
     in_path = Path(input)
     if not in_path.exists():
         raise PipelineError(f"{in_path}: no such file or folder")
-
-    timings = {}
+    timings: dict = {}
     t0 = time.perf_counter()
-    if task is not None:
-        ref_image = read_image(in_path, series=series, on_irregular=on_irregular)
-        meas = _simulate_image(ref_image, task, photons, noise, seed, task_params or {})
-        headers_from = ref_image
-    elif in_path.suffix in (".h5", ".hdf5"):
-        meas = _fastmri_measurement(in_path)
-        ref_image = read_image(reference, on_irregular=on_irregular) if reference is not None else None
-        headers_from = ref_image
-        if method is None:
-            method = "analytic"
-        if not get_method(method).complex_data:
-            from recon.samplers import METHODS
-
-            usable = " or ".join(m for m, s in METHODS.items() if s.complex_data)
-            raise PipelineError(f"{in_path}: measured complex k-space; recon's diffusion priors are real-valued "
-                                f"(magnitude) priors, so use --method {usable} for fastMRI files")
-    else:
-        if in_path.suffix != ".npz":
-            raise PipelineError(f"{in_path}: give a measurement file (.npz from `recon simulate`), a fastMRI .h5 "
-                                "file, or an image together with --task to simulate and reconstruct in one go")
-        meas = load_measurement(in_path)
-        ref_image = read_image(reference, on_irregular=on_irregular) if reference is not None else None
-        headers_from = ref_image
+    problem = _read_problem(in_path, reference, task, task_params, photons, noise, seed, series, on_irregular)
     timings["read_and_simulate"] = time.perf_counter() - t0
-    spec = meas.spec
-    shape = tuple(meas.geometry.get("shape") or (1, *spec.img_size))
+    meas = problem.meas
+    physics = _physics(meas, dev, cache)
+    meas.y = meas.y.to(dev)
+    method = _resolve_method(method, options, physics, problem.complex_input, in_path)
+    t0 = time.perf_counter()
+    run = _run_method(meas, physics, method, prior, dev, cache, memory_budget, seed, steps, particles, callback,
+                      options)
+    timings["reconstruct"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    written = _reconstruction_outputs(problem, run, physics, method, seed, reference, in_path, dev)
+    fmt = "dicom" if (format == "dicom" or not paths["image"].suffix) else None
+    timings["assemble"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start  # up to the writing of the outputs
+    written.provenance["timings_s"] = timings
+    return write_outputs(written, paths, fmt=fmt, config=config, anonymize=anonymize, overwrite=overwrite)
+
+
+@dataclass
+class _Problem:
+    """A measurement to reconstruct, its reference image (or None) and the headers a DICOM output copies."""
+
+    meas: object
+    ref_image: MedicalImage | None
+    headers_from: MedicalImage | None
+    complex_input: bool = False
+
+
+def _read_problem(in_path: Path, reference, task, task_params, photons, noise, seed, series,
+                  on_irregular) -> _Problem:
+    """Simulate ``task`` on an image, or read a measurement file / fastMRI k-space (and the reference)."""
+    if task is not None:
+        image = read_image(in_path, series=series, on_irregular=on_irregular)
+        return _Problem(_simulate_image(image, task, photons, noise, seed, task_params or {}), image, image)
+    ref_image = read_image(reference, on_irregular=on_irregular) if reference is not None else None
+    if in_path.suffix in (".h5", ".hdf5"):
+        return _Problem(_fastmri_measurement(in_path), ref_image, ref_image, complex_input=True)
+    if in_path.suffix != ".npz":
+        raise PipelineError(f"{in_path}: give a measurement file (.npz from `recon simulate`), a fastMRI .h5 "
+                            "file, or an image together with --task to simulate and reconstruct in one go")
+    meas = load_measurement(in_path)
+    shape = tuple(meas.geometry.get("shape") or (1, *meas.spec.img_size))
     if ref_image is not None and tuple(ref_image.shape) != shape:
         raise PipelineError(f"{reference}: reference of shape {tuple(ref_image.shape)} does not match the "
                             f"measurement's image shape {shape}")
+    return _Problem(meas, ref_image, ref_image)
 
-    physics = _physics(meas, dev, cache)
-    meas.y = meas.y.to(dev)
+
+def _resolve_method(method: str | None, options: dict | None, physics, complex_input: bool, in_path: Path) -> str:
+    """The method to run (None: the recommended one for the operator; ``analytic`` for measured k-space), checked
+    against the data: measured complex k-space needs a method that takes complex images."""
+    from recon.samplers import METHODS, get_method, recommended_method
+
     if method is None:
-        from recon.samplers import recommended_method
+        method = "analytic" if complex_input else recommended_method(getattr(physics, "modality", None))
+    spec = get_method(method)
+    spec.check_options(options or {})
+    if complex_input and not spec.complex_data:
+        usable = " or ".join(m for m, s in METHODS.items() if s.complex_data)
+        raise PipelineError(f"{in_path}: measured complex k-space; recon's diffusion priors are real-valued "
+                            f"(magnitude) priors, so use --method {usable} for fastMRI files")
+    return method
 
-        method = recommended_method(getattr(physics, "modality", None))
-        get_method(method).check_options(options or {})
+
+@dataclass
+class _Run:
+    """A sampler's result and the affine map ``x_n = a d + b`` between its range and the operator's domain."""
+
+    result: object
+    analytic_d: torch.Tensor
+    a: float
+    b: float
+    prior: object
+    prior_name: str | None
+
+
+def _run_method(meas, physics, method, prior, dev, cache, memory_budget, seed, steps, particles, callback,
+                options) -> _Run:
+    """Load the prior the method needs, map the problem to its range, and run the sampler."""
+    from recon import reconstruct
+    from recon.samplers import get_method
+    from recon.samplers.baselines import analytic_inverse
+
     with torch.no_grad():
         analytic_d = analytic_inverse(physics, meas.y)
-    needs_prior = get_method(method).needs_prior
-    prior_obj, prior_name = (None, None)
-    if needs_prior:
+    prior_obj, prior_name = None, None
+    if get_method(method).needs_prior:
         prior_obj, prior_name = _pick_prior(prior, meas, dev, cache)
         if memory_budget is not None and hasattr(prior_obj, "memory_budget"):
             if not memory_budget > 0:
                 raise PipelineError(f"--max-memory must be positive, got {memory_budget}")
             prior_obj.memory_budget = float(memory_budget)
-    if prior_obj is not None:
         y_n, sigma_n, a, b = normalised_problem(meas, physics, prior_obj, analytic_d)
     else:  # classical methods run in domain units
         y_n, sigma_n, a, b = meas.y, meas.sigma_y, 1.0, 0.0
-    t0 = time.perf_counter()
     result = reconstruct(physics, y_n, prior_obj, method=method, sigma_y=sigma_n, seed=seed, steps=steps,
                          particles=particles, callback=callback, **(options or {}))
-    timings["reconstruct"] = time.perf_counter() - t0
+    return _Run(result, analytic_d, a, b, prior_obj, prior_name)
 
-    def to_phys(x_n: torch.Tensor) -> np.ndarray:
-        """Normalised → physical ``(D, H, W)``; complex images (two channels) → magnitude."""
-        d = from_domain(spec, (x_n.detach().double().cpu() - b) / a)[0]
-        arr = (d[0] if d.shape[0] == 1 else d.pow(2).sum(0).sqrt()).numpy()
-        return arr[None] if arr.ndim == 2 else arr
 
-    rec = to_phys(result.x)
-    analytic = to_phys(analytic_d * a + b)
-    residual = float((meas.y - physics.A(((result.x - b) / a).to(meas.y.dtype))).flatten(1).norm(dim=1).mean())
+def _to_physical(spec, x_n: torch.Tensor, a: float, b: float) -> np.ndarray:
+    """Normalised → physical ``(D, H, W)``; complex images (two channels) → magnitude."""
+    d = from_domain(spec, (x_n.detach().double().cpu() - b) / a)[0]
+    arr = (d[0] if d.shape[0] == 1 else d.pow(2).sum(0).sqrt()).numpy()
+    return arr[None] if arr.ndim == 2 else arr
 
+
+def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, seed: int, reference,
+                            in_path: Path, dev) -> Written:
+    """The image, the std map, the preview panels, the report and the provenance of a reconstruction."""
+    meas, spec, result = problem.meas, problem.meas.spec, run.result
+    rec = _to_physical(spec, result.x, run.a, run.b)
+    analytic = _to_physical(spec, run.analytic_d * run.a + run.b, run.a, run.b)
+    x_d = ((result.x - run.b) / run.a).to(meas.y.dtype)
+    residual = float((meas.y - physics.A(x_d)).flatten(1).norm(dim=1).mean())
     affine = np.asarray(meas.geometry.get("affine", np.eye(4)), dtype=np.float64)
     modality = meas.geometry.get("modality") or ("CT" if spec.is_ct else None)
     unit = "HU" if spec.is_ct else meas.geometry.get("unit")
-    base = MedicalImage(array=rec, affine=affine, modality=modality, unit=unit, source="recon reconstruction")
-    if headers_from is not None and headers_from.dicom_headers is not None:
-        base.dicom_headers = headers_from.dicom_headers
-    description = f"recon {method} {spec.task}"
-    fmt = "dicom" if (format == "dicom" or not paths["image"].suffix) else None
-    t0 = time.perf_counter()
-    def written(paths_list: list[str], target: Path) -> str:  # a DICOM series is reported by its folder
-        return str(target) if len(paths_list) != 1 else paths_list[0]
-
-    outputs = {"image": written(write_image(base, paths["image"], format=fmt, reference=headers_from,
-                                            description=description, anonymize=anonymize, overwrite=overwrite),
-                                paths["image"])}
+    image = MedicalImage(array=rec, affine=affine, modality=modality, unit=unit, source="recon reconstruction")
+    if problem.headers_from is not None and problem.headers_from.dicom_headers is not None:
+        image.dicom_headers = problem.headers_from.dicom_headers
+    maps = {}
     if result.std is not None:
-        std = result.std.detach().double().cpu()[0, 0].numpy() / abs(a) * domain_scale(spec)
-        std_img = base.with_array(std[None] if std.ndim == 2 else std)
-        ref_number = None
-        if fmt == "dicom" and headers_from is not None and headers_from.dicom_headers:
-            ref_number = headers_from.dicom_headers[0].get("SeriesNumber")
-        number = int(ref_number) + 1001 if ref_number is not None else (2 if fmt == "dicom" else None)
-        outputs["std"] = written(write_image(std_img, paths["std"], format=fmt, reference=headers_from,
-                                             description=description + " std", anonymize=anonymize,
-                                             overwrite=overwrite, series_number=number), paths["std"])
+        std = result.std.detach().double().cpu()[0, 0].numpy() / abs(run.a) * domain_scale(spec)
+        maps["std"] = std[None] if std.ndim == 2 else std
     panels = [("analytic", analytic), ("reconstruction", rec)]
-    report: dict = {"method": method, "task": spec.task, "prior": _prior_label(prior_name), "data_residual": residual,
-                    "nfe": result.nfe, "seconds": result.seconds, "steps": result.info.get("steps"),
-                    "particles": result.info.get("particles"), "seed": seed}
-    if ref_image is not None:
-        ref = ref_image.array
+    report: dict = {"method": method, "task": spec.task, "prior": _prior_label(run.prior_name),
+                    "data_residual": residual, "nfe": result.nfe, "seconds": result.seconds,
+                    "steps": result.info.get("steps"), "particles": result.info.get("particles"), "seed": seed}
+    if problem.ref_image is not None:
+        ref = problem.ref_image.array
         report.update(metrics(rec, ref, spec.is_ct))
         report["analytic"] = metrics(analytic, ref, spec.is_ct)
         panels = [("reference", ref), *panels, ("error", rec - ref)]
-    outputs["preview"] = write_preview(panels, spec.is_ct, paths["preview"], overwrite)
-    timings["write"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    report["outputs"] = {k: v for k, v in outputs.items()}
-    report["outputs"]["report"] = str(paths["report"])
-    report["outputs"]["provenance"] = str(paths["provenance"])
     report["diagnostics_last"] = {k: v for k, v in (result.diagnostics[-1] if result.diagnostics else {}).items()
                                   if isinstance(v, (int, float, bool))}
-    if any(not math.isfinite(v) for v in (report.get("psnr", 0.0), residual)):
-        report["warning"] = "non-finite metrics"
-    # paths can carry names (folders named after patients): the provenance keeps checksums instead
-    redacted = {k: ("<path withheld: see the sha256 entries>" if k in _PATH_KEYS and v is not None else v)
-                for k, v in (config or {}).items()}
-    provenance = {"versions": software_versions(), "configuration": redacted, "task": spec.to_json(),
-                  "noise": meas.noise, "method": method, "sampler_info": _jsonable(result.info),
-                  "prior": {"name": _prior_label(prior_name),
-                            "sha256": _prior_checksum(prior_obj) if prior_obj else None},
+    provenance = {"task": spec.to_json(), "noise": meas.noise, "method": method,
+                  "sampler_info": _jsonable(result.info),
+                  "prior": {"name": _prior_label(run.prior_name),
+                            "sha256": _prior_checksum(run.prior) if run.prior else None},
                   "inputs": {"input_sha256": sha256_files(input_files(in_path)),
                              "reference_sha256": sha256_files(input_files(Path(reference))) if reference else None},
-                  "timings_s": timings, "device": str(dev)}
-    _atomic_text(json.dumps(provenance, indent=1, default=str), paths["provenance"], overwrite)
-    if config is not None:
-        import yaml
-
-        outputs["config"] = _atomic_text(yaml.safe_dump(config, sort_keys=False), paths["config"], overwrite)
-        report["outputs"]["config"] = outputs["config"]
-    _atomic_text(json.dumps(report, indent=1, default=str), paths["report"], overwrite)
-    return report
-
-
-_PATH_KEYS = ("input", "output", "reference", "config", "prior")
+                  "device": str(dev)}
+    return Written(image=image, description=f"recon {method} {spec.task}", report=report, provenance=provenance,
+                   panels=panels, maps=maps, headers_from=problem.headers_from, is_ct=spec.is_ct)
 
 
 def _prior_label(name: str | None) -> str | None:
@@ -561,14 +471,3 @@ def _prior_label(name: str | None) -> str | None:
     from recon.priors.io import BUILTIN_PRIORS
 
     return name if name is None or name in BUILTIN_PRIORS else "local folder"
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (int, float, str, bool)) or obj is None:
-        return obj
-    return str(obj)
-

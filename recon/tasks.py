@@ -59,6 +59,7 @@ __all__ = [
     "from_domain",
     "load_measurement",
     "make_task",
+    "markdown_table",
     "normalised_problem",
     "save_measurement",
     "simulate",
@@ -156,6 +157,16 @@ def make_task(task: str, image_shape: tuple, spacing: tuple, seed: int = 0, **pa
     if task == "super-resolution" and p["factor"] is None:
         p["factor"] = 2 if len(shape) == 3 else 4
     return TaskSpec(task, shape, tuple(spacing), p, int(seed))
+
+
+def markdown_table() -> str:
+    """The README's task table, made from ``TASK_TABLE`` (a test keeps the README equal to it)."""
+    rows = ["| task | what it simulates | parameters (defaults) |", "|---|---|---|"]
+    for t in TASK_TABLE.values():
+        params = ", ".join(f"`--{k.replace('_', '-')}` ({v})" if v is not None else f"`--{k.replace('_', '-')}`"
+                           for k, v in t.defaults.items() if k not in _INTERNAL)
+        rows.append(f"| `{t.name}` | {t.summary} | {params} |")
+    return "\n".join(rows)
 
 
 def check_parameter(name: str, value):

@@ -15,8 +15,6 @@ on) is applied to the input first, and the input is the reference.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -24,22 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.datasets.io import MedicalImage, atomic_write_bytes, read_image, write_image
-from recon.pipeline import (
-    PipelineError,
+from recon.datasets.io import MedicalImage, read_image
+from recon.outputs import (
+    OutputError,
+    Written,
     check_outputs,
     input_files,
     metrics,
     output_paths,
-    resolve_device,
     sha256_files,
-    software_versions,
-    write_preview,
+    write_outputs,
 )
+from recon.utils import resolve_device
 
 __all__ = ["restore_file"]
 
-_PATH_KEYS = ("input", "output", "reference", "config", "model")
+
+
+class RestoreError(OutputError):
+    """A user-facing problem with a restoration (missing input, unusable model, shape mismatch)."""
 
 
 def _label(name: str) -> str:
@@ -78,106 +79,91 @@ def restore_file(
     ``chunk``: slices per network call (default about 2²⁰ pixels); ``callback`` gets each sampler step's
     ``{"step", "steps", ...}``; ``config`` is written to ``*.config.yaml`` and (paths withheld) to the provenance.
     """
-    from recon.restoration.io import load_restorer
-
     t_start = time.perf_counter()
     paths = output_paths(output, format)
     check_outputs(paths, overwrite)
     in_path = Path(input)
     if not in_path.exists():
-        raise PipelineError(f"{in_path}: no such file or folder")
+        raise RestoreError(f"{in_path}: no such file or folder")
     if degrade and reference is not None:
-        raise PipelineError("--degrade uses the input as the reference: do not give --reference as well")
+        raise RestoreError("--degrade uses the input as the reference: do not give --reference as well")
     dev = resolve_device(device)
     timings: dict = {}
     t0 = time.perf_counter()
-    try:
-        restorer = load_restorer(model, device=dev)
-    except FileNotFoundError as err:
-        raise PipelineError(str(err)) from err
+    restorer = _load(model, dev)
     timings["load_model"] = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    image = read_image(in_path, series=series, on_irregular=on_irregular)
-    if restorer.is_ct and image.unit != "HU" and image.modality not in (None, "CT"):
-        raise PipelineError(f"{in_path}: the restorer works on CT in HU, but the image is {image.modality} "
-                            f"(unit {image.unit!r})")
-    ref_image = None
-    if reference is not None:
-        ref_image = read_image(reference, on_irregular=on_irregular)
-        if tuple(ref_image.shape) != tuple(image.shape):
-            raise PipelineError(f"{reference}: reference of shape {tuple(ref_image.shape)} does not match the input's "
-                                f"shape {tuple(image.shape)}")
+    image, ref_image = _read(in_path, reference, restorer, series, on_irregular)
     timings["read"] = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    if degrade:
-        ref = image.array
-        degraded = restorer.degrade_array(image.array, seed=seed)
-    else:
-        ref = ref_image.array if ref_image is not None else None
-        degraded = image.array
+    ref = image.array if degrade else (ref_image.array if ref_image is not None else None)
+    degraded = restorer.degrade_array(image.array, seed=seed) if degrade else image.array
     timings["degrade"] = time.perf_counter() - t0
     if not np.isfinite(degraded).all():
-        raise PipelineError(f"{in_path}: the image holds NaN or infinite values")
-
+        raise RestoreError(f"{in_path}: the image holds NaN or infinite values")
     t0 = time.perf_counter()
     restored, nfe = restorer.restore_array(degraded, steps=steps, seed=seed, chunk=chunk, eta=eta, callback=callback)
-    seconds = time.perf_counter() - t0
-    timings["restore"] = seconds
+    timings["restore"] = time.perf_counter() - t0
+    written = _restoration_outputs(restorer, model, image, degraded, restored, ref, nfe, timings["restore"],
+                                   steps=steps, eta=eta, seed=seed, degrade=degrade)
+    written.provenance["inputs"] = {"input_sha256": sha256_files(input_files(in_path)), "reference_sha256":
+                                    sha256_files(input_files(Path(reference))) if reference else None}
+    written.provenance.update({"timings_s": timings, "device": str(dev)})
+    timings["total"] = time.perf_counter() - t_start  # up to the writing of the outputs
+    fmt = "dicom" if (format == "dicom" or not paths["image"].suffix) else None
+    return write_outputs(written, paths, fmt=fmt, config=config, anonymize=anonymize, overwrite=overwrite)
 
-    t0 = time.perf_counter()
+
+def _load(model, dev):
+    from recon.restoration.io import load_restorer
+
+    try:
+        return load_restorer(model, device=dev)
+    except FileNotFoundError as err:
+        raise RestoreError(str(err)) from err
+
+
+def _read(in_path: Path, reference, restorer, series, on_irregular) -> tuple[MedicalImage, MedicalImage | None]:
+    """The input image (checked against the restorer's modality) and the reference, of the same shape."""
+    image = read_image(in_path, series=series, on_irregular=on_irregular)
+    if restorer.is_ct and image.unit != "HU" and image.modality not in (None, "CT"):
+        raise RestoreError(f"{in_path}: the restorer works on CT in HU, but the image is {image.modality} "
+                           f"(unit {image.unit!r})")
+    if reference is None:
+        return image, None
+    ref_image = read_image(reference, on_irregular=on_irregular)
+    if tuple(ref_image.shape) != tuple(image.shape):
+        raise RestoreError(f"{reference}: reference of shape {tuple(ref_image.shape)} does not match the input's "
+                           f"shape {tuple(image.shape)}")
+    return image, ref_image
+
+
+def _restoration_outputs(restorer, model, image: MedicalImage, degraded, restored, ref, nfe: int, seconds: float, *,
+                         steps, eta, seed: int, degrade: bool) -> Written:
+    """The restored image, the preview panels, the report and the provenance (without inputs and timings)."""
     modality = image.modality or ("CT" if restorer.is_ct else None)
     unit = "HU" if restorer.is_ct else image.unit
-    base = MedicalImage(array=restored, affine=image.affine, modality=modality, unit=unit,
-                        source="recon restoration")
+    base = MedicalImage(array=restored, affine=image.affine, modality=modality, unit=unit, source="recon restoration")
     if image.dicom_headers is not None:
         base.dicom_headers = image.dicom_headers
-    fmt = "dicom" if (format == "dicom" or not paths["image"].suffix) else None
-    description = f"recon {restorer.kind} {restorer.degradation.task}"
-    written = write_image(base, paths["image"], format=fmt, reference=image, description=description,
-                          anonymize=anonymize, overwrite=overwrite)
-    outputs = {"image": written[0] if len(written) == 1 else str(paths["image"])}
-    is_ct = restorer.is_ct
     panels = [("input (degraded)" if degrade else "input", degraded), ("restored", restored)]
     used_steps = steps if steps is not None else restorer.sampling_steps
     report: dict = {"model": restorer.kind, "task": restorer.degradation.task, "restorer": _label(str(model)),
                     "degrade": bool(degrade), "steps": used_steps if used_steps is not None else restorer.schedule.T,
                     "nfe": nfe, "slices": int(restored.shape[0]), "seconds": seconds, "seed": seed}
     if ref is not None:
-        report.update(metrics(restored, ref, is_ct))
-        report["input"] = metrics(degraded, ref, is_ct)
+        report.update(metrics(restored, ref, restorer.is_ct))
+        report["input"] = metrics(degraded, ref, restorer.is_ct)
         panels = [("reference", ref), *panels, ("error", restored - ref)]
-    outputs["preview"] = write_preview(panels, is_ct, paths["preview"], overwrite)
-    timings["write"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    report["outputs"] = dict(outputs)
-    report["outputs"]["report"] = str(paths["report"])
-    report["outputs"]["provenance"] = str(paths["provenance"])
-    if any(not math.isfinite(report.get(k, 0.0)) for k in ("psnr", "ssim")):
-        report["warning"] = "non-finite metrics"
-    redacted = {k: ("<path withheld: see the sha256 entries>" if k in _PATH_KEYS and v is not None else v)
-                for k, v in (config or {}).items()}
     weights = Path(restorer.card.get("path", "")) / "model.safetensors"
     provenance = {
-        "versions": software_versions(), "configuration": redacted,
         "restorer": {"name": _label(str(model)), "kind": restorer.kind, "schedule": restorer.schedule.config(),
                      "sampling": {"steps": report["steps"], "eta": restorer.eta if eta is None else eta},
                      "degradation": restorer.degradation.config(),
                      "training_steps": (restorer.card.get("training") or {}).get("steps"),
                      "sha256": sha256_files([weights]) if weights.is_file() else None},
         "degrade": bool(degrade), "seed": seed,
-        "inputs": {"input_sha256": sha256_files(input_files(in_path)),
-                   "reference_sha256": sha256_files(input_files(Path(reference))) if reference else None},
         "geometry": {"shape": list(image.shape), "spacing_mm": list(image.spacing), "modality": image.modality},
-        "timings_s": timings, "device": str(dev),
     }
-    atomic_write_bytes(json.dumps(provenance, indent=1, default=str).encode(), paths["provenance"], overwrite)
-    if config is not None:
-        import yaml
-
-        outputs["config"] = atomic_write_bytes(yaml.safe_dump(config, sort_keys=False).encode(), paths["config"],
-                                               overwrite)
-        report["outputs"]["config"] = outputs["config"]
-    atomic_write_bytes(json.dumps(report, indent=1, default=str).encode(), paths["report"], overwrite)
-    return report
+    return Written(image=base, description=f"recon {restorer.kind} {restorer.degradation.task}", report=report,
+                   provenance=provenance, panels=panels, headers_from=image, is_ct=restorer.is_ct)

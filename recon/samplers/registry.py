@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 __all__ = ["COMMON_ARGUMENTS", "METHODS", "RECOMMENDED", "MethodSpec", "OptionError", "OptionSpec", "get_method",
-           "recommended_method"]
+           "markdown_table", "recommended_method"]
 
 # every sampler takes these; they are ``reconstruct``'s own arguments, not method options
 COMMON_ARGUMENTS = ("physics", "y", "prior", "sigma_y", "steps", "particles", "generator", "callback")
@@ -212,6 +212,10 @@ METHODS: dict[str, MethodSpec] = dict([
     _spec("mbir3d", "volume", "sample_diffusion_mbir", "diffusion-mbir under its 3D name", long_running=True),
     _spec("dds3d", "volume", "sample_dds", "DDS with the anchored TV-z coupling (volumes)", long_running=True,
           implies=_DDS3D),
+    _spec("diffpir", "diffpir", "sample_diffpir", "DiffPIR: a proximal data step weighted by σ_y, then re-noising"),
+    _spec("daps", "daps", "sample_daps", "DAPS: Langevin on x0 given the ODE estimate and y, independent re-noising"),
+    _spec("pigdm", "pigdm", "sample_pigdm", "ΠGDM: pseudo-inverse guidance, (r² AAᵀ + σ_y² I)⁻¹ by CG (linear A)"),
+    _spec("hybrid", "hybrid", "sample_hybrid", "diffusion whose σ_y-weighted data step adds TV (in-plane, and z)"),
     _spec("ensemble", "ensemble", "sample_ensemble", "K independent runs of a base sampler (default DPS): mean and std",
           family="particles"),
     _spec("fps", "fps", "sample_fps", "Filtering Posterior Sampling: particle filter on noised measurements (linear A)",
@@ -235,3 +239,14 @@ def recommended_method(modality: str | None = None) -> str:
     """The default method for an operator measuring ``modality`` (``"ct"``, ``"mri"``, ``"image"``; None or an
     unknown modality: the CT choice)."""
     return RECOMMENDED.get(str(modality).lower(), RECOMMENDED["ct"])
+
+
+def markdown_table() -> str:
+    """The README's method table, made from the registry (a test keeps the README equal to it)."""
+    rows = ["| method | what it is | prior | checkpoint / resume | default for |", "|---|---|---|---|---|"]
+    for name, spec in METHODS.items():
+        default_for = ", ".join(m.upper() if m != "image" else "other tasks" for m, v in RECOMMENDED.items()
+                                if v == name)
+        rows.append(f"| `{name}` | {spec.summary} | {'yes' if spec.needs_prior else 'no'} | "
+                    f"{'yes' if spec.long_running else ''} | {default_for} |")
+    return "\n".join(rows)

@@ -5,24 +5,26 @@ covariances, volume ``C=1, D=4, H=W=6``, correlated across slices too), ``σ_y =
 the prior (seed 7); 16 independent samples per method (``x`` = their mean), seed 0; error = ‖x − m‖/‖m‖ against
 the exact posterior mean ``m``. DiffusionMBIR: 200 levels, defaults otherwise (reverse-diffusion predictor, one
 Langevin corrector step, one ADMM-TV iteration with one CG iteration per level, TV along z with the default λ, ρ;
-the final SIRT step for CT). DDS: 50 levels, defaults (η = 0.85, 5 CG iterations, no TV). Measured:
+the final SIRT step for CT). DDS: 50 levels, defaults (η = 0.85, 5 CG iterations, no TV, the noise-aware
+``γ_i = σ_y²(1 + σ_i²)/σ_i²``). Measured:
 
 ===================================================  ========  =====  =====  ==============  =============
 operator                                             analytic  MBIR   DDS    16 exact draws  analytic is
 ===================================================  ========  =====  =====  ==============  =============
-``ParallelBeamCT((4, 6, 6), angles=4)``              0.245     0.022  0.053  0.020           FBP
-``CartesianMRI``, 2D mask per slice, real input      0.263     0.057  0.057  0.022           zero-filled
-``Downsampling((4, 6, 6), factor=2, axes=0)``        0.230     0.073  0.071  0.031           least squares
-``Inpainting``, ``missing_slice_mask`` (z = 1, 2)    0.692     0.075  0.104  0.037           zero-filled
-72 × 144 Gaussian matrix, deepinv ``LinearPhysics``  0.659     0.118  0.248  0.031           ``A_dagger``
+``ParallelBeamCT((4, 6, 6), angles=4)``              0.245     0.022  0.026  0.020           FBP
+``CartesianMRI``, 2D mask per slice, real input      0.263     0.057  0.036  0.022           zero-filled
+``Downsampling((4, 6, 6), factor=2, axes=0)``        0.230     0.073  0.042  0.031           least squares
+``Inpainting``, ``missing_slice_mask`` (z = 1, 2)    0.692     0.075  0.048  0.037           zero-filled
+72 × 144 Gaussian matrix, deepinv ``LinearPhysics``  0.659     0.118  0.082  0.031           ``A_dagger``
 ===================================================  ========  =====  =====  ==============  =============
 
 ("16 exact draws": the error of the mean of 16 exact posterior samples, mean over 20 draws: the Monte-Carlo floor.)
 The pins are 1.5× the measured errors (and at most half the analytic inverse's error). Beyond the Monte-Carlo floor,
 neither method is an exact posterior sampler (MBIR's data step is unweighted least squares with one CG iteration;
-DDS's is a few CG iterations from x̂0 and it re-noises with a fixed η). DDS's error depends on its default
-``γ = ‖A‖²`` (σ_y > 0): with ``γ = 0`` it is 0.083 / 0.055 / 0.071 / 0.061 / 0.102, with ``γ = 0.3‖A‖²``
-0.025 / 0.055 / 0.071 / 0.071 / 0.148 (same rows).
+DDS's is a few CG iterations from x̂0 and it re-noises with a fixed η). DDS's error depends on its ``γ``: with the
+noise-aware default (above) it is lower on every row than with ``γ = 0`` (the default before: 0.083 / 0.055 / 0.071 /
+0.061 / 0.102), with ``γ = ‖A‖²`` 0.053 / 0.057 / 0.071 / 0.104 / 0.248, with ``γ = 0.3‖A‖²`` 0.025 / 0.055 / 0.071 /
+0.071 / 0.148 (same rows).
 
 TV-z coupling (``test_tv_z_coupling_beats_slice_wise``), see its docstring for the problem; error of single
 samples in the central coronal / sagittal planes (mean over 4 independent samples), independent slices → coupled
@@ -130,11 +132,11 @@ def dense(fn, shape) -> torch.Tensor:
 # against the exact posterior
 # ---------------------------------------------------------------------------------------------------------
 MEASURED = {  # kind: (analytic, MBIR, DDS) relative errors to the exact posterior mean
-    "ct": (0.245, 0.022, 0.083),  # DDS with its default γ = 0 (γ = ‖A‖²: 0.053, 0.057, 0.071, 0.104, 0.248)
-    "mri": (0.263, 0.057, 0.055),
-    "sr": (0.230, 0.073, 0.071),
-    "inpaint": (0.692, 0.075, 0.061),
-    "matrix": (0.659, 0.118, 0.102),
+    "ct": (0.245, 0.022, 0.026),  # DDS with its noise-aware γ (γ = 0: 0.083, 0.055, 0.071, 0.061, 0.102)
+    "mri": (0.263, 0.057, 0.036),
+    "sr": (0.230, 0.073, 0.042),
+    "inpaint": (0.692, 0.075, 0.048),
+    "matrix": (0.659, 0.118, 0.082),
 }
 
 
@@ -529,7 +531,7 @@ def test_images_2d_and_options():
     norm2 = operator_norm(ct, torch.zeros(1, 1, D, H, W, dtype=F64)) ** 2
     assert res.info["options"]["rho"] == pytest.approx(0.025 * norm2) and res.info["options"]["final_consistency"]
     dds = sample_dds(physics, y, prior, steps=2, generator=gen(0), sigma_y=0.1)
-    assert dds.info["options"]["gamma"] == 0.0 and dds.info["options"]["eta"] == 0.85  # γ = 0 also with noise
+    assert dds.info["options"]["gamma"] == "noise-aware" and dds.info["options"]["eta"] == 0.85  # γ_i = σ_y²/r_i²
     assert dds.info["options"]["rho"] == 0 and res.info["options"]["tv_axes"] == [0]
 
 

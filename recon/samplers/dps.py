@@ -39,6 +39,7 @@ default here is 100 Karras-spaced levels (CPU-friendly; use ``steps=1000`` for t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -47,7 +48,7 @@ import torch
 from recon.priors.schedules import karras_sigmas
 from recon.samplers.base import ReconstructionResult, check_finite, operator_norm, record_step, weighted_moments
 
-__all__ = ["ancestral_step", "sample_dps", "sigma_schedule"]
+__all__ = ["ancestral_step", "sample_dps", "sampler_result", "sigma_schedule", "tweedie_std"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,6 +135,26 @@ def finish_samples(samples: torch.Tensor):
         return samples[0], weights, None
     mean, std = weighted_moments(samples, weights)
     return mean, weights, std
+
+
+def tweedie_std(sigma: float, data_var: float = 1.0) -> float:
+    """Per-pixel error scale ``r`` of the Tweedie estimate at noise level ``σ`` for data of per-pixel variance
+    ``data_var``: ``r² = data_var·σ²/(data_var + σ²)``, exact for a Gaussian prior of that variance and an upper
+    bound of the Tweedie error for any prior of that variance (the linear estimator's error). The default
+    ``data_var = 1`` is the prior's ``[-1, 1]`` range: ``r = σ/sqrt(1 + σ²)`` (ΠGDM's ``r_t``)."""
+    s2 = float(sigma) ** 2
+    return math.sqrt(float(data_var) * s2 / (float(data_var) + s2))
+
+
+def sampler_result(method: str, x0: torch.Tensor, p: int, diagnostics: list, t0: float, prior, nfe0: int,
+                   steps: int, options: dict) -> ReconstructionResult:
+    """The ``ReconstructionResult`` of ``P`` independent chains: ``x0`` is the ``(P·B, ...)`` batch of final
+    estimates (row ``p·B + b``); ``x`` their mean (``P > 1``) or the sample, uniform weights, ``std``."""
+    samples = x0.reshape(p, x0.shape[0] // p, *x0.shape[1:])
+    xm, weights, std = finish_samples(samples)
+    info = {"method": method, "steps": steps, "particles": p, "nfe": getattr(prior, "nfe", 0) - nfe0,
+            "seconds": time.perf_counter() - t0, "options": options}
+    return ReconstructionResult(x=xm, samples=samples, weights=weights, std=std, diagnostics=diagnostics, info=info)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ class MethodSpec:
         return out
 
     @cached_property
+    def open_options(self) -> bool:
+        """The sampler takes ``**options`` it passes on (an ensemble's base method checks them)."""
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(self.sampler).parameters.values())
+
+    @cached_property
     def _hints(self) -> dict:
         try:
             return typing.get_type_hints(self.sampler)
@@ -111,10 +116,10 @@ class MethodSpec:
         ``OptionError`` naming the valid options; returns the options with the name's implied ones filled in."""
         valid = self.options
         for key, value in options.items():
-            if key not in valid:
+            if key not in valid and not self.open_options:
                 names = ", ".join(valid) or "none"
                 raise OptionError(f"method {self.name!r} has no option {key!r} (its options: {names})")
-            if not valid[key].accepts(value, self._hints.get(key)):
+            if key in valid and not valid[key].accepts(value, self._hints.get(key)):
                 raise OptionError(f"method {self.name!r}: option {key!r} expects {valid[key].hint or 'a value'}, "
                                   f"got {value!r}")
         return {**self.implies, **options}

@@ -1,0 +1,145 @@
+r"""A diffusion sampler whose data step adds total variation: the denoiser's estimate, the data and TV together.
+
+Per level ``σ_i → σ_{i+1}`` (derivation and tuning: ``docs/methods/hybrid.md``)::
+
+    x̂0 = denoise(x, σ_i);  ε̂ = (x − x̂0)/σ_i
+    x̂0 ← argmin_x ½‖Ax − y‖²/σ_y² + ρ_i/2 ‖x − x̂0‖² + λ TV(x)        ρ_i = anchor / r_i²,  r_i = σ_i/sqrt(1 + σ_i²)
+    x  = x̂0 + σ_{i+1} (sqrt(1 − η²) ε̂ + η ξ)                           (DDS's re-noising)
+
+TV is anisotropic, in-plane (plus along ``z`` for volumes). Multiplied by ``σ_y²`` the data step is
+``recon.samplers.volume.admm_tv``'s problem ``½‖Ax − y‖² + γ/2‖x − x̂0‖² + λ′ Σ_a ‖D_a x‖₁`` with ``γ = σ_y² ρ_i``
+and ``λ′ = σ_y² λ``, solved by ``admm_iters`` ADMM iterations from ``x̂0`` (``z = D x̂0``, ``u = 0``; penalty
+``γ + 0.025 ‖A‖²``, DDS's ADMM penalty plus the anchor's curvature). The output is
+the data step's result at the last level. With ``σ_y = 0`` the anchor and TV vanish and the step is DDS's CG.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm, record_step
+from recon.samplers.dps import (
+    image_template,
+    per_item_norm,
+    randn,
+    repeat_batch,
+    sampler_result,
+    sigma_schedule,
+    tweedie_std,
+)
+from recon.samplers.volume import RHO_PER_OPERATOR_NORM2, admm_tv, forward_difference
+
+__all__ = ["sample_hybrid", "tv_data_step"]
+
+
+def tv_data_step(physics, x0: torch.Tensor, aty: torch.Tensor, *, gamma: float, tv_weight: float, admm_rho: float,
+                 axes: Sequence[int], admm_iters: int, cg_iters: int) -> tuple[torch.Tensor, float]:
+    """``argmin_x ½‖Ax − y‖² + γ/2‖x − x0‖² + λ Σ_a ‖D_a x‖₁`` by ``admm_iters`` ADMM iterations (penalty
+    ``admm_rho``) warm-started at ``x0``, ``z_a = D_a x0``, ``u_a = 0``; returns ``(x, primal residual)``."""
+    if not tv_weight or not axes:
+        x, _, _, primal = admm_tv(physics, x0, aty, [], [], axes=(), lam=0.0, rho=1.0, cg_iters=cg_iters,
+                                  gamma=gamma, anchor=x0)
+        return x, primal
+    z = [forward_difference(x0, a) for a in axes]
+    x, _, _, primal = admm_tv(physics, x0, aty, z, None, axes=axes, lam=tv_weight, rho=admm_rho, cg_iters=cg_iters,
+                              admm_iters=admm_iters, gamma=gamma, anchor=x0)
+    return x, primal
+
+
+def sample_hybrid(
+    physics,
+    y: torch.Tensor,
+    prior,
+    *,
+    sigma_y: float = 0.0,
+    steps: int = 50,
+    particles: int = 1,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    anchor: float = 1.0,
+    tv_weight: float | None = None,
+    eta: float = 0.85,
+    admm_iters: int = 5,
+    cg_iters: int = 5,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    sigmas: Sequence[float] | None = None,
+) -> ReconstructionResult:
+    """Diffusion with a TV-regularised, σ_y-weighted data step around the Tweedie estimate (module docstring).
+
+    Args:
+        physics: any linear deepinv ``Physics`` on ``(B, C, H, W)`` images or ``(B, C, D, H, W)`` volumes.
+        y: measurements ``(B, ...)``.
+        prior: ``denoise(x, σ)``, ``sigma_min``, ``sigma_max``, ``nfe``.
+        sigma_y: measurement noise std in the units of ``y``: weighs the data against the anchor and TV (0: DDS).
+        steps: noise levels = network evaluations per chain.
+        particles: independent chains per measurement (one ``P·B`` batch).
+        generator: the seeded ``torch.Generator`` all randomness comes from.
+        callback: called after every step with ``step``, ``steps``, ``sigma``, ``residual``, ``nfe``, ``seconds``,
+            ``gamma``, ``admm_residual``.
+        anchor: multiplies the anchor's weight ``1/r_i²`` (larger trusts the denoiser more).
+        tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``0.1 ‖A‖/σ_y`` (a third of ``sample_tv``'s
+            default ROF weight, the anchor doing the rest); 0: no TV.
+        eta: fraction of fresh noise in the re-noising (DDS's convention, default 0.85 as DDS).
+        admm_iters: ADMM iterations per data step.
+        cg_iters: CG iterations per ADMM iteration.
+        sigma_min: lowest noise level of the Karras schedule (clipped to the prior's range).
+        sigma_max: highest noise level of the Karras schedule.
+        rho: Karras schedule exponent.
+        sigmas: explicit decreasing noise levels (override the schedule).
+
+    Returns:
+        ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
+        ``std`` (``P > 1``), ``diagnostics``, ``info`` (``options``: the resolved ``tv_weight``).
+    """
+    t0 = time.perf_counter()
+    _check(particles, anchor, tv_weight, eta, admm_iters, cg_iters)
+    p, sy2 = int(particles), float(sigma_y) ** 2
+    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
+    n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
+    template = repeat_batch(image_template(physics, y), p)
+    norm_a = operator_norm(physics, template[:1])
+    lam = (0.1 * norm_a / float(sigma_y) if sigma_y > 0 else 0.0) if tv_weight is None else float(tv_weight)
+    axes = tuple(range(template.dim() - 2))
+    step = {"tv_weight": sy2 * lam, "axes": axes, "admm_iters": int(admm_iters), "cg_iters": int(cg_iters)}
+    c_keep, c_fresh = math.sqrt(1.0 - float(eta) ** 2), float(eta)
+    diagnostics: list[dict] = []
+    with torch.no_grad():
+        y_rep = repeat_batch(y, p).detach()
+        aty = physics.A_adjoint(y_rep)
+        x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
+        for i in range(n):
+            s, s_next = float(sig[i]), float(sig[i + 1])
+            x0 = prior.denoise(x, s)
+            check_finite(x0, "hybrid", i, "the prior's denoiser returned non-finite values")
+            gamma = sy2 * float(anchor) / tweedie_std(s) ** 2
+            admm_rho = gamma + RHO_PER_OPERATOR_NORM2 * norm_a**2  # the penalty follows the anchor's curvature
+            x0dc, primal = tv_data_step(physics, x0, aty, gamma=gamma, admm_rho=admm_rho, **step)
+            if s_next > 0:
+                noise = randn(x.shape, generator, x.dtype, x.device)
+                x = x0dc + (s_next * c_keep / s) * (x - x0) + (s_next * c_fresh) * noise
+            check_bounded(x0dc, "hybrid", i, 0.0, "raise anchor or lower cg_iters")
+            residual = per_item_norm(y_rep - physics.A(x0dc)).mean()
+            record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, residual, gamma=gamma, admm_residual=primal)
+    options = {"anchor": float(anchor), "tv_weight": lam, "eta": float(eta), "admm_iters": int(admm_iters),
+               "cg_iters": int(cg_iters), "tv_axes": list(axes), "operator_norm": norm_a,
+               "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)}
+    return sampler_result("hybrid", x0dc, p, diagnostics, t0, prior, nfe0, n, options)
+
+
+def _check(particles, anchor, tv_weight, eta, admm_iters, cg_iters) -> None:
+    if int(particles) < 1:
+        raise ValueError(f"particles must be >= 1, got {particles}")
+    if not float(anchor) > 0:
+        raise ValueError(f"anchor must be > 0, got {anchor}")
+    if tv_weight is not None and not float(tv_weight) >= 0:
+        raise ValueError(f"tv_weight must be >= 0, got {tv_weight}")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if int(admm_iters) < 1 or int(cg_iters) < 0:
+        raise ValueError(f"admm_iters must be >= 1 and cg_iters >= 0, got {admm_iters}, {cg_iters}")

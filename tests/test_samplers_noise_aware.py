@@ -1,0 +1,292 @@
+"""Noise-aware samplers: DiffPIR, DAPS, ΠGDM, the TV hybrid and DDS's noise-aware γ, against exact posteriors.
+
+Problems: ``GaussianMixturePrior.random((1, 8, 8), 2, seed=3)`` (full covariances; the problems of
+``tests/test_samplers_dps_reddiff.py``), one ground truth from the prior, (a) ``Inpainting`` with 50 % random
+missing pixels, (b) a 24 × 64 Gaussian matrix as a deepinv ``LinearPhysics``; σ_y = 0.05 (and 2 for the
+large-noise checks). ``err`` = ‖x̄ − m‖/‖m‖ with ``x̄`` the mean of 256 samples (seed 0) and ``m`` the exact
+posterior mean; the Monte-Carlo floor is the same error for the mean of 256 exact posterior samples (0.008 /
+0.009). Measured (``python benchmarks/bench_samplers_noise.py exact``; ``MEASURED`` below pins the first two columns):
+
+==========================  ==========  ==========  ===================  ===================
+sampler (50 levels)         inpainting  projection  inpainting, σ_y = 2  projection, σ_y = 2
+==========================  ==========  ==========  ===================  ===================
+DiffPIR (λ = 7, ζ = 0.3)    0.144       0.330       0.513                0.562
+DiffPIR (λ = 1, ζ = 1)      0.043       0.124       0.085                0.347
+DAPS (defaults)             0.053       0.137       0.203                0.392
+ΠGDM (defaults)             0.081       0.174       0.040                0.036
+hybrid, no TV               0.044       0.108       0.412                0.527
+DDS, noise-aware γ          0.044       0.108       0.412                0.527
+DDS, γ = 0 (before)         0.051       0.106       2.735                5.178
+the prior's mean            0.905       0.907       0.886                0.812
+256 exact samples (floor)   0.008       0.009       0.042                0.060
+==========================  ==========  ==========  ===================  ===================
+
+(The hybrid without TV is DDS with the noise-aware γ, step for step: the same numbers.)
+The pins are 1.5× the measured errors plus 0.01; every sampler must also stay below half the analytic inverse's error.
+ΠGDM is exact for a Gaussian prior of variance ``data_var``: on one (isotropic, variance 0.3) its error is within
+1.5× of the Monte-Carlo floor. At σ_y = 2 the data say little, and each sampler's mean must be no further from the
+exact posterior mean than the prior's own mean is, plus three Monte-Carlo floors ("never worse than the prior
+alone"); DDS with γ = 0 (the old default) fails that by a wide
+margin (it fits the noise), the noise-aware γ passes it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import deepinv
+import pytest
+import torch
+
+from recon.operators import Downsampling, Inpainting, ParallelBeamCT, random_pixel_mask
+from recon.priors.gaussian import GaussianMixturePrior
+from recon.samplers import SamplerDivergence, reconstruct
+from recon.samplers.baselines import analytic_inverse
+from recon.samplers.daps import sample_daps
+from recon.samplers.diffpir import proximal_data_step, sample_diffpir
+from recon.samplers.dps import tweedie_std
+from recon.samplers.hybrid import sample_hybrid, tv_data_step
+from recon.samplers.pigdm import sample_pigdm, solve_measurement_system
+from recon.samplers.volume import forward_difference, sample_dds
+
+F64 = torch.float64
+SIGMA_Y = 0.05
+P = 256
+SAMPLERS = {"diffpir": sample_diffpir, "daps": sample_daps, "pigdm": sample_pigdm, "hybrid": sample_hybrid}
+
+# label -> (method, options): the runs of the exact-posterior table (also run by benchmarks/bench_samplers_noise.py)
+EXACT_RUNS = {
+    "DiffPIR (λ = 7, ζ = 0.3)": ("diffpir", {"steps": 50}),
+    "DiffPIR (λ = 1, ζ = 1)": ("diffpir", {"steps": 50, "lam": 1.0, "zeta": 1.0}),
+    "DAPS (defaults)": ("daps", {"steps": 50}),
+    "ΠGDM (defaults)": ("pigdm", {"steps": 50}),
+    "hybrid, no TV": ("hybrid", {"steps": 50, "tv_weight": 0.0}),
+    "DDS, noise-aware γ": ("dds", {"steps": 50}),
+    "DDS, γ = 0 (before)": ("dds", {"steps": 50, "gamma": 0.0}),
+}
+# (label, problem, σ_y) -> measured err (benchmarks/bench_samplers_noise.py exact)
+MEASURED: dict[tuple[str, str, float], float] = {
+    ("DiffPIR (λ = 7, ζ = 0.3)", "inpainting", SIGMA_Y): 0.1437,
+    ("DiffPIR (λ = 1, ζ = 1)", "inpainting", SIGMA_Y): 0.0429,
+    ("DAPS (defaults)", "inpainting", SIGMA_Y): 0.0533,
+    ("ΠGDM (defaults)", "inpainting", SIGMA_Y): 0.0806,
+    ("hybrid, no TV", "inpainting", SIGMA_Y): 0.0436,
+    ("DDS, noise-aware γ", "inpainting", SIGMA_Y): 0.0436,
+    ("DiffPIR (λ = 7, ζ = 0.3)", "projection", SIGMA_Y): 0.3296,
+    ("DiffPIR (λ = 1, ζ = 1)", "projection", SIGMA_Y): 0.1242,
+    ("DAPS (defaults)", "projection", SIGMA_Y): 0.1371,
+    ("ΠGDM (defaults)", "projection", SIGMA_Y): 0.1736,
+    ("hybrid, no TV", "projection", SIGMA_Y): 0.1077,
+    ("DDS, noise-aware γ", "projection", SIGMA_Y): 0.1077,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread is much faster than several on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def dense_physics(matrix: torch.Tensor, image_shape=(1, 8, 8)) -> deepinv.physics.LinearPhysics:
+    return deepinv.physics.LinearPhysics(
+        A=lambda v: v.reshape(v.shape[0], -1) @ matrix.T,
+        A_adjoint=lambda r: (r @ matrix).reshape(r.shape[0], *image_shape),
+    )
+
+
+def make_physics(kind: str):
+    if kind == "inpainting":
+        return Inpainting((8, 8), random_pixel_mask((8, 8), 0.5, seed=3))
+    return dense_physics(torch.randn(24, 64, generator=gen(13), dtype=F64) / 8)
+
+
+def make_problem(kind: str, sigma_y: float = SIGMA_Y, prior=None):
+    prior = GaussianMixturePrior.random((1, 8, 8), n_components=2, seed=3) if prior is None else prior
+    physics = make_physics(kind)
+    g = gen(13)
+    x = prior.sample(1, g)
+    ax = physics.A(x)
+    return prior, physics, ax + sigma_y * torch.randn(ax.shape, generator=g, dtype=F64)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.reshape(b.shape) - b).norm() / b.norm())
+
+
+def exact_errors(kind: str, method: str, options: dict, sigma_y: float) -> tuple[float, float, float]:
+    """(sampler's posterior-mean error, Monte-Carlo floor, the prior mean's error), all relative to ‖m‖."""
+    prior, physics, y = make_problem(kind, sigma_y)
+    post = prior.posterior(physics, y, sigma_y)
+    res = reconstruct(physics, y, prior, method, sigma_y=sigma_y, seed=0, particles=P, **options)
+    floor = rel_err(post.sample(P, gen(5)).mean(0), post.mean)
+    return rel_err(res.x[0], post.mean), floor, rel_err(prior.mean, post.mean)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# against exact posteriors
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["inpainting", "projection"])
+@pytest.mark.parametrize("label", [k for k in EXACT_RUNS if "before" not in k])
+def test_posterior_mean_against_exact(label, kind):
+    method, options = EXACT_RUNS[label]
+    err, floor, _ = exact_errors(kind, method, options, SIGMA_Y)
+    prior, physics, y = make_problem(kind)
+    err_ai = rel_err(analytic_inverse(physics, y), prior.posterior(physics, y, SIGMA_Y).mean)
+    measured = MEASURED[(label, kind, SIGMA_Y)]
+    print(f"\n{label} / {kind}: err {err:.4f} (measured {measured:.4f}, floor {floor:.4f}, analytic {err_ai:.3f})")
+    assert err <= 1.5 * measured + 0.01
+    assert err < 0.5 * err_ai
+
+
+@pytest.mark.parametrize("kind", ["inpainting", "projection"])
+@pytest.mark.parametrize("label", list(EXACT_RUNS))
+def test_large_noise_never_worse_than_the_prior(label, kind):
+    """σ_y = 2: the sampler's mean is no further from the posterior mean than the prior's mean (+ 3 floors)."""
+    method, options = EXACT_RUNS[label]
+    err, floor, prior_err = exact_errors(kind, method, options, 2.0)
+    print(f"\n{label} / {kind} at σ_y = 2: err {err:.4f} (prior mean {prior_err:.4f}, floor {floor:.4f})")
+    if "before" in label:  # γ = 0 fits the noise: far worse than the prior alone (the reason for the change)
+        assert err > 2 * (prior_err + 3 * floor)
+    else:
+        assert err <= prior_err + 3 * floor
+
+
+@pytest.mark.parametrize("kind", ["inpainting", "projection"])
+def test_pigdm_is_exact_for_a_gaussian_prior(kind):
+    v = 0.3
+    mean = 0.5 * torch.randn(1, 1, 8, 8, generator=gen(1), dtype=F64)
+    prior = GaussianMixturePrior(torch.ones(1), mean, torch.full((1, 64), v, dtype=F64))
+    _, physics, y = make_problem(kind, prior=prior)
+    post = prior.posterior(physics, y, SIGMA_Y)
+    res = sample_pigdm(physics, y, prior, sigma_y=SIGMA_Y, steps=50, particles=P, generator=gen(0), data_var=v)
+    err, floor = rel_err(res.x[0], post.mean), rel_err(post.sample(P, gen(5)).mean(0), post.mean)
+    print(f"\nΠGDM, Gaussian prior / {kind}: err {err:.4f}, floor {floor:.4f}")
+    assert err <= 1.5 * floor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the data steps
+# ---------------------------------------------------------------------------------------------------------
+def test_data_steps_solve_their_problems():
+    """DiffPIR's and the hybrid's (TV off) proximal step on a mask: ``(m ⊙ y + ρ x0)/(m + ρ)`` pixel-wise; ΠGDM's
+    measurement-space solve against a dense solve on the projection."""
+    prior, physics, y = make_problem("inpainting")
+    x0 = prior.sample(2, gen(1))
+    y2 = y.expand(2, -1, -1, -1)
+    mask = physics.A(torch.ones_like(x0))
+    rho = 0.7
+    exact = (mask * y2 + rho * x0) / (mask + rho)
+    torch.testing.assert_close(proximal_data_step(physics, x0, physics.A_adjoint(y2), rho, 5), exact)
+    x, _ = tv_data_step(physics, x0, physics.A_adjoint(y2), gamma=rho, tv_weight=0.0, admm_rho=1.0, axes=(0, 1),
+                        admm_iters=1, cg_iters=5)
+    torch.testing.assert_close(x, exact)
+    _, proj, yp = make_problem("projection")
+    a = proj.A(torch.eye(64, dtype=F64).reshape(64, 1, 8, 8)).T  # (24, 64)
+    r2, nv = 0.2, 0.01
+    v = solve_measurement_system(proj, yp, r2, nv, 100)
+    ref = torch.linalg.solve(r2 * a @ a.T + nv * torch.eye(24, dtype=F64), yp[0])
+    torch.testing.assert_close(v[0], ref, rtol=1e-8, atol=1e-10)
+
+
+def test_hybrid_tv_smooths_and_couples_slices():
+    """The hybrid's TV weight lowers the total variation of the result; for volumes it acts along z too."""
+    prior, physics, y = make_problem("inpainting", sigma_y=0.3)
+    tvs = []
+    for weight in (0.0, 10.0):
+        res = sample_hybrid(physics, y, prior, sigma_y=0.3, steps=20, particles=4, generator=gen(0), tv_weight=weight)
+        tvs.append(float(sum(forward_difference(res.x, a).abs().sum() for a in (0, 1))))
+    assert tvs[1] < 0.5 * tvs[0]
+    vol_prior, vol_physics, vol_y = volume_problem()
+    res = sample_hybrid(vol_physics, vol_y, vol_prior, sigma_y=SIGMA_Y, steps=5, generator=gen(0))
+    assert res.info["options"]["tv_axes"] == [0, 1, 2] and res.info["options"]["tv_weight"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDS's noise-aware γ
+# ---------------------------------------------------------------------------------------------------------
+def test_dds_noise_aware_gamma():
+    """γ_i = σ_y²/r_i² with r_i = σ_i/sqrt(1 + σ_i²) when σ_y > 0 and ``gamma`` is not given; σ_y = 0 is
+    bit-identical to the explicit γ = 0 (the behaviour before)."""
+    prior, physics, y = make_problem("projection")
+    res = sample_dds(physics, y, prior, sigma_y=SIGMA_Y, steps=6, generator=gen(0))
+    assert res.info["options"]["gamma"] == "noise-aware"
+    for d in res.diagnostics:
+        assert d["gamma"] == pytest.approx(SIGMA_Y**2 / tweedie_std(d["sigma"]) ** 2, rel=1e-12)
+        assert d["gamma"] == pytest.approx(SIGMA_Y**2 * (1 + d["sigma"] ** 2) / d["sigma"] ** 2, rel=1e-12)
+    a = sample_dds(physics, y, prior, sigma_y=0.0, steps=6, generator=gen(0))
+    b = sample_dds(physics, y, prior, sigma_y=0.0, steps=6, generator=gen(0), gamma=0.0)
+    assert torch.equal(a.x, b.x) and a.info["options"]["gamma"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# volumes, seeding, dispatch, divergence
+# ---------------------------------------------------------------------------------------------------------
+def volume_problem(kind: str = "ct"):
+    prior = GaussianMixturePrior.random((1, 3, 6, 6), n_components=2, seed=3)
+    physics = ParallelBeamCT((3, 6, 6), angles=4) if kind == "ct" else Downsampling((3, 6, 6), factor=3, axes=0)
+    x = prior.sample(1, gen(7))
+    ax = physics.A(x)
+    return prior, physics, ax + SIGMA_Y * torch.randn(ax.shape, generator=gen(8), dtype=F64)
+
+
+@pytest.mark.parametrize("kind", ["ct", "sr"])
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_volumes_through_reconstruct(method, kind):
+    prior, physics, y = volume_problem(kind)
+    mean = prior.posterior(physics, y, SIGMA_Y).mean
+    res = reconstruct(physics, y, prior, method, sigma_y=SIGMA_Y, seed=0, steps=20, particles=16)
+    assert res.x.shape == (1, 1, 3, 6, 6) and res.samples.shape == (16, 1, 1, 3, 6, 6)
+    assert res.std.shape == res.x.shape and res.info["method"] == method and res.nfe > 0
+    err, err_ai = rel_err(res.x, mean), rel_err(analytic_inverse(physics, y), mean)
+    print(f"\n{method} / 3D {kind}: err {err:.3f} (analytic {err_ai:.3f})")
+    assert err < (0.9 if method == "hybrid" else 0.6) * err_ai  # TV is foreign to the mixture: a bias
+
+
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_seeding_callback_and_option_checks(method):
+    prior, physics, y = make_problem("projection")
+    seen = []
+    a = reconstruct(physics, y, prior, method, sigma_y=SIGMA_Y, seed=4, steps=5, particles=2, callback=seen.append)
+    b = reconstruct(physics, y, prior, method, sigma_y=SIGMA_Y, seed=4, steps=5, particles=2)
+    c = reconstruct(physics, y, prior, method, sigma_y=SIGMA_Y, seed=5, steps=5, particles=2)
+    assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
+    assert [d["step"] for d in seen] == list(range(5)) and all(math.isfinite(d["residual"]) for d in seen)
+    assert len(a.diagnostics) == 5 and a.info["options"]["sigma_y"] == SIGMA_Y
+    with pytest.raises(ValueError, match="no option 'zeta_prime'"):
+        reconstruct(physics, y, prior, method, sigma_y=SIGMA_Y, steps=2, zeta_prime=1.0)
+    with pytest.raises(ValueError, match="particles must be >= 1"):
+        SAMPLERS[method](physics, y, prior, sigma_y=SIGMA_Y, steps=2, particles=0)
+
+
+class _NaNAt:
+    """A prior whose denoiser returns NaN from its ``k``-th call on."""
+
+    def __init__(self, prior, k: int):
+        self.prior, self.k, self.calls = prior, k, 0
+        self.sigma_min, self.sigma_max, self.nfe = prior.sigma_min, prior.sigma_max, 0
+
+    def denoise(self, x, sigma):
+        self.calls += 1
+        out = self.prior.denoise(x, sigma)
+        return out * float("nan") if self.calls >= self.k else out
+
+
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_divergence_raises_naming_the_step(method):
+    prior, physics, y = make_problem("inpainting")
+    with pytest.raises(SamplerDivergence, match=rf"{method}: the iterate diverged at step \d"):
+        SAMPLERS[method](physics, y, _NaNAt(prior, 3), sigma_y=SIGMA_Y, steps=6, generator=gen(0))
+
+
+def test_daps_unstable_langevin_step_raises():
+    """A Langevin step past the stability limit (lr ≥ 2 in units of 1/L) runs away: ``SamplerDivergence``."""
+    prior, physics, y = make_problem("projection")
+    with pytest.raises(SamplerDivergence, match="daps: the iterate diverged"):
+        sample_daps(physics, y, prior, sigma_y=SIGMA_Y, steps=10, generator=gen(0), lr=3.0, langevin_steps=100)

@@ -62,6 +62,7 @@ __all__ = [
     "sample_tv",
     "sample_unconditional_ddim",
     "sample_unconditional_ddpm",
+    "tv_oracle_weight",
 ]
 
 
@@ -118,6 +119,88 @@ def sample_analytic(
 # ---------------------------------------------------------------------------------------------------------
 # TV
 # ---------------------------------------------------------------------------------------------------------
+def _tv_solve(physics, y_s: torch.Tensor, norm_a: float, state: tuple, mu: float, steps: int, tv: str,
+              on_step: Callable[[int, torch.Tensor], None] | None = None) -> tuple:
+    """``steps`` Chambolle–Pock iterations of ``sample_tv``'s rescaled problem from ``state = (x, p, q, x_bar)``
+    (a warm start, or zeros duals and ``x_bar = x`` for a cold one); returns the new state. ``on_step(i, x)`` runs
+    after every iteration."""
+    from deepinv.models.tv import TVDenoiser
+
+    nabla, nabla_t = TVDenoiser.nabla, TVDenoiser.nabla_adjoint
+    x, p, q, x_bar = state
+    step = 0.99 / math.sqrt(1.0 + 4.0 * (x.dim() - 2))
+    for i in range(int(steps)):
+        p = (p + step * (physics.A(x_bar) / norm_a - y_s)) / (1.0 + step)
+        q = q + step * nabla(x_bar)
+        if tv == "isotropic":
+            q = q / (q.norm(dim=-1, keepdim=True) / max(mu, 1e-300)).clamp_min(1.0)
+        else:
+            q = q.clamp(-mu, mu)
+        x_new = x - step * (physics.A_adjoint(p) / norm_a + nabla_t(q))
+        x_bar = 2 * x_new - x
+        x = x_new
+        check_finite(x, "tv", i, "check lam and the measurements")
+        if on_step is not None:
+            on_step(i, x)
+    return x, p, q, x_bar
+
+
+def _cold_state(x: torch.Tensor, y_s: torch.Tensor) -> tuple:
+    from deepinv.models.tv import TVDenoiser
+
+    return x, torch.zeros_like(y_s), torch.zeros_like(TVDenoiser.nabla(x)), x.clone()
+
+
+def _heuristic_lam(x: torch.Tensor, norm_a: float, sigma_y: float) -> float:
+    scale = float(x.std()) if x.numel() > 1 and float(x.std()) > 0 else 1.0
+    return norm_a**2 * max(0.3 * float(sigma_y) / norm_a, 0.01 * scale)
+
+
+def _discrepancy_search(physics, y, y_s, norm_a, state0, lam0, target, tv, search_steps, max_evals):
+    """Find ``λ`` with ``‖A x_λ − y‖² = target`` by bracketing (×4 steps) and Illinois regula falsi on
+    ``log λ``, every solve warm-started from the previous one. Returns ``(lam, state, evals, reached)``: the root
+    estimate, the state to warm-start the final solve from, the ``(λ, ‖A x_λ − y‖²)`` pairs tried, and whether
+    the bracket was found (else the end of the range tried)."""
+    state = state0
+    evals: list[tuple[float, float]] = []
+
+    def f(lam: float) -> float:
+        nonlocal state
+        state = _tv_solve(physics, y_s, norm_a, state, lam / norm_a**2, search_steps, tv)
+        r2 = float((physics.A(state[0]) - y).pow(2).sum())
+        evals.append((lam, r2))
+        return math.log(max(r2, 1e-300) / target)
+
+    a, fa = math.log(lam0), f(lam0)
+    direction = -1.0 if fa > 0 else 1.0  # residual too large: less regularisation
+    b, fb = a, fa
+    while fa * fb > 0 and len(evals) < max_evals:
+        a, fa = b, fb
+        b = a + direction * math.log(4.0)
+        fb = f(math.exp(b))
+    if fa * fb > 0:  # not reached in the range tried
+        if direction > 0:  # even the largest λ fits better than the noise: the end of the range
+            return math.exp(b), state, evals, False
+        # the residual stays above the target (the solver's floor): the largest λ within 10 % of the best fit
+        floor = min(r for _, r in evals)
+        return max(a_ for a_, r in evals if r <= 1.1 * floor), state, evals, False
+    side = 0
+    while len(evals) < max_evals and abs(fb) > math.log(1.05):
+        c = b - fb * (b - a) / (fb - fa)
+        fc = f(math.exp(c))
+        if fc * fb < 0:
+            a, fa = b, fb
+            side = 0
+        else:
+            fa = fa / 2 if side == -1 else fa  # Illinois: halve the stale end's value
+            side = -1
+        b, fb = c, fc
+    root = b if abs(fb) <= abs(fa) else a
+    if abs(fb) > math.log(1.05) and fa != fb:
+        root = b - fb * (b - a) / (fb - fa)
+    return math.exp(root), state, evals, True
+
+
 def sample_tv(
     physics,
     y: torch.Tensor,
@@ -129,8 +212,12 @@ def sample_tv(
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
     lam: float | None = None,
+    weight: str | None = None,
     tv: str = "isotropic",
     init: str = "analytic",
+    discrepancy_tau: float = 1.0,
+    search_steps: int | None = None,
+    max_evals: int = 8,
 ) -> ReconstructionResult:
     r"""TV-regularised least squares ``argmin_x ½‖A x − y‖² + λ TV(x)`` on any linear physics, 2D or 3D.
 
@@ -143,18 +230,35 @@ def sample_tv(
     ``‖A‖`` anyway; the joint primal-dual is one loop and is what we use. (The acceleration of Chambolle–Pock's
     ALG2 needs a strongly convex term on the primal side; there is none here, so the plain θ = 1 scheme is used.)
 
+    The weight (``weight``). ``"auto"`` (the default when ``sigma_y > 0`` and no ``lam`` is given): the
+    discrepancy principle, ``λ`` such that ``‖A x_λ − y‖² = τ m σ_y²`` (``m``: the entries ``A`` measures, as
+    ``recon.samplers.reddiff.measured_entries`` counts them, times the batch size; ``τ = discrepancy_tau``),
+    found by bracketing and regula falsi on ``log λ`` from the heuristic below, each solve of ``search_steps``
+    iterations warm-started from the previous one (at most ``max_evals`` solves, stopping within 5 % of the
+    target) and a check solve at the root; if the check misses the target by more than 25 % (Chambolle–Pock's
+    data fit converges slowly on sparse-view CT, so early solves overstate the residual) the search restarts
+    from the better converged state (at most three rounds); then ``steps`` iterations at the root, warm-started.
+    Where the residual stays above the target for every ``λ`` tried (the solver's floor: limited-angle CT
+    converges slowly), the largest
+    ``λ`` whose residual is within 10 % of the best fit is taken (``bracketed: False`` in the record).
+    ``sigma_y = 0`` with ``weight="auto"``: ``σ_y`` is estimated from ``y``
+    (``recon.samplers.noise.estimate_noise_sigma``). The choice is recorded in ``info["tv_weight"]`` (rule,
+    ``λ``, ``σ_y`` and its source, target, final residual, solves).
+    ``"heuristic"`` (the default when ``sigma_y = 0``): ``‖A‖² · max(0.3 σ_y/‖A‖, 0.01 · s)``, the ROF weight
+    of a denoising problem with the image-domain noise level ``σ_y/‖A‖``, floored at 1 % of the data scale ``s``
+    (std of the initial estimate, 1 if it is 0) for noiseless data.
+
     Args:
-        lam: ``λ`` in the units of ``½‖Ax − y‖²``. Default ``‖A‖² · max(0.3 σ_y/‖A‖, 0.01 · s)``: the ROF weight of a
-            denoising problem with the image-domain noise level ``σ_y/‖A‖`` (λ ≈ 0.3 × noise level for ``A = I``;
-            the factor 0.3 was the better of 0.1/0.3/1 on small inpainting and sparse-view CT phantoms), floored at
-            1 % of the data scale ``s`` (std of the initial estimate, 1 if it is 0) for noiseless data. A heuristic:
-            tune ``lam`` for real data.
+        lam: ``λ`` in the units of ``½‖Ax − y‖²``; given, it is used as is (``weight`` must then be None).
+        weight: ``"auto"`` (discrepancy principle) or ``"heuristic"``; None picks ``"auto"`` when
+            ``sigma_y > 0`` and ``"heuristic"`` otherwise.
         tv: ``"isotropic"`` (ℓ2 norm of the gradient per pixel) or ``"anisotropic"`` (ℓ1 of every difference).
         init: ``"analytic"`` (``analytic_inverse``) or ``"zeros"``.
-        steps: Chambolle–Pock iterations.
+        steps: Chambolle–Pock iterations (of the final solve with ``weight="auto"``).
+        discrepancy_tau: the discrepancy principle's factor ``τ`` (1: the expected noise energy).
+        search_steps: iterations per solve of the ``λ`` search (default ``steps``).
+        max_evals: at most this many solves per round of the ``λ`` search.
     """
-    from deepinv.models.tv import TVDenoiser
-
     t0 = time.perf_counter()
     if tv not in ("isotropic", "anisotropic"):
         raise ValueError(f"tv must be 'isotropic' or 'anisotropic', got {tv!r}")
@@ -162,6 +266,10 @@ def sample_tv(
         raise ValueError(f"init must be 'analytic' or 'zeros', got {init!r}")
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if weight not in (None, "auto", "heuristic"):
+        raise ValueError(f"weight must be 'auto' or 'heuristic', got {weight!r}")
+    if lam is not None and weight is not None:
+        raise ValueError(f"give lam or weight, not both (lam={lam}, weight={weight!r})")
     template = image_template(physics, y)
     if template.dim() not in (4, 5):
         raise ValueError(f"sample_tv needs images (B, C, H, W) or volumes (B, C, D, H, W), got {tuple(template.shape)}")
@@ -169,46 +277,140 @@ def sample_tv(
     norm_a = operator_norm(physics, template)
     if norm_a == 0:
         raise ValueError("the physics maps everything to zero (‖A‖ = 0)")
-    if lam is None:
-        scale = float(x.std()) if x.numel() > 1 and float(x.std()) > 0 else 1.0
-        lam = norm_a**2 * max(0.3 * float(sigma_y) / norm_a, 0.01 * scale)
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    mu = float(lam) / norm_a**2
-    ndim = template.dim() - 2
-    step = 0.99 / math.sqrt(1.0 + 4.0 * ndim)
+    rule = weight or ("auto" if lam is None and float(sigma_y) > 0 else "heuristic")
+    if lam is not None:
+        rule = "given"
     y_s = y / norm_a
-    nabla, nabla_t = TVDenoiser.nabla, TVDenoiser.nabla_adjoint
+    options = {"tv": tv, "init": init, "operator_norm": norm_a, "weight": rule}
+    chosen: dict | None = None
+    state = None
+    with torch.no_grad():
+        if rule == "heuristic":
+            lam = _heuristic_lam(x, norm_a, sigma_y)
+        elif rule == "auto":
+            lam, state, chosen = _auto_lam(physics, y, y_s, norm_a, x, template, float(sigma_y), tv,
+                                           float(discrepancy_tau), search_steps or int(steps),
+                                           int(max_evals))
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        mu = float(lam) / norm_a**2
+        diagnostics: list[dict] = []
+
+        def on_step(i: int, x_i: torch.Tensor) -> None:
+            record_step(diagnostics, callback, t0, None, 0, i, int(steps), 0.0, data_residual(physics, x_i, y).mean())
+
+        state = _tv_solve(physics, y_s, norm_a, state or _cold_state(x, y_s), mu, int(steps), tv, on_step)
+        x = state[0]
+    info = {"method": "tv", "steps": int(steps), "particles": 1, "nfe": 0, "options": {"lam": float(lam), **options}}
+    if chosen is not None:
+        r2 = float((physics.A(x) - y).pow(2).sum())
+        chosen.update(lam=float(lam), residual_sq=r2, ratio=r2 / chosen["target"])
+        info["tv_weight"] = chosen
+    return ReconstructionResult(x=x, diagnostics=diagnostics, info=info)
+
+
+def _auto_lam(physics, y, y_s, norm_a, x0, template, sigma_y, tv, tau, search_steps, max_evals):
+    """The discrepancy-principle ``λ`` of ``sample_tv`` (``weight="auto"``): ``(lam, warm state, record)``."""
+    from recon.samplers.noise import estimate_noise_sigma
+    from recon.samplers.reddiff import measured_entries
+
+    source = "given"
+    if sigma_y <= 0:
+        sigma_y, source = estimate_noise_sigma(physics, y), "estimated"
+    if not sigma_y > 0:
+        raise ValueError("weight='auto' needs sigma_y > 0 (the estimate from the data was 0)")
+    if not tau > 0:
+        raise ValueError(f"discrepancy_tau must be > 0, got {tau}")
+    m = measured_entries(physics, template) * int(y.shape[0])
+    target = tau * m * sigma_y**2
+    lam, state, evals, reached = _heuristic_lam(x0, norm_a, sigma_y), _cold_state(x0, y_s), [], False
+    for _ in range(3):  # a search, then up to two more from the better converged state if the check is off
+        lam, state, new, reached = _discrepancy_search(physics, y, y_s, norm_a, state, lam, target, tv,
+                                                       search_steps, max(max_evals, 2))
+        evals += new
+        state = _tv_solve(physics, y_s, norm_a, state, lam / norm_a**2, search_steps, tv)
+        r2 = float((physics.A(state[0]) - y).pow(2).sum())
+        evals.append((lam, r2))
+        if not reached or abs(math.log(r2 / target)) <= math.log(1.25):
+            break
+    record = {"rule": "discrepancy", "sigma_y": sigma_y, "sigma_y_source": source, "measured_entries": m,
+              "tau": tau, "target": target, "bracketed": reached, "search_steps": search_steps,
+              "evals": [{"lam": a, "residual_sq": r} for a, r in evals]}
+    return lam, state, record
+
+
+def tv_oracle_weight(
+    physics,
+    y: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    score: Callable[[torch.Tensor], float] | None = None,
+    lam0: float | None = None,
+    sigma_y: float = 0.0,
+    steps: int = 300,
+    tv: str = "isotropic",
+    span: int = 3,
+    golden_iters: int = 6,
+) -> tuple[float, torch.Tensor, dict]:
+    """The oracle TV weight, chosen against the truth: for benchmarks only (an upper bound for TV's automatic
+    weight, never available on real data).
+
+    A grid ``λ₀ · 4^k`` (``k = −span … span``) then golden-section search on ``log λ`` between the best grid
+    point's neighbours; every solve is ``steps`` Chambolle–Pock iterations of ``sample_tv`` warm-started from the
+    previous one (cold start from the analytic inverse for the grid's first point).
+
+    Args:
+        physics: the operator.
+        y: measurements.
+        truth: the true image, in the units ``sample_tv`` reconstructs (to score against).
+        score: higher is better, of a reconstruction ``x``; default ``−‖x − truth‖²`` (best PSNR).
+        lam0: the grid's centre; default ``sample_tv``'s heuristic weight for ``sigma_y``.
+        sigma_y: noise level for the default ``lam0``.
+        steps: iterations per solve.
+        tv: ``"isotropic"`` or ``"anisotropic"``.
+        span: grid half-width in factors of 4.
+        golden_iters: golden-section iterations.
+
+    Returns:
+        ``(lam, x, record)``: the best weight, its reconstruction and the ``(λ, score)`` pairs tried.
+    """
+    if score is None:
+        def score(x_: torch.Tensor) -> float:
+            return -float((x_ - truth).pow(2).sum())
+    template = image_template(physics, y)
+    x0 = analytic_inverse(physics, y).to(template.dtype)
+    norm_a = operator_norm(physics, template)
+    y_s = y / norm_a
+    lam0 = _heuristic_lam(x0, norm_a, sigma_y) if lam0 is None else float(lam0)
+    tried: dict[float, tuple[float, torch.Tensor]] = {}
+    state = _cold_state(x0, y_s)
+
+    def evaluate(log_lam: float) -> float:
+        nonlocal state
+        state = _tv_solve(physics, y_s, norm_a, state, math.exp(log_lam) / norm_a**2, steps, tv)
+        tried[log_lam] = (score(state[0]), state[0])
+        return tried[log_lam][0]
 
     with torch.no_grad():
-        p = torch.zeros_like(y_s)
-        q = torch.zeros_like(nabla(x))
-        x_bar = x.clone()
-        diagnostics: list[dict] = []
-        for i in range(int(steps)):
-            p = (p + step * (physics.A(x_bar) / norm_a - y_s)) / (1.0 + step)
-            q = q + step * nabla(x_bar)
-            if tv == "isotropic":
-                q = q / (q.norm(dim=-1, keepdim=True) / max(mu, 1e-300)).clamp_min(1.0)
+        grid = [math.log(lam0) + k * math.log(4.0) for k in range(span, -span - 1, -1)]  # large to small λ
+        values = [evaluate(g) for g in grid]
+        k = max(range(len(grid)), key=values.__getitem__)
+        lo, hi = grid[min(k + 1, len(grid) - 1)], grid[max(k - 1, 0)]
+        ratio = (math.sqrt(5.0) - 1) / 2
+        c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        fc, fd = evaluate(c), evaluate(d)
+        for _ in range(int(golden_iters)):
+            if fc > fd:
+                hi, d, fd = d, c, fc
+                c = hi - ratio * (hi - lo)
+                fc = evaluate(c)
             else:
-                q = q.clamp(-mu, mu)
-            x_new = x - step * (physics.A_adjoint(p) / norm_a + nabla_t(q))
-            x_bar = 2 * x_new - x
-            x = x_new
-            check_finite(x, "tv", i, "check lam and the measurements")
-            record_step(diagnostics, callback, t0, None, 0, i, int(steps), 0.0,
-                        data_residual(physics, x, y).mean())
-    return ReconstructionResult(
-        x=x,
-        diagnostics=diagnostics,
-        info={
-            "method": "tv",
-            "steps": int(steps),
-            "particles": 1,
-            "nfe": 0,
-            "options": {"lam": float(lam), "tv": tv, "init": init, "operator_norm": norm_a},
-        },
-    )
+                lo, c, fc = c, d, fd
+                d = lo + ratio * (hi - lo)
+                fd = evaluate(d)
+    best = max(tried, key=lambda key: tried[key][0])
+    record = {"rule": "oracle", "evals": [{"lam": math.exp(a), "score": v[0]} for a, v in tried.items()]}
+    return math.exp(best), tried[best][1], record
 
 
 # ---------------------------------------------------------------------------------------------------------

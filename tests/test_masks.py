@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -141,13 +139,11 @@ def test_poisson_disc_is_a_variable_density_poisson_disc():
     assert not mask[r >= 1].any(), "corners are cropped"
 
 
-def test_poisson_disc_seeding_and_speed():
+def test_poisson_disc_seeding_and_large_grids():
     a = poisson_disc_mask((64, 64), 4, calib=(8, 8), seed=3)
     assert torch.equal(a, poisson_disc_mask((64, 64), 4, calib=(8, 8), seed=3))
     assert not torch.equal(a, poisson_disc_mask((64, 64), 4, calib=(8, 8), seed=4))
-    t0 = time.perf_counter()
-    big = poisson_disc_mask((256, 256), 6, seed=0)
-    assert time.perf_counter() - t0 < 6.0
+    big = poisson_disc_mask((256, 256), 6, seed=0)  # tests assert no wall-clock times
     assert abs(_accel(big) - 6) / 6 < 0.05
 
 

@@ -103,6 +103,19 @@ def _as_int_factor(value, name: str) -> int:
     return f
 
 
+def _axes(axes: int | Sequence[int] | None, ndim: int, size: tuple) -> tuple[int, ...]:
+    """The downsampled axes, non-negative and distinct (all axes for None)."""
+    if axes is None:
+        return tuple(range(ndim))
+    raw = (axes,) if isinstance(axes, int) else tuple(axes)
+    if any(not isinstance(a, int) or not -ndim <= a < ndim for a in raw) or not raw:
+        raise ValueError(f"axes must be in [{-ndim}, {ndim - 1}] for img_size {size}, got {axes}")
+    sel = tuple(a % ndim for a in raw)
+    if len(set(sel)) != len(sel):
+        raise ValueError(f"axes must not repeat, got {axes}")
+    return sel
+
+
 class Downsampling(_KeepFloat64Buffers, LinearPhysics):
     r"""Anti-aliased integer downsampling of images ``(B, C, H, W)`` or volumes ``(B, C, D, H, W)``.
 
@@ -146,15 +159,7 @@ class Downsampling(_KeepFloat64Buffers, LinearPhysics):
         size = as_size(img_size)
         ndim = len(size)
         spacing_mm = as_spacing(spacing, ndim, "spacing")
-        if axes is None:
-            sel = tuple(range(ndim))
-        else:
-            raw = (axes,) if isinstance(axes, int) else tuple(axes)
-            if any(not isinstance(a, int) or not -ndim <= a < ndim for a in raw) or not raw:
-                raise ValueError(f"axes must be in [{-ndim}, {ndim - 1}] for img_size {size}, got {axes}")
-            sel = tuple(a % ndim for a in raw)
-            if len(set(sel)) != len(sel):
-                raise ValueError(f"axes must not repeat, got {axes}")
+        sel = _axes(axes, ndim, size)
         if isinstance(factor, (int, float)):
             fac_sel = (_as_int_factor(factor, "factor"),) * len(sel)
         else:

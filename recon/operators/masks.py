@@ -256,6 +256,86 @@ def _bridson(
     return mask
 
 
+class _PoissonDensity:
+    """The variable-density Poisson-disc model of ``poisson_disc_mask``: exclusion radii ``(1 + s r)`` scaled per
+    axis, the expected sample count as a density sum, and masks drawn by Bridson dart throwing."""
+
+    def __init__(self, shape2d: tuple[int, int], cal: tuple[int, int], crop_corner: bool, seed: int,
+                 max_attempts: int):
+        ny, nx = shape2d
+        self.r = _normalised_radius(shape2d, cal)
+        self.cal_sl = _calib_slices(shape2d, cal)
+        self.keep = self.r < 1 if crop_corner else np.ones(shape2d, dtype=bool)
+        self.scale = np.array([ny, nx], dtype=np.float64) / max(ny, nx)
+        region = self.keep.copy()
+        region[self.cal_sl] = False
+        self.n_cal = cal[0] * cal[1]
+        self.r_reg = self.r[region]
+        self.seed, self.max_attempts = seed, max_attempts
+        self.total = ny * nx
+        self.bracket = (0.0, 4.0 * max(ny, nx))
+
+    def radii(self, rr: np.ndarray, slope: float) -> tuple[np.ndarray, np.ndarray]:
+        base = 1 + rr * slope
+        return np.clip(base * self.scale[0], 1, None), np.clip(base * self.scale[1], 1, None)
+
+    def density_sum(self, slope: float) -> float:
+        ry, rx = self.radii(self.r_reg, slope)
+        return float(np.sum(1.0 / (ry * rx)))
+
+    def model_slope(self, target: float, packing: float, lo: float, hi: float) -> float:
+        """count(s) ~ n_cal + packing * sum 1 / (ry rx): solved on the model (cheap), then refined on masks."""
+        a, b = lo, hi
+        for _ in range(50):
+            mid = 0.5 * (a + b)
+            if self.n_cal + packing * self.density_sum(mid) > target:
+                a = mid
+            else:
+                b = mid
+        return 0.5 * (a + b)
+
+    def make(self, slope: float) -> np.ndarray:
+        ry, rx = self.radii(self.r, slope)
+        m = _bridson(ry, rx, np.random.default_rng(self.seed), self.max_attempts) & self.keep
+        m[self.cal_sl] = True
+        return m
+
+
+def _fit_density(model: _PoissonDensity, target: float, acc: float, tol: float, max_iter: int):
+    """Safeguarded bisection on the density slope: the model proposes the slope, the bracket of measured masks
+    keeps it honest (the midpoint when the proposal leaves the bracket). Returns the best mask and its relative
+    acceleration error."""
+    lo, hi = model.bracket
+    packing = 0.65  # samples per unit exclusion area of a maximal Poisson-disc set, refined below
+    best, best_err = None, np.inf
+    use_model = True
+    for it in range(max_iter):
+        slope = model.model_slope(target, packing, lo, hi) if use_model else 0.5 * (lo + hi)
+        if not lo < slope < hi:
+            slope = 0.5 * (lo + hi)
+        width = hi - lo
+        m = model.make(slope)
+        count = int(m.sum())
+        achieved = model.total / max(count, 1)
+        err = abs(achieved - acc) / acc
+        if err < best_err:
+            best, best_err = m, err
+        # stop at tol; or when the slope bracket is below 1e-3 (radii move by < 1e-3 px); or, after 6
+        # steps, with a mask already within the 5 % guarantee (steep, grainy end near R ~ 3)
+        if err < tol or hi - lo < 1e-3 or (it >= 5 and best_err < 0.05):
+            break
+        if achieved < acc:
+            lo = slope
+        else:
+            hi = slope
+        # a model step that did not halve the bracket is followed by a plain bisection step
+        use_model = not (use_model and hi - lo > 0.5 * width)
+        dens = model.density_sum(slope)
+        if dens > 0 and count > model.n_cal:
+            packing = (count - model.n_cal) / dens
+    return best, best_err
+
+
 def poisson_disc_mask(
     shape: Sequence[int],
     acceleration: float,
@@ -305,72 +385,8 @@ def poisson_disc_mask(
             f"the calibration box {cal} ({cal[0] * cal[1]} points) exceeds the budget of {total / acc:.0f} "
             f"points for acceleration {acc:g} on a {shape2d} grid; use a smaller calib"
         )
-    r = _normalised_radius(shape2d, cal)
-    cal_sl = _calib_slices(shape2d, cal)
-    keep = r < 1 if crop_corner else np.ones(shape2d, dtype=bool)
-    scale = np.array([ny, nx], dtype=np.float64) / max(ny, nx)
-
-    region = keep.copy()
-    region[cal_sl] = False
-    n_cal = cal[0] * cal[1]
-    r_reg = r[region]
-
-    def radii(rr: np.ndarray, slope: float) -> tuple[np.ndarray, np.ndarray]:
-        base = 1 + rr * slope
-        return np.clip(base * scale[0], 1, None), np.clip(base * scale[1], 1, None)
-
-    def density_sum(slope: float) -> float:
-        ry, rx = radii(r_reg, slope)
-        return float(np.sum(1.0 / (ry * rx)))
-
-    def model_slope(target: float, packing: float, lo: float, hi: float) -> float:
-        # count(s) ~ n_cal + packing * sum 1 / (ry rx): solve on the model (cheap), then refine on masks
-        a, b = lo, hi
-        for _ in range(50):
-            mid = 0.5 * (a + b)
-            if n_cal + packing * density_sum(mid) > target:
-                a = mid
-            else:
-                b = mid
-        return 0.5 * (a + b)
-
-    def make(slope: float) -> np.ndarray:
-        ry, rx = radii(r, slope)
-        m = _bridson(ry, rx, np.random.default_rng(seed), max_attempts) & keep
-        m[cal_sl] = True
-        return m
-
-    target = total / acc
-    lo, hi = 0.0, 4.0 * max(ny, nx)
-    packing = 0.65  # samples per unit exclusion area of a maximal Poisson-disc set, refined below
-    best, best_err = None, np.inf
-    use_model = True
-    for it in range(max_iter):
-        # safeguarded bisection: the density model proposes the slope, the bracket [lo, hi] of measured
-        # masks keeps it honest (falls back to the midpoint when the proposal leaves the bracket).
-        slope = model_slope(target, packing, lo, hi) if use_model else 0.5 * (lo + hi)
-        if not lo < slope < hi:
-            slope = 0.5 * (lo + hi)
-        width = hi - lo
-        m = make(slope)
-        count = int(m.sum())
-        achieved = total / max(count, 1)
-        err = abs(achieved - acc) / acc
-        if err < best_err:
-            best, best_err = m, err
-        # stop at tol; or when the slope bracket is below 1e-3 (radii move by < 1e-3 px); or, after 6
-        # steps, with a mask already within the 5 % guarantee (steep, grainy end near R ~ 3)
-        if err < tol or hi - lo < 1e-3 or (it >= 5 and best_err < 0.05):
-            break
-        if achieved < acc:
-            lo = slope
-        else:
-            hi = slope
-        # a model step that did not halve the bracket is followed by a plain bisection step
-        use_model = not (use_model and hi - lo > 0.5 * width)
-        dens = density_sum(slope)
-        if dens > 0 and count > n_cal:
-            packing = (count - n_cal) / dens
+    model = _PoissonDensity(shape2d, cal, crop_corner, seed, max_attempts)
+    best, best_err = _fit_density(model, total / acc, acc, tol, max_iter)
     if best_err > 0.05:
         raise ValueError(
             f"could not reach acceleration {acc:g} within 5% on a {shape2d} grid with calib {cal} "

@@ -377,3 +377,13 @@ def test_redact_config_withholds_paths_and_keeps_the_rest():
     assert out["steps"] == 50 and out["options"]["zeta"] == 0.3 and out["extra"] == [WITHHELD, 3]
     assert "SMITH" not in repr(out) and config["input"] == "/data/SMITH_JOHN/ct"
     assert redact_config({"prior": os.path.join("priors", "mine")})["prior"] == WITHHELD
+
+
+def test_training_slices_are_the_reconstruction_readers_slices(tmp_path):
+    anat = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+    volume = read_image(anat).array
+    np.testing.assert_array_equal(np.stack(list(read_slices(anat))), volume)  # NIfTI axis 2 = D
+    both = list(read_slices(anat, axes=(0, 1, 2)))
+    assert len(both) == sum(volume.shape)
+    np.testing.assert_array_equal(both[0], volume[:, :, 0])  # NIfTI axis 0 = W
+    np.testing.assert_array_equal(np.stack(list(read_slices(CT_SMALL))), read_image(CT_SMALL).array)

@@ -168,3 +168,16 @@ def test_numpy_header_parser_agrees_with_numpy_or_refuses(tmp_path, shape, dtype
         return
     theirs = np.load(path, allow_pickle=False)
     np.testing.assert_array_equal(ours.array, np.asarray(theirs, np.float64).reshape(ours.array.shape))
+
+
+def test_the_oracle_tells_silent_from_altered_reads(tmp_path, own_files):
+    """A read that differs from the reference is a defect unless the corruption touched the data."""
+    from recon.datasets.fuzz import Case
+
+    base = own_files["own.nii"]
+    reference = read_image(base)
+    wrong = reference.with_array(reference.array + 1)
+    same = Case("unchanged copy", base, lambda work: base, touches_data=False)
+    assert run_case(same, tmp_path, reference)[0] == "correct"
+    assert run_case(same, tmp_path, wrong)[0] == "silent"
+    assert run_case(Case("pixels edited", base, lambda work: base, True), tmp_path, wrong)[0] == "altered"

@@ -226,6 +226,20 @@ def test_truncated_native_pixel_data_refused_before_allocation(tmp_path):
     _one_line_naming(err, path)
 
 
+def test_compressed_pixel_data_claiming_a_huge_image_refused_before_decoding(tmp_path):
+    ds = pydicom.dcmread(MR_RLE)
+    ds.Rows, ds.Columns = 60000, 60000  # 7.2 GB claimed from 6 KB of RLE data
+    path = tmp_path / "huge_rle.dcm"
+    ds.save_as(path)
+    tracemalloc.start()
+    with pytest.raises(ImageReadError, match="claims") as err:
+        read_image(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100e6
+    _one_line_naming(err, path)
+
+
 def test_decimal_rescale_file_does_not_make_its_folder_refused(tmp_path):
     src = NIB_DICOM / "decimal_rescale.dcm"
     alone = read_image(src)

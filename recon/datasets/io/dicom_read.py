@@ -24,6 +24,7 @@ __all__ = ["DICOM_SUFFIXES", "Frame", "dicom_frames", "ds_text", "floats", "has_
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _DICOMDIR_UID = "1.2.840.10008.1.3.10"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_COMPRESSION = 1000
 _NOT_RECOGNISED = "not a recognised image file (expected DICOM, NIfTI .nii/.nii.gz, NumPy .npy/.npz, PNG or TIFF)"
 
 
@@ -182,6 +183,17 @@ def _check_native_length(ds, p: Path, n_frames: int, rows: int, cols: int) -> No
                                 f"{bits} bits (expected {expected} bytes)")
 
 
+def _check_compressed_size(ds, p: Path, n_frames: int, rows: int, cols: int) -> None:
+    """Compressed pixel data cannot expand beyond about 1000:1 (lossy JPEG 2000 reaches a few hundred): a header
+    claiming more is refused before a decoder allocates the frames."""
+    bits = int(number(ds.get("BitsAllocated")) or 16)
+    claimed = n_frames * rows * cols * max(bits, 8) // 8
+    have = len(ds.PixelData)
+    if claimed > _MAX_COMPRESSION * have + (16 << 20):
+        raise ImageReadError(p, f"the header claims {n_frames} frame(s) of {rows}×{cols} ({claimed} bytes) from "
+                                f"{have} bytes of compressed pixel data (a damaged header?)")
+
+
 def _dicom_pixels(ds, p: Path, n_frames: int) -> np.ndarray:
     """The stored pixel values as (frames, H, W); ImageReadError naming the transfer syntax when undecodable."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -196,6 +208,8 @@ def _dicom_pixels(ds, p: Path, n_frames: int) -> np.ndarray:
     compressed = ts is not None and getattr(ts, "is_compressed", False)
     if not compressed:
         _check_native_length(ds, p, n_frames, rows, cols)
+    elif "PixelData" in ds:
+        _check_compressed_size(ds, p, n_frames, rows, cols)
     try:
         arr = np.asarray(ds.pixel_array)
     except Exception as err:

@@ -21,8 +21,9 @@ holes); calibration curve (nominal vs observed); z-score histogram; mean 90 % in
 |err|) inside the body; ESS; NFE and seconds. Conformal: the factor ``c`` (``conformal_factor``, body pixels of
 the tuning draw) applied to the reported draws.
 
-Exact posteriors (``--gmm``): ``GaussianMixturePrior`` problems with closed-form posteriors: *unimodal* (one
-full-covariance Gaussian, 4×4, 50 % pixel mask, σ_y = 0.1), *mixture* (3 components, as
+Exact posteriors (``--gmm``): ``GaussianMixturePrior`` problems with closed-form posteriors: *isotropic Gaussian*
+(N(0.3, 0.2 I), where the reverse kernel is exactly Gaussian), *unimodal* (one full-covariance Gaussian, 4×4, 50 %
+pixel mask, σ_y = 0.1), *mixture* (3 components, as
 ``tests/test_samplers_smc.py``) and *bimodal* (``bimodal_inpainting_example`` 6×6, σ_y = 0.1, mode weights
 0.3/0.7); P = 1024 particles/samples, 4 replicas: posterior-mean error in units of the posterior std against the
 floor of 1024 exact samples (target ≤ 1.5×), std ratio, mode-weight TV distance (target ≤ 0.05).
@@ -257,8 +258,11 @@ def gmm_problems():
     from recon.priors.gaussian import GaussianMixturePrior, bimodal_inpainting_example
 
     out = {}
-    for name, comps in (("unimodal", 1), ("mixture (3 components)", 3)):
-        prior = GaussianMixturePrior.random((1, 4, 4), comps, seed=0)
+    iso = GaussianMixturePrior(torch.ones(1, dtype=torch.float64), torch.full((1, 1, 4, 4), 0.3, dtype=torch.float64),
+                               0.2 * torch.ones(1, 16, dtype=torch.float64))
+    for name, comps in (("isotropic Gaussian", iso), ("unimodal", 1), ("mixture (3 components)", 3)):
+        prior = comps if isinstance(comps, GaussianMixturePrior) else GaussianMixturePrior.random((1, 4, 4), comps,
+                                                                                                 seed=0)
         physics = Inpainting((4, 4), random_pixel_mask((4, 4), 0.5, seed=0))
         gen = torch.Generator().manual_seed(100)
         y = physics.A(prior.sample(1, generator=gen))
@@ -321,6 +325,30 @@ def run_gmm(particles: int = 1024, replicas: int = 4) -> dict:
     return {"particles": particles, "replicas": replicas, "rows": rows}
 
 
+def markdown(result: dict) -> str:
+    """The README tables of a result (real images: per case and method, mean over the reported draws)."""
+    if "summary" not in result:
+        lines = ["| problem | method | err / floor | std ratio | mode TV | seconds |", "|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            tv = f"{r['mode_tv']:.3f}" if "mode_tv" in r else ""
+            lines.append(f"| {r['problem']} | {r['method']} | {r['err']:.3f} / {r['err_floor']:.3f} = "
+                         f"{r['err_over_floor']:.1f}× | {r['std_ratio']:.2f} | {tv} | {r['seconds']:.1f} |")
+        return "\n".join(lines)
+    lines = ["| case | method | PSNR | cov. 50 / 90 / 95 % (image) | cov. 50 / 90 / 95 % (body) | 90 % quantile "
+             "(body) | width 90 % (body) | Spearman (body) | min ESS | conformal c₉₀ | cov. 90 % calibrated "
+             "(image / body) | NFE | s |", "|" + "---|" * 13]
+    for r in result["summary"]:
+        cov = " / ".join(f"{r[f'coverage_{lv}_image']:.3f}" for lv in (50, 90, 95))
+        covb = " / ".join(f"{r[f'coverage_{lv}_body']:.3f}" for lv in (50, 90, 95))
+        cal = (f"{r['conformal_coverage_90_image']:.3f} / {r['conformal_coverage_90_body']:.3f}"
+               if "conformal_coverage_90_body" in r else "")
+        c = f"{r['conformal_factor_90']:.2f}" if "conformal_factor_90" in r else ""
+        lines.append(f"| {r['case']} | {r['method']} | {r['psnr']:.2f} | {cov} | {covb} | "
+                     f"{r['coverage_90_quantile_body']:.3f} | {r['width_90_body']:.3f} | {r['spearman_body']:.2f} | "
+                     f"{r['min_ess']:.1f} | {c} | {cal} | {r['nfe']:.0f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modality", choices=["ct", "mri"], default="mri")
@@ -331,7 +359,12 @@ def main() -> None:
                         help="noise draws; the first is the tuning draw (conformal fit), the others are reported")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
+    parser.add_argument("--markdown", nargs="+", metavar="JSON", help="print the README tables of saved results")
     args = parser.parse_args()
+    if args.markdown:
+        for path in args.markdown:
+            print(markdown(json.loads(Path(path).read_text())) + "\n")
+        return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.gmm:

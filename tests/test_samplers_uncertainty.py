@@ -4,15 +4,19 @@ forms and exact Gaussian-mixture posteriors.
 Measured (seed 3, one thread, 4 replicas, P = 1024; ``err`` = ‖x̄ − m‖/‖s‖ in posterior stds, floor = the same
 for 1024 exact samples; ``benchmarks/bench_calibration.py --gmm`` has the full table):
 
-| problem                         | method                   | err / floor | std ratio | mode TV |
-|---------------------------------|--------------------------|-------------|-----------|---------|
-| isotropic Gaussian, 4x4 mask    | FPS carried, 50 steps    | 1.4         | 1.00      |         |
-| 3-component GMM, 4x4 mask       | FPS carried, 50 steps    | ~7.6        | 1.07      |         |
-| bimodal 6x6 (0.3/0.7)           | FPS carried, 50 steps    |             |           | 0.06    |
-| bimodal 6x6                     | ensemble of DPS, 50 st.  |             |           | 0.14    |
+| problem                          | method                   | err / floor | std ratio | mode TV |
+|----------------------------------|--------------------------|-------------|-----------|---------|
+| isotropic Gaussian, 4x4 mask     | FPS carried, 50 steps    | 1.2         | 1.00      |         |
+| full-covariance Gaussian         | FPS carried, 50 steps    | 9.3         | 0.95      |         |
+| 3-component GMM, 4x4 mask        | FPS carried, 50 steps    | 6.5         | 0.98      |         |
+| 3-component GMM, 4x4 mask        | SMC TDS, 100 steps       | 2.9         | 0.96      |         |
+| bimodal 6x6 (0.3/0.7)            | FPS carried, 50 steps    | 5.3         | 0.98      | 0.070   |
+| bimodal 6x6                      | SMC TDS, 100 steps       | 3.0         | 0.98      | 0.033   |
+| bimodal 6x6                      | ensemble of DPS, 50 st.  | 11.9        | 1.52      | 0.129   |
 
-FPS is exact when the reverse kernel is Gaussian (the isotropic prior); with mixtures its Gaussian reverse kernel
-(DDIM variance plus an isotropic ``Var(x0 | x_σ)``) is the remaining error. The published FPS (``noise="fresh"``)
+FPS is exact when the reverse kernel is Gaussian with isotropic ``Var(x0 | x_σ)`` (the isotropic prior); otherwise
+its Gaussian reverse kernel (DDIM variance plus an isotropic ``Var(x0 | x_σ)``) is the remaining error, and more
+steps do not remove it. The published FPS (``noise="fresh"``)
 counts the measurement noise at every level: posterior std ratio ≈ 0.5 on the same problems.
 """
 
@@ -239,7 +243,7 @@ def test_fps_is_exact_for_a_gaussian_prior():
     res = sample_fps(physics, y.repeat(4, 1, 1, 1), prior, sigma_y=SIGMA_Y, steps=50, particles=1024,
                      generator=torch.Generator().manual_seed(3))
     err = sum(_err(res, post, b) for b in range(4)) / 4
-    assert err < 2.0 * _floor(post, 1024), err  # measured 1.4x
+    assert err < 2.0 * _floor(post, 1024), err  # measured 1.2-1.4x
     ratio = float((res.std / post.std).mean())
     assert 0.93 < ratio < 1.07, ratio
     assert not res.info["degenerate"] and min(res.info["ess_final"]) > 0.3 * 1024
@@ -255,7 +259,7 @@ def test_fps_on_a_mixture_and_the_published_variant():
     fresh = sample_fps(physics, yb, prior, generator=torch.Generator().manual_seed(3), noise="fresh", **kw)
     err_c = sum(_err(carried, post, b) for b in range(4)) / 4
     floor = _floor(post, 1024)
-    assert err_c < 10 * floor, (err_c, floor)  # measured ~7.6x: the Gaussian reverse kernel (module docstring)
+    assert err_c < 10 * floor, (err_c, floor)  # measured 6.5x: the Gaussian reverse kernel (module docstring)
     ratio_c, ratio_f = (float((r.std / post.std).mean()) for r in (carried, fresh))
     assert 0.85 < ratio_c < 1.2 and ratio_f < 0.6, (ratio_c, ratio_f)  # fresh noise counts σ_y at every level
 
@@ -271,7 +275,7 @@ def test_fps_bimodal_mode_weights():
         x = res.samples[:, b][:, hole]
         dist = torch.stack([((x - mu[hole]) ** 2).sum(1) for mu in prior.means], 1)
         tvs.append(abs(float(res.weights[:, b][dist.argmin(1) == 0].sum()) - float(post.weights[0])))
-    assert sum(tvs) / 4 < 0.1, tvs  # measured 0.06 (target 0.05 missed; see the module docstring)
+    assert sum(tvs) / 4 < 0.1, tvs  # measured 0.07 (target 0.05 missed; see the module docstring)
 
 
 def _exact_sampler(physics, y, prior, *, sigma_y, particles=1, generator=None, callback=None, steps=1):

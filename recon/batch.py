@@ -84,6 +84,7 @@ from pathlib import Path
 
 from recon.datasets.io import has_dicom_preamble
 from recon.pipeline import PipelineError
+from recon.settings import RECONSTRUCTION_FIELDS, Settings
 
 __all__ = [
     "ENGINES",
@@ -109,6 +110,10 @@ _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _RESERVED = re.compile(r"^batch-results", re.IGNORECASE)
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _OWN = re.compile(r"^\.?(rec([._].*)?|done\.json.*)$")  # what recon batch writes in a study folder (besides log.txt)
+
+# the settings every done.json fingerprint holds (settings added since count only when set)
+_ALWAYS_FINGERPRINTED = ("method", "prior", "steps", "particles", "seed", "device", "format", "series", "on_irregular",
+                         "task", "task_params", "photons", "noise", "options", "anonymize")
 
 # per-study settings a manifest may set: column -> type ("path": relative to the manifest's folder)
 _SETTING_TYPES = {"method": str, "prior": str, "steps": int, "particles": int, "seed": int, "task": str,
@@ -233,10 +238,6 @@ def _cell(value: str, column: str, where: str):
 def read_manifest(path: str | os.PathLike) -> list[Study]:
     """The studies of a CSV manifest (see the module docstring): header ``input,output[,options...]``, one row
     per study; BatchError (one line naming the file, row and column) for anything unusable."""
-    from recon.priors.io import BUILTIN_PRIORS
-    from recon.samplers import METHODS
-    from recon.tasks import TASKS
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -258,46 +259,55 @@ def read_manifest(path: str | os.PathLike) -> list[Study]:
             raise BatchError(f"{path}: the header needs an {needed!r} column (input,output[,options...])")
     studies, seen = [], {}
     for n, row in enumerate(rows[1:], start=2):
-        where = f"{path}: row {n}"
-        if len(row) > len(header):
-            raise BatchError(f"{where}: {len(row)} cells for {len(header)} columns")
-        cells = {c: v.strip() for c, v in zip(header, row, strict=False)}
-        name, given = cells.get("output", ""), cells.get("input", "")
-        if not given:
-            raise BatchError(f"{where}: empty 'input'")
-        if not _SAFE.match(name) or _RESERVED.match(name):
-            raise BatchError(f"{where}, column 'output': {name!r} is not a usable study name (letters, digits, "
-                             "'.', '_', '-'; not starting with '.', '-' or 'batch-results')")
-        if name.lower() in seen:
-            raise BatchError(f"{where}, column 'output': {name!r} is also row {seen[name.lower()]}'s (names are "
-                             "unique, case-insensitively)")
-        seen[name.lower()] = n
-        opts: dict = {}
-        for col, value in cells.items():
-            if col in ("input", "output") or value == "":
-                continue
-            parsed = _cell(value, col, where)
-            if col.startswith("options."):
-                opts.setdefault("options", {})[col.split(".", 1)[1]] = parsed
-            elif col in _SETTING_TYPES:
-                if _SETTING_TYPES[col] == "path" or (col == "prior" and parsed not in BUILTIN_PRIORS):
-                    parsed = str(_relative_to(Path(parsed), path.parent))
-                opts[col] = parsed
-            else:
-                opts.setdefault("task_params", {})[col] = parsed
-        if opts.get("method") is not None and opts["method"] not in METHODS:
-            raise BatchError(f"{where}, column 'method': {opts['method']!r} is not one of {', '.join(METHODS)}")
-        if opts.get("method") is not None and opts.get("options"):
-            try:
-                METHODS[opts["method"]].check_options(opts["options"])
-            except ValueError as err:
-                raise BatchError(f"{where}: {err}") from err
-        if opts.get("task") is not None and opts["task"] not in TASKS:
-            raise BatchError(f"{where}, column 'task': {opts['task']!r} is not one of {', '.join(TASKS)}")
-        studies.append(Study(name, _relative_to(Path(given), path.parent), opts))
+        studies.append(_manifest_row(path, header, row, n, seen))
     if not studies:
         raise BatchError(f"{path}: the manifest has a header but no study rows")
     return sorted(studies, key=lambda s: s.name)
+
+
+def _manifest_row(path: Path, header: list[str], row: list[str], n: int, seen: dict) -> Study:
+    """Row ``n`` of a manifest as a ``Study`` (``seen``: lower-cased names → row, for the uniqueness check)."""
+    from recon.priors.io import BUILTIN_PRIORS
+    from recon.samplers import METHODS
+    from recon.tasks import TASKS
+
+    where = f"{path}: row {n}"
+    if len(row) > len(header):
+        raise BatchError(f"{where}: {len(row)} cells for {len(header)} columns")
+    cells = {c: v.strip() for c, v in zip(header, row, strict=False)}
+    name, given = cells.get("output", ""), cells.get("input", "")
+    if not given:
+        raise BatchError(f"{where}: empty 'input'")
+    if not _SAFE.match(name) or _RESERVED.match(name):
+        raise BatchError(f"{where}, column 'output': {name!r} is not a usable study name (letters, digits, "
+                         "'.', '_', '-'; not starting with '.', '-' or 'batch-results')")
+    if name.lower() in seen:
+        raise BatchError(f"{where}, column 'output': {name!r} is also row {seen[name.lower()]}'s (names are "
+                         "unique, case-insensitively)")
+    seen[name.lower()] = n
+    opts: dict = {}
+    for col, value in cells.items():
+        if col in ("input", "output") or value == "":
+            continue
+        parsed = _cell(value, col, where)
+        if col.startswith("options."):
+            opts.setdefault("options", {})[col.split(".", 1)[1]] = parsed
+        elif col in _SETTING_TYPES:
+            if _SETTING_TYPES[col] == "path" or (col == "prior" and parsed not in BUILTIN_PRIORS):
+                parsed = str(_relative_to(Path(parsed), path.parent))
+            opts[col] = parsed
+        else:
+            opts.setdefault("task_params", {})[col] = parsed
+    if opts.get("method") is not None and opts["method"] not in METHODS:
+        raise BatchError(f"{where}, column 'method': {opts['method']!r} is not one of {', '.join(METHODS)}")
+    if opts.get("method") is not None and opts.get("options"):
+        try:
+            METHODS[opts["method"]].check_options(opts["options"])
+        except ValueError as err:
+            raise BatchError(f"{where}: {err}") from err
+    if opts.get("task") is not None and opts["task"] not in TASKS:
+        raise BatchError(f"{where}, column 'task': {opts['task']!r} is not one of {', '.join(TASKS)}")
+    return Study(name, _relative_to(Path(given), path.parent), opts)
 
 
 def _relative_to(p: Path, base: Path) -> Path:
@@ -725,22 +735,8 @@ def _prepare_outdir(outdir: Path) -> None:
 def run_batch(
     input: str | os.PathLike,
     outdir: str | os.PathLike,
+    settings: Settings | None = None,
     *,
-    method: str | None = None,
-    prior: str = "default",
-    steps: int | None = None,
-    particles: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    format: str | None = None,
-    series: str | int | None = None,
-    on_irregular: str = "error",
-    task: str | None = None,
-    task_params: dict | None = None,
-    photons: float | None = None,
-    noise: float | None = None,
-    options: dict | None = None,
-    anonymize: bool = False,
     engine: str = "local",
     workers: int = 1,
     threads: int | None = None,
@@ -752,21 +748,67 @@ def run_batch(
     config: dict | None = None,
     progress: Callable[[dict, int, int], None] | None = None,
     quiet: bool = False,
+    **overrides,
 ) -> BatchSummary:
     """Reconstruct every study of ``input`` (a folder or a ``.csv`` manifest) into ``outdir/<study>/`` and write
-    the results table; returns the summary (``exit_code`` 1 if a study failed). The settings (``method`` ...
-    ``anonymize``) are ``recon.pipeline.reconstruct_file``'s, with its defaults, and a manifest's columns override
-    them per study. ``config`` (the command line's resolved options) is merged into each study's
-    ``rec.config.yaml``. ``progress(record, finished, total)`` is called as each study ends (skipped ones too).
-    Engines, sharding, resume and retries: see the module docstring. BatchError for an unusable batch (input,
-    manifest, options, Ray unavailable).
+    the results table; returns the summary (``exit_code`` 1 if a study failed).
+
+    Args:
+        input: a folder of studies or a CSV manifest (see the module docstring).
+        outdir: the output folder (one subfolder per study, the results table).
+        settings: ``recon.settings.Settings``, as ``recon.pipeline.reconstruct_file`` takes them; a manifest's
+            columns override them per study.
+        engine, workers, threads, retries, num_parts, part_id, ray_address: see the module docstring.
+        overwrite: redo finished studies too.
+        config: the command line's resolved options, merged into each study's ``rec.config.yaml``.
+        progress: ``progress(record, finished, total)`` is called as each study ends (skipped ones too).
+        quiet: no messages from the engines.
+        **overrides: ``Settings`` fields set for this batch.
+
+    Raises:
+        BatchError: an unusable batch (input, manifest, options, Ray unavailable).
     """
+    settings = Settings.from_mapping(overrides, settings)
+    t_start = time.perf_counter()
+    _check_batch(settings, engine, workers, retries, threads, ray_address)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    outdir = Path(outdir)
+    studies = shard(discover_studies(input, exclude=outdir), num_parts, part_id)
+    _prepare_outdir(outdir)
+    suffix = "" if num_parts == 1 else f".part-{part_id}-of-{num_parts}"
+    base = {k: v for k, v in settings.to_dict(RECONSTRUCTION_FIELDS).items()  # unset later additions left out:
+            if v is not None or k in _ALWAYS_FINGERPRINTED}  # the fingerprints of earlier runs still hold
+    results: dict[str, dict] = {}
+
+    def finish(record: dict) -> None:
+        results[record["study"]] = record
+        if progress is not None:
+            progress(record, len(results), len(studies))
+
+    queue = _plan(studies, base, outdir, overwrite, config, finish)
+    slots, stats = _run_queue(queue, engine, workers, threads, ray_address, settings.device, quiet, retries, finish)
+    ordered = [results[s.name] for s in studies]
+    counts = {k: sum(1 for r in ordered if r["status"] == k) for k in ("done", "skipped", "failed")}
+    seconds = time.perf_counter() - t_start
+    summary = BatchSummary(
+        total=len(studies), **counts, seconds=seconds,
+        studies_per_minute=counts["done"] / seconds * 60 if counts["done"] and seconds > 0 else None,
+        engine=engine, workers=slots or workers, threads=threads, part=[part_id, num_parts], results=ordered,
+        worker_stats=sorted(stats.values(), key=lambda w: (str(w.get("host")), w.get("pid") or 0)),
+        results_csv=str(outdir / f"batch-results{suffix}.csv"),
+        results_json=str(outdir / f"batch-results{suffix}.json"))
+    _write_tables(summary)
+    return summary
+
+
+def _check_batch(settings: Settings, engine: str, workers, retries, threads, ray_address) -> None:
+    """One ``BatchError`` for an unusable engine, count, method, option or device, before any study runs."""
     import torch
 
     from recon.pipeline import resolve_device
     from recon.samplers import METHODS
 
-    t_start = time.perf_counter()
     if engine not in ENGINES:
         raise BatchError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     for name, value, low in (("--workers", workers, 1), ("--retries", retries, 0), ("--threads", threads, 1)):
@@ -776,11 +818,12 @@ def run_batch(
             raise BatchError(f"{name} must be an integer >= {low}, got {value!r}")
     if ray_address and engine != "ray":
         raise BatchError("--ray-address applies to --engine ray")
+    method, device = settings.method, settings.device
     if method is not None and method not in METHODS:
         raise BatchError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if method is not None:
         try:  # a bad option is one error for the batch, not one failed study each (and never retried)
-            METHODS[method].check_options(options or {})
+            METHODS[method].check_options(settings.options)
         except ValueError as err:
             raise BatchError(str(err)) from err
     if engine == "local":
@@ -792,33 +835,15 @@ def run_batch(
             kind = None
         if kind not in ("cpu", "cuda"):
             raise BatchError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-    outdir = Path(outdir)
-    every = discover_studies(input, exclude=outdir)
-    studies = shard(every, num_parts, part_id)
-    _prepare_outdir(outdir)
-    suffix = "" if num_parts == 1 else f".part-{part_id}-of-{num_parts}"
-    base = {"method": method, "prior": prior, "steps": steps, "particles": particles, "seed": seed, "device": device,
-            "format": format, "series": series, "on_irregular": on_irregular, "task": task,
-            "task_params": dict(task_params or {}), "photons": photons, "noise": noise, "options": dict(options or {}),
-            "anonymize": anonymize}
 
-    results: dict[str, dict] = {}
-    finished = 0
-    total = len(studies)
 
-    def finish(record: dict) -> None:
-        nonlocal finished
-        finished += 1
-        results[record["study"]] = record
-        if progress is not None:
-            progress(record, finished, total)
-
+def _plan(studies: list, base: dict, outdir: Path, overwrite: bool, config: dict | None, finish) -> deque:
+    """The studies to run (each a task for a worker); finished ones are reported as skipped (or, done with other
+    settings, as failed) through ``finish``."""
     queue: deque = deque()
     for s in studies:
-        settings = _study_settings(base, s.options)
-        fingerprint = _fingerprint(s.input, settings)
+        study = _study_settings(base, s.options)
+        fingerprint = _fingerprint(s.input, study)
         folder = outdir / s.name
         if not overwrite:
             state, marker = is_done(folder, fingerprint)
@@ -830,27 +855,35 @@ def run_batch(
                         "error": f"{folder}: done with a different configuration (use --overwrite to redo it)",
                         "outputs": {}, "log": str(folder / LOG)})
                 continue
-        study_config = {**(config or {}), **{k: v for k, v in settings.items() if v not in (None, {})},
-                        "input": str(s.input), "output": str(study_outputs(folder, settings.get("format")))}
+        study_config = {**(config or {}), **{k: v for k, v in study.items() if v not in (None, {})},
+                        "input": str(s.input), "output": str(study_outputs(folder, study.get("format")))}
         study_config.pop("overwrite", None)
         if s.options.get("task_params"):
             study_config.update(s.options["task_params"])
-        queue.append({"study": s.name, "input": str(s.input), "folder": str(folder), "settings": settings,
+        queue.append({"study": s.name, "input": str(s.input), "folder": str(folder), "settings": study,
                       "config": _plain(study_config), "fingerprint": fingerprint, "attempt": 1})
+    return queue
 
-    pool = None
+
+def _pool(queue: deque, engine: str, workers: int, threads: int, ray_address, device: str, quiet: bool):
+    if engine == "ray":
+        pool = _RayPool(workers, threads, ray_address, device, quiet)
+        for t in queue:
+            if pool.gpus and str(t["settings"]["device"]).startswith("cuda"):
+                t["settings"]["device"] = "cuda"  # the actor's own GPU
+        return pool
+    return _InProcess(threads) if workers == 1 else _ProcessPool(workers, threads)
+
+
+def _run_queue(queue: deque, engine: str, workers: int, threads: int, ray_address, device: str, quiet: bool,
+               retries: int, finish) -> tuple[int | None, dict]:
+    """Run the queued studies on the engine, retrying a retryable failure up to ``retries`` times; returns the
+    pool's slots (None when nothing ran) and the workers' statistics."""
+    if not queue:
+        return None, {}
+    pool = _pool(queue, engine, workers, threads, ray_address, device, quiet)
     stats: dict = {}
     try:
-        if queue:
-            if engine == "ray":
-                pool = _RayPool(workers, threads, ray_address, device, quiet)
-                for t in queue:
-                    if pool.gpus and str(t["settings"]["device"]).startswith("cuda"):
-                        t["settings"]["device"] = "cuda"  # the actor's own GPU
-            elif workers == 1:
-                pool = _InProcess(threads)
-            else:
-                pool = _ProcessPool(workers, threads)
         inflight: dict = {}
         while queue or inflight:
             while queue and len(inflight) < pool.slots:
@@ -871,22 +904,8 @@ def run_batch(
                     continue
                 finish(record)
     finally:
-        if pool is not None:
-            pool.close()
-
-    ordered = [results[s.name] for s in studies]
-    counts = {k: sum(1 for r in ordered if r["status"] == k) for k in ("done", "skipped", "failed")}
-    seconds = time.perf_counter() - t_start
-    summary = BatchSummary(
-        total=total, **counts, seconds=seconds,
-        studies_per_minute=counts["done"] / seconds * 60 if counts["done"] and seconds > 0 else None,
-        engine=engine, workers=pool.slots if pool is not None else workers, threads=threads,
-        part=[part_id, num_parts], results=ordered,
-        worker_stats=sorted(stats.values(), key=lambda w: (str(w.get("host")), w.get("pid") or 0)),
-        results_csv=str(outdir / f"batch-results{suffix}.csv"),
-        results_json=str(outdir / f"batch-results{suffix}.json"))
-    _write_tables(summary)
-    return summary
+        pool.close()
+    return pool.slots, stats
 
 
 def _study_settings(base: dict, options: dict) -> dict:

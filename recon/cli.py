@@ -154,16 +154,16 @@ def _parse_bytes(text) -> float:
     return value
 
 
-def _reconstruction_options(cfg: dict) -> dict:
-    """The options ``recon reconstruct`` and ``recon batch`` share, from the resolved configuration, as keyword
-    arguments of ``reconstruct_file`` / ``run_batch``."""
-    return {"method": cfg.get("method"), "prior": cfg.get("prior", "default"), "steps": cfg.get("steps"),
-            "particles": cfg.get("particles"), "seed": int(cfg.get("seed", 0)), "device": cfg.get("device", "cpu"),
-            "format": cfg.get("format"), "series": cfg.get("series"),
-            "on_irregular": cfg.get("on_irregular") or "error", "task": cfg.get("task"),
-            "task_params": _task_params(cfg), "photons": cfg.get("photons"), "noise": cfg.get("noise"),
-            "anonymize": bool(cfg.get("anonymize", False)), "overwrite": bool(cfg.get("overwrite", False)),
-            "config": cfg}
+def _settings(cfg: dict, **extra):
+    """The ``recon.settings.Settings`` of ``recon reconstruct`` / ``batch`` / ``restore`` from the resolved
+    configuration (flags, config file, ``--set``); keys that are not settings (``input``, ``engine``, ...) are the
+    commands' own."""
+    from recon.settings import Settings
+
+    known = set(Settings.__dataclass_fields__)
+    values = {k: v for k, v in cfg.items() if k in known and k not in ("task_params", "options")}
+    values.update({"task_params": _task_params(cfg), "options": dict(cfg.get("options") or {}), **extra})
+    return Settings.from_mapping(values)
 
 
 def _task_params(cfg: dict) -> dict:
@@ -236,9 +236,8 @@ def cmd_reconstruct(args) -> int:
     memory = _parse_bytes(cfg["max_memory"]) if cfg.get("max_memory") else None
     callback, close = _progress(args)
     try:
-        report = reconstruct_file(
-            cfg["input"], cfg["output"], **_reconstruction_options(cfg), reference=cfg.get("reference"),
-            options=options, memory_budget=memory, callback=callback)
+        report = reconstruct_file(cfg["input"], cfg["output"], _settings(cfg, options=options, memory_budget=memory),
+                                  overwrite=bool(cfg.get("overwrite", False)), config=cfg, callback=callback)
     finally:
         close()
     lines = [f"{report['method']} on {report['task']}: {report['nfe']} network evaluations, {report['seconds']:.1f} s, "
@@ -296,7 +295,7 @@ def cmd_batch(args) -> int:
     callback, close = _batch_progress(args)
     try:
         summary = run_batch(
-            cfg["input"], cfg["output"], **_reconstruction_options(cfg), options=dict(cfg.get("options") or {}),
+            cfg["input"], cfg["output"], _settings(cfg), overwrite=bool(cfg.get("overwrite", False)), config=cfg,
             engine=cfg.get("engine", "local"), workers=cfg.get("workers", 1), threads=cfg.get("threads"),
             retries=cfg.get("retries", 1), num_parts=num_parts or 1, part_id=part_id or 0,
             ray_address=cfg.get("ray_address"), progress=callback, quiet=args.quiet)
@@ -457,7 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recon", description="Medical image reconstruction with diffusion priors.")
     parser.add_argument("--version", action="version", version=f"recon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub, METHODS)
+    _add_methods(sub)
+    _add_info(sub)
+    _add_simulate(sub)
+    _add_reconstruct(sub, METHODS)
+    _add_batch(sub, METHODS)
+    _add_calibrate(sub, METHODS)
+    _add_train_prior(sub)
+    _add_train_restorer(sub)
+    _add_restore(sub)
+    return parser
 
+
+def _add_demo(sub, METHODS: dict) -> None:
+    """The ``recon demo`` subcommand."""
     demo = sub.add_parser("demo", help="sparse-view low-dose CT of a real slice: FBP and the default prior")
     demo.add_argument("-o", "--output", default="recon-demo", help="output folder (default ./recon-demo)")
     demo.add_argument("--views", type=int, default=60, help="number of views over 180° (default 60)")
@@ -468,18 +481,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.set_defaults(func=cmd_demo, device="cpu", seed=0)
 
+
+def _add_methods(sub) -> None:
+    """The ``recon methods`` subcommand."""
     mt = sub.add_parser("methods", help="the reconstruction methods, or one method's options")
     mt.add_argument("name", nargs="?", default=None, help="a method: list its options (type, default, help)")
     mt.add_argument("--markdown", action="store_true", help="the method and task tables of the README")
     _common(mt, device=False)
     mt.set_defaults(func=cmd_methods)
 
+
+def _add_info(sub) -> None:
+    """The ``recon info`` subcommand."""
     info = sub.add_parser("info", help="what a DICOM / NIfTI / image file or folder holds (reads only)")
     info.add_argument("-i", "--input", required=True)
     _series_args(info)
     _common(info, device=False)
     info.set_defaults(func=cmd_info)
 
+
+def _add_simulate(sub) -> None:
+    """The ``recon simulate`` subcommand."""
     sim = sub.add_parser("simulate", help="simulate measurements of a task on an image (writes MEAS.npz)")
     sim.add_argument("-i", "--input", default=None, help="DICOM series folder or file, NIfTI, NumPy, PNG/TIFF")
     sim.add_argument("-o", "--output", default=None, help="measurement file (.npz)")
@@ -488,6 +510,52 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sim)
     sim.set_defaults(func=cmd_simulate)
 
+
+def _uncertainty_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uncertainty", nargs="?", type=float, const=0.9, default=None, metavar="LEVEL",
+                   help="write the uncertainty maps: std, the LEVEL interval bounds (default 0.9) and the null-space "
+                   "map (what the prior supplied), summarised in the report")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a `recon calibrate` file: intervals x ± c·std with its conformal factor c")
+
+
+def _add_calibrate(sub, METHODS: dict) -> None:
+    """The ``recon calibrate`` subcommand."""
+    cal = sub.add_parser("calibrate", help="fit the interval factor on reference studies (known images)",
+                         description="Each reference image is measured by simulation (--task, noise) and "
+                         "reconstructed (--method, --particles); the conformal quantile of |error|/std inside the "
+                         "body is the factor c that makes x ± c·std cover --coverage of pixels. Apply it with "
+                         "`recon reconstruct --uncertainty --calibration FILE`.")
+    cal.add_argument("-i", "--input", required=True, help="folder of reference studies, or a .csv manifest")
+    cal.add_argument("-o", "--output", required=True, help="calibration file (.json)")
+    cal.add_argument("--coverage", type=float, default=0.9, help="nominal coverage of the intervals (default 0.9)")
+    cal.add_argument("--method", choices=list(METHODS), default=None, metavar="METHOD",
+                     help="a method with a spread (several particles or samples)")
+    cal.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
+    cal.add_argument("--steps", type=int, default=None)
+    cal.add_argument("--particles", type=int, default=None)
+    _task_args(cal)
+    _config_args(cal)
+    _common(cal)
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from recon.calibrate import calibrate_studies
+
+    cfg = _load_config(args)
+    if not cfg.get("task"):
+        raise UserError("calibrate needs --task (the reference images are measured by simulation)")
+    summary = calibrate_studies(cfg["input"], cfg["output"], _settings(cfg), coverage=float(cfg.get("coverage", 0.9)),
+                                overwrite=bool(cfg.get("overwrite", False)))
+    _print(summary, args.json, [f"wrote {summary['output']}: factor {summary['factor']:.3f} for "
+                                f"{summary['coverage']:.0%} coverage over {summary['studies']} studies "
+                                f"({summary['coverage_on_references']:.1%} of their body pixels covered)"])
+    return 0
+
+
+def _add_reconstruct(sub, METHODS: dict) -> None:
+    """The ``recon reconstruct`` subcommand."""
     rec = sub.add_parser("reconstruct", help="reconstruct a measurement file (or an image with --task)")
     rec.add_argument("-i", "--input", default=None, help="measurement file (.npz), or an image with --task")
     rec.add_argument("-o", "--output", default=None,
@@ -508,11 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--resume", action="store_true", help="continue from --checkpoint after an interruption")
     rec.add_argument("--max-memory", default=None,
                      help="activation memory per network call, e.g. 8GB or 512MB (slices go through in chunks)")
+    _uncertainty_args(rec)
     _task_args(rec)
     _config_args(rec)
     _common(rec)
     rec.set_defaults(func=cmd_reconstruct)
 
+
+def _add_batch(sub, METHODS: dict) -> None:
+    """The ``recon batch`` subcommand."""
     bt = sub.add_parser("batch", help="reconstruct every study of a folder or CSV manifest (one subfolder each)",
                         description="Every study (a DICOM series folder, a NIfTI file, or a manifest row "
                         "input,output[,options...]) reconstructed as `recon reconstruct` would, into OUTDIR/<study>/; "
@@ -538,11 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "and divergence are not retried)")
     bt.add_argument("--num-parts", type=int, default=None, help="split the studies into N parts (by name hash)")
     bt.add_argument("--part-id", type=int, default=None, help="run part K (0 .. N-1), e.g. $SLURM_ARRAY_TASK_ID")
+    _uncertainty_args(bt)
     _task_args(bt)
     _config_args(bt)
     _common(bt)
     bt.set_defaults(func=cmd_batch)
 
+
+def _add_train_prior(sub) -> None:
+    """The ``recon train-prior`` subcommand."""
     tp = sub.add_parser(
         "train-prior",
         help="train a 2D diffusion prior on DICOM / NIfTI / PNG / TIFF / NumPy files",
@@ -567,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--threads", type=int, help="CPU threads for torch")
     tp.set_defaults(func=_train_prior_command, quiet=False, verbose=False)
 
+
+def _add_train_restorer(sub) -> None:
+    """The ``recon train-restorer`` subcommand."""
     from recon.restoration.degradations import DEGRADATIONS
 
     tr = sub.add_parser(
@@ -601,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, help="CPU threads for torch")
     tr.set_defaults(func=cmd_train_restorer, quiet=False, verbose=False)
 
+
+def _add_restore(sub) -> None:
+    """The ``recon restore`` subcommand."""
     rs = sub.add_parser("restore", help="restore a DICOM / NIfTI image with a trained restorer (ResShift or RDDM)")
     rs.add_argument("-i", "--input", default=None, help="DICOM series folder or file, NIfTI, NumPy, PNG/TIFF")
     rs.add_argument("-o", "--output", default=None,
@@ -618,7 +700,6 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(rs)
     _common(rs)
     rs.set_defaults(func=cmd_restore)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -729,13 +810,8 @@ def cmd_restore(args) -> int:
     bar = tqdm(desc="restore", unit="step", file=sys.stderr, disable=args.quiet or not sys.stderr.isatty(),
                leave=False)
     try:
-        report = restore_file(
-            cfg["input"], cfg["output"], model=cfg.get("model", "default"), steps=cfg.get("steps"),
-            reference=cfg.get("reference"), degrade=bool(cfg.get("degrade", False)), seed=int(cfg.get("seed", 0)),
-            eta=cfg.get("eta"), device=cfg.get("device", "cpu"), format=cfg.get("format"), series=cfg.get("series"),
-            on_irregular=cfg.get("on_irregular") or "error", anonymize=bool(cfg.get("anonymize", False)),
-            overwrite=bool(cfg.get("overwrite", False)), chunk=cfg.get("chunk"), callback=lambda info: bar.update(1),
-            config=cfg)
+        report = restore_file(cfg["input"], cfg["output"], _settings(cfg), overwrite=bool(cfg.get("overwrite", False)),
+                              callback=lambda info: bar.update(1), config=cfg)
     finally:
         bar.close()
     lines = [f"{report['model']} {report['task']}: {report['nfe']} network evaluations per slice, {report['slices']} "

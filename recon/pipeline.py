@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon.datasets.io import MedicalImage, read_image
+from recon.datasets.io import MedicalImage, check_plausible, read_image
 from recon.outputs import (
     OutputError,
     Written,
@@ -41,6 +41,7 @@ from recon.outputs import (
     write_outputs,
     write_preview,
 )
+from recon.settings import Settings
 from recon.tasks import (
     domain_scale,
     from_domain,
@@ -49,6 +50,7 @@ from recon.tasks import (
     normalised_problem,
     save_measurement,
     simulate,
+    to_domain,
 )
 from recon.utils import jsonable as _jsonable
 from recon.utils import resolve_device as _resolve_device
@@ -61,6 +63,7 @@ __all__ = [
     "metrics",
     "output_paths",
     "reconstruct_file",
+    "reconstruct_in_memory",
     "resolve_device",
     "sha256_files",
     "simulate_file",
@@ -155,10 +158,8 @@ def simulate_file(input: str | os.PathLike, output: str | os.PathLike, task: str
 
 def _simulate_image(image: MedicalImage, task: str, photons, noise, seed, params):
     spec = make_task(task, image.shape, image.spacing, seed=seed, **params)
-    if spec.is_ct and image.unit != "HU":
-        if image.modality not in (None, "CT"):
-            raise PipelineError(f"{image.source}: task {task!r} simulates CT from HU, but the image is "
-                                f"{image.modality} (unit {image.unit!r})")
+    if spec.is_ct:  # CT is simulated from HU: an MR image (or any other values) is refused, naming the file
+        check_plausible(image, "ct")
     if photons is None and noise is None:
         photons, noise = (1e5, None) if spec.is_ct else (None, 0.01)
     return simulate(spec, _image_tensor(image), "HU" if spec.is_ct else image.unit, photons=photons, noise=noise,
@@ -268,73 +269,82 @@ def _physics(meas, device, cache: dict | None):
 def reconstruct_file(
     input: str | os.PathLike,
     output: str | os.PathLike,
+    settings: Settings | None = None,
     *,
-    method: str | None = None,
-    prior: str = "default",
-    steps: int | None = None,
-    particles: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    format: str | None = None,
-    reference: str | os.PathLike | None = None,
-    series: str | int | None = None,
-    on_irregular: str = "error",
-    task: str | None = None,
-    task_params: dict | None = None,
-    photons: float | None = None,
-    noise: float | None = None,
-    options: dict | None = None,
-    anonymize: bool = False,
     overwrite: bool = False,
-    memory_budget: float | None = None,
     callback: Callable[[dict], None] | None = None,
     config: dict | None = None,
     cache: dict | None = None,
+    **overrides,
 ) -> dict:
     """Reconstruct ``input`` into ``output`` and return the report (also written as ``*.report.json``).
 
-    ``input`` is a measurement file from ``simulate_file``, or an image when ``task`` is given (simulated with
-    ``task_params``, ``photons``/``noise`` and ``seed``; the image is then the reference). ``method`` is any of
-    ``recon.samplers.METHODS`` (None: the recommended one for the operator's modality); ``options`` go to the
-    sampler (checked first: an unknown or ill-typed option raises ``OptionError``, a ``ValueError``).
-    ``format="dicom"`` (or an output path without suffix) writes a derived DICOM series, next to ``reference``'s (or
-    the input image's) series when that is DICOM. ``memory_budget`` (bytes of network activations per call) bounds
-    how many slices of a volume go through the prior at once. ``callback`` receives the sampler's per-step dicts
-    (the command line draws its progress bar). ``cache`` is a dict the caller keeps between calls (``recon batch``'s
-    workers): a prior is loaded once per (name, device) and reused, and the operator of the same task, geometry and
-    arrays is reused (at most 4 kept); the outputs are those of fresh objects (a ``memory_budget`` set on a cached
-    prior stays set). The operator that simulates measurements (with ``task``) is always built afresh.
+    Args:
+        input: a measurement file from ``simulate_file``, a fastMRI ``.h5`` file, or an image when ``task`` is set
+            (simulated with ``task_params``, ``photons``/``noise`` and ``seed``; the image is then the reference).
+        output: ``.nii.gz``/``.nii``/``.npy``/``.png``, or a folder (no suffix, or ``format="dicom"``) for a
+            derived DICOM series next to the reference's (or the input image's) series when that is DICOM.
+        settings: a ``recon.settings.Settings`` (method, prior, steps, seed, device, task, options, ...).
+        overwrite: replace existing outputs (else an existing output is an error).
+        callback: receives the sampler's per-step dicts (the command line draws its progress bar).
+        config: the resolved configuration, written to ``*.config.yaml`` (redacted with ``anonymize``) and, paths
+            withheld, to the provenance.
+        cache: a dict the caller keeps between calls (``recon batch``'s workers): a prior is loaded once per
+            (name, device), and the operator of the same task, geometry and arrays is reused (at most 4 kept); the
+            outputs are those of fresh objects.
+        **overrides: ``Settings`` fields set for this call (``method="tv"``, ``steps=50``, ...).
+
+    The method is checked first (an unknown method or option raises ``OptionError``, a ``ValueError``); None
+    means the recommended one for the operator's modality.
     """
     from recon.samplers import get_method
 
+    s = Settings.from_mapping(overrides, settings)
     t_start = time.perf_counter()
-    if method is not None:
-        get_method(method).check_options(options or {})  # a bad name or option fails before anything is read
-    paths = output_paths(output, format)
+    if s.method is not None:
+        get_method(s.method).check_options(s.options)  # a bad name or option fails before anything is read
+    if s.uncertainty is not None and not 0 < s.uncertainty < 1:
+        raise PipelineError(f"uncertainty must be a coverage level in (0, 1), e.g. 0.9, got {s.uncertainty!r}")
+    calibration = _calibration(s)
+    paths = output_paths(output, s.format, maps=_MAPS)
     check_outputs(paths, overwrite)
-    dev = resolve_device(device)
+    dev = resolve_device(s.device)
     in_path = Path(input)
     if not in_path.exists():
         raise PipelineError(f"{in_path}: no such file or folder")
     timings: dict = {}
     t0 = time.perf_counter()
-    problem = _read_problem(in_path, reference, task, task_params, photons, noise, seed, series, on_irregular)
+    problem = _read_problem(in_path, s)
     timings["read_and_simulate"] = time.perf_counter() - t0
-    meas = problem.meas
-    physics = _physics(meas, dev, cache)
-    meas.y = meas.y.to(dev)
-    method = _resolve_method(method, options, physics, problem.complex_input, in_path)
+    physics = _physics(problem.meas, dev, cache)
+    problem.meas.y = problem.meas.y.to(dev)
+    method = _resolve_method(s.method, s.options, physics, problem.complex_input, in_path)
     t0 = time.perf_counter()
-    run = _run_method(meas, physics, method, prior, dev, cache, memory_budget, seed, steps, particles, callback,
-                      options)
+    run = _run_method(problem.meas, physics, method, s, dev, cache, callback)
     timings["reconstruct"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    written = _reconstruction_outputs(problem, run, physics, method, seed, reference, in_path, dev)
-    fmt = "dicom" if (format == "dicom" or not paths["image"].suffix) else None
+    written = _reconstruction_outputs(problem, run, physics, method, s.seed, s.reference, in_path, dev)
+    if s.uncertainty is not None:
+        _add_uncertainty(written, problem, run, physics, s.uncertainty, calibration)
+    fmt = "dicom" if (s.format == "dicom" or not paths["image"].suffix) else None
     timings["assemble"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start  # up to the writing of the outputs
     written.provenance["timings_s"] = timings
-    return write_outputs(written, paths, fmt=fmt, config=config, anonymize=anonymize, overwrite=overwrite)
+    return write_outputs(written, paths, fmt=fmt, config=config, anonymize=s.anonymize, overwrite=overwrite)
+
+
+_MAPS = ("std", "lower", "upper", "null_space")  # the maps a reconstruction may write next to the image
+
+
+def _calibration(s: Settings) -> dict | None:
+    """The conformal calibration file of ``s`` (read and checked), or None."""
+    if s.calibration is None:
+        return None
+    from recon.samplers.uncertainty import load_calibration
+
+    if s.uncertainty is None:
+        raise PipelineError("calibration scales the uncertainty maps: give uncertainty (e.g. 0.9) too")
+    return load_calibration(s.calibration)
 
 
 @dataclass
@@ -347,13 +357,13 @@ class _Problem:
     complex_input: bool = False
 
 
-def _read_problem(in_path: Path, reference, task, task_params, photons, noise, seed, series,
-                  on_irregular) -> _Problem:
-    """Simulate ``task`` on an image, or read a measurement file / fastMRI k-space (and the reference)."""
-    if task is not None:
-        image = read_image(in_path, series=series, on_irregular=on_irregular)
-        return _Problem(_simulate_image(image, task, photons, noise, seed, task_params or {}), image, image)
-    ref_image = read_image(reference, on_irregular=on_irregular) if reference is not None else None
+def _read_problem(in_path: Path, s: Settings) -> _Problem:
+    """Simulate ``s.task`` on an image, or read a measurement file / fastMRI k-space (and the reference)."""
+    if s.task is not None:
+        image = read_image(in_path, series=s.series, on_irregular=s.on_irregular)
+        meas = _simulate_image(image, s.task, s.photons, s.noise, s.seed, s.task_params)
+        return _Problem(meas, image, image)
+    ref_image = read_image(s.reference, on_irregular=s.on_irregular) if s.reference is not None else None
     if in_path.suffix in (".h5", ".hdf5"):
         return _Problem(_fastmri_measurement(in_path), ref_image, ref_image, complex_input=True)
     if in_path.suffix != ".npz":
@@ -362,7 +372,7 @@ def _read_problem(in_path: Path, reference, task, task_params, photons, noise, s
     meas = load_measurement(in_path)
     shape = tuple(meas.geometry.get("shape") or (1, *meas.spec.img_size))
     if ref_image is not None and tuple(ref_image.shape) != shape:
-        raise PipelineError(f"{reference}: reference of shape {tuple(ref_image.shape)} does not match the "
+        raise PipelineError(f"{s.reference}: reference of shape {tuple(ref_image.shape)} does not match the "
                             f"measurement's image shape {shape}")
     return _Problem(meas, ref_image, ref_image)
 
@@ -395,8 +405,7 @@ class _Run:
     prior_name: str | None
 
 
-def _run_method(meas, physics, method, prior, dev, cache, memory_budget, seed, steps, particles, callback,
-                options) -> _Run:
+def _run_method(meas, physics, method: str, s: Settings, dev, cache, callback) -> _Run:
     """Load the prior the method needs, map the problem to its range, and run the sampler."""
     from recon import reconstruct
     from recon.samplers import get_method
@@ -406,16 +415,16 @@ def _run_method(meas, physics, method, prior, dev, cache, memory_budget, seed, s
         analytic_d = analytic_inverse(physics, meas.y)
     prior_obj, prior_name = None, None
     if get_method(method).needs_prior:
-        prior_obj, prior_name = _pick_prior(prior, meas, dev, cache)
-        if memory_budget is not None and hasattr(prior_obj, "memory_budget"):
-            if not memory_budget > 0:
-                raise PipelineError(f"--max-memory must be positive, got {memory_budget}")
-            prior_obj.memory_budget = float(memory_budget)
+        prior_obj, prior_name = _pick_prior(s.prior, meas, dev, cache)
+        if s.memory_budget is not None and hasattr(prior_obj, "memory_budget"):
+            if not s.memory_budget > 0:
+                raise PipelineError(f"memory_budget must be positive, got {s.memory_budget}")
+            prior_obj.memory_budget = float(s.memory_budget)
         y_n, sigma_n, a, b = normalised_problem(meas, physics, prior_obj, analytic_d)
     else:  # classical methods run in domain units
         y_n, sigma_n, a, b = meas.y, meas.sigma_y, 1.0, 0.0
-    result = reconstruct(physics, y_n, prior_obj, method=method, sigma_y=sigma_n, seed=seed, steps=steps,
-                         particles=particles, callback=callback, **(options or {}))
+    result = reconstruct(physics, y_n, prior_obj, method=method, sigma_y=sigma_n, seed=s.seed, steps=s.steps,
+                         particles=s.particles, callback=callback, **s.options)
     return _Run(result, analytic_d, a, b, prior_obj, prior_name)
 
 
@@ -464,6 +473,78 @@ def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, 
                   "device": str(dev)}
     return Written(image=image, description=f"recon {method} {spec.task}", report=report, provenance=provenance,
                    panels=panels, maps=maps, headers_from=problem.headers_from, is_ct=spec.is_ct)
+
+
+def reconstruct_in_memory(input: str | os.PathLike, settings: Settings, cache: dict | None = None) -> tuple:
+    """Simulate ``settings.task`` on the image ``input`` and reconstruct it, writing nothing (``recon calibrate``).
+
+    Returns:
+        ``(truth, result, physics)``: the image and the sampler's result in the operator's domain units (μ in
+        mm⁻¹ for CT), and the operator.
+    """
+    if settings.task is None:
+        raise PipelineError("reconstructing in memory simulates a task on a known image: give task")
+    dev = resolve_device(settings.device)
+    problem = _read_problem(Path(input), settings)
+    physics = _physics(problem.meas, dev, cache)
+    problem.meas.y = problem.meas.y.to(dev)
+    method = _resolve_method(settings.method, settings.options, physics, problem.complex_input, Path(input))
+    run = _run_method(problem.meas, physics, method, settings, dev, cache, None)
+    spec = problem.meas.spec
+    truth = to_domain(spec, _image_tensor(problem.ref_image).reshape(run.result.x.shape[2:]),
+                      "HU" if spec.is_ct else problem.ref_image.unit)
+    return truth, _domain_result(run), physics
+
+
+def _domain_result(run: _Run):
+    """The sampler's result in the operator's domain units (``d = (x_n − b)/a``), for maps in physical units."""
+    from recon.samplers import ReconstructionResult
+
+    r, a, b = run.result, run.a, run.b
+    samples = None if r.samples is None else (r.samples - b) / a
+    std = None if r.std is None else r.std / abs(a)
+    return ReconstructionResult(x=(r.x - b) / a, samples=samples, weights=r.weights, std=std, info=r.info)
+
+
+def _difference_map(spec, m: torch.Tensor) -> np.ndarray:
+    """A map of differences (std, null space) in physical units ``(D, H, W)``; two channels → magnitude."""
+    d = m.detach().double().cpu()[0] * domain_scale(spec)
+    arr = (d[0] if d.shape[0] == 1 else d.pow(2).sum(0).sqrt()).numpy()
+    return arr[None] if arr.ndim == 2 else arr
+
+
+def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, level: float,
+                     calibration: dict | None) -> None:
+    """Std, interval bounds and null-space maps in physical units, their preview panels and their summary in the
+    report (over the image and inside the body), with the sampler's ESS warnings."""
+    from recon.samplers.uncertainty import body_mask, summarise_maps, uncertainty_maps
+
+    spec = problem.meas.spec
+    maps = uncertainty_maps(physics, _domain_result(run), level=level, calibration=calibration)
+    phys = {"null_space": _difference_map(spec, maps["null_space"])}
+    if "std" in maps:
+        phys["std"] = _difference_map(spec, maps["std"])
+        phys["lower"] = _to_physical(spec, maps["lower"], 1.0, 0.0)
+        phys["upper"] = _to_physical(spec, maps["upper"], 1.0, 0.0)
+    written.maps.update(phys)
+    rec = written.image.array
+    mask = body_mask(torch.from_numpy(problem.ref_image.array if problem.ref_image is not None else rec))
+    summary = summarise_maps({k: torch.from_numpy(v) for k, v in phys.items()}, mask, torch.from_numpy(rec))
+    info = run.result.info
+    if "std" not in maps:
+        intervals = None
+    elif calibration:
+        intervals = "x ± c·std, c from the calibration"
+    else:
+        intervals = "weighted sample quantiles" if run.result.samples is not None else "x ± z·std"
+    written.report["uncertainty"] = {
+        "level": level, "unit": written.image.unit, "intervals": intervals,
+        "calibration_factor": calibration["factor"] if calibration else None, "body_pixels": int(mask.sum()), **summary,
+        "ess_final": info.get("ess_final"), "degenerate": info.get("degenerate"), "warnings": info.get("warnings")}
+    if "std" not in maps:
+        written.report["uncertainty"]["note"] = f"{info.get('method')} returns one estimate: no spread, no intervals"
+    written.panels += [(name, phys[key]) for name, key in (("std", "std"), ("null space", "null_space"))
+                       if key in phys]
 
 
 def _prior_label(name: str | None) -> str | None:

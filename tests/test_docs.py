@@ -17,8 +17,7 @@ from recon.tasks import markdown_table as task_table
 ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
 NOTEBOOKS = sorted((ROOT / "examples" / "notebooks").glob("[0-9][0-9]_*.py"))
-SUBCOMMANDS = ("demo", "info", "simulate", "reconstruct", "batch", "methods", "train-prior", "train-restorer",
-               "restore")
+SUBCOMMANDS = tuple(next(a for a in build_parser()._actions if a.dest == "command").choices)
 _COMMAND = re.compile(r"(?:^|[\s`$(&;])recon\s+(" + "|".join(SUBCOMMANDS) + r")\b")
 
 

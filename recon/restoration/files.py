@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.datasets.io import MedicalImage, read_image
+from recon.datasets.io import MedicalImage, check_plausible, read_image
 from recon.outputs import (
     OutputError,
     Written,
@@ -33,6 +33,7 @@ from recon.outputs import (
     sha256_files,
     write_outputs,
 )
+from recon.settings import Settings
 from recon.utils import resolve_device
 
 __all__ = ["restore_file"]
@@ -52,48 +53,47 @@ def _label(name: str) -> str:
 def restore_file(
     input: str | os.PathLike,
     output: str | os.PathLike,
+    settings: Settings | None = None,
     *,
-    model: str | os.PathLike = "default",
-    steps: int | None = None,
-    reference: str | os.PathLike | None = None,
-    degrade: bool = False,
-    seed: int = 0,
-    eta: float | None = None,
-    device: str = "cpu",
-    format: str | None = None,
-    series: str | int | None = None,
-    on_irregular: str = "error",
-    anonymize: bool = False,
     overwrite: bool = False,
-    chunk: int | None = None,
     callback: Callable[[dict], None] | None = None,
     config: dict | None = None,
+    **overrides,
 ) -> dict:
     """Restore ``input`` into ``output`` and return the report (also written as ``*.report.json``).
 
-    ``model``: ``"default"`` (the built-in low-dose CT restorer) or a restorer folder; ``steps``: sampler steps (the
-    model's default: ResShift all T, RDDM 10); ``reference``: a ground-truth image (PSNR/SSIM, error panel);
-    ``degrade``: apply the model's degradation to the input first (seeded by ``seed``) and use the input as the
-    reference; ``seed`` also seeds the sampler's noise (slice ``d`` from ``seed * 100003 + d``); ``eta``: RDDM's
-    DDIM η (default 0); ``format="dicom"`` (or an output path without suffix) writes a derived DICOM series;
-    ``chunk``: slices per network call (default about 2²⁰ pixels); ``callback`` gets each sampler step's
-    ``{"step", "steps", ...}``; ``config`` is written to ``*.config.yaml`` and (paths withheld) to the provenance.
+    Args:
+        input: a DICOM series folder or file, NIfTI, NumPy or PNG/TIFF image.
+        output: ``.nii.gz``/``.nii``/``.npy``/``.png``, or a folder (no suffix, or ``format="dicom"``) for a
+            derived DICOM series.
+        settings: a ``recon.settings.Settings``; restoration reads ``model`` (``"default"``, the built-in
+            low-dose CT restorer, or a restorer folder), ``steps`` (the model's default: ResShift all T, RDDM 10),
+            ``reference`` (PSNR/SSIM, error panel), ``degrade`` (apply the model's degradation first, seeded by
+            ``seed``, the input being the reference), ``seed`` (also the sampler's: slice ``d`` from
+            ``seed * 100003 + d``), ``eta`` (RDDM's DDIM η, default 0), ``format``, ``series``, ``on_irregular``,
+            ``anonymize``, ``device`` and ``chunk`` (slices per network call, default about 2²⁰ pixels).
+        overwrite: replace existing outputs.
+        callback: receives each sampler step's ``{"step", "steps", ...}``.
+        config: written to ``*.config.yaml`` and, paths withheld, to the provenance.
+        **overrides: ``Settings`` fields set for this call.
     """
+    s = Settings.from_mapping(overrides, settings)
+    input_, reference, degrade, seed = input, s.reference, s.degrade, s.seed
     t_start = time.perf_counter()
-    paths = output_paths(output, format)
+    paths = output_paths(output, s.format)
     check_outputs(paths, overwrite)
-    in_path = Path(input)
+    in_path = Path(input_)
     if not in_path.exists():
         raise RestoreError(f"{in_path}: no such file or folder")
     if degrade and reference is not None:
         raise RestoreError("--degrade uses the input as the reference: do not give --reference as well")
-    dev = resolve_device(device)
+    dev = resolve_device(s.device)
     timings: dict = {}
     t0 = time.perf_counter()
-    restorer = _load(model, dev)
+    restorer = _load(s.model, dev)
     timings["load_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    image, ref_image = _read(in_path, reference, restorer, series, on_irregular)
+    image, ref_image = _read(in_path, reference, restorer, s.series, s.on_irregular)
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = image.array if degrade else (ref_image.array if ref_image is not None else None)
@@ -102,16 +102,17 @@ def restore_file(
     if not np.isfinite(degraded).all():
         raise RestoreError(f"{in_path}: the image holds NaN or infinite values")
     t0 = time.perf_counter()
-    restored, nfe = restorer.restore_array(degraded, steps=steps, seed=seed, chunk=chunk, eta=eta, callback=callback)
+    restored, nfe = restorer.restore_array(degraded, steps=s.steps, seed=seed, chunk=s.chunk, eta=s.eta,
+                                            callback=callback)
     timings["restore"] = time.perf_counter() - t0
-    written = _restoration_outputs(restorer, model, image, degraded, restored, ref, nfe, timings["restore"],
-                                   steps=steps, eta=eta, seed=seed, degrade=degrade)
+    written = _restoration_outputs(restorer, s.model, image, degraded, restored, ref, nfe, timings["restore"],
+                                   steps=s.steps, eta=s.eta, seed=seed, degrade=degrade)
     written.provenance["inputs"] = {"input_sha256": sha256_files(input_files(in_path)), "reference_sha256":
                                     sha256_files(input_files(Path(reference))) if reference else None}
     written.provenance.update({"timings_s": timings, "device": str(dev)})
     timings["total"] = time.perf_counter() - t_start  # up to the writing of the outputs
-    fmt = "dicom" if (format == "dicom" or not paths["image"].suffix) else None
-    return write_outputs(written, paths, fmt=fmt, config=config, anonymize=anonymize, overwrite=overwrite)
+    fmt = "dicom" if (s.format == "dicom" or not paths["image"].suffix) else None
+    return write_outputs(written, paths, fmt=fmt, config=config, anonymize=s.anonymize, overwrite=overwrite)
 
 
 def _load(model, dev):
@@ -126,9 +127,8 @@ def _load(model, dev):
 def _read(in_path: Path, reference, restorer, series, on_irregular) -> tuple[MedicalImage, MedicalImage | None]:
     """The input image (checked against the restorer's modality) and the reference, of the same shape."""
     image = read_image(in_path, series=series, on_irregular=on_irregular)
-    if restorer.is_ct and image.unit != "HU" and image.modality not in (None, "CT"):
-        raise RestoreError(f"{in_path}: the restorer works on CT in HU, but the image is {image.modality} "
-                           f"(unit {image.unit!r})")
+    if restorer.is_ct:  # the restorer works on CT in HU: anything else is refused, naming the file
+        check_plausible(image, "ct", in_path)
     if reference is None:
         return image, None
     ref_image = read_image(reference, on_irregular=on_irregular)

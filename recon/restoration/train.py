@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,11 +46,11 @@ from recon.priors.networks import count_parameters
 from recon.priors.train import (
     BatchMaker,
     TrainConfig,
-    atomic_torch_save,
     load_training_slices,
     network_and_ema,
     write_grid,
 )
+from recon.priors.trainer import Trainer
 from recon.restoration.degradations import CT_DEGRADATIONS, DEGRADATIONS, Degradation
 from recon.restoration.io import save_restorer
 from recon.restoration.model import MODELS, Restorer, restorer_architecture
@@ -368,117 +367,65 @@ def train_restorer(cfg: RestorerConfig, resume: bool = False, max_steps_this_run
     test exact resumption)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # network initialisation
     arch = cfg.architecture()
     # warm start (e.g. continuing the built-in restorer in a new session); a resume loads its checkpoint instead
     net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, "restorer")
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, losses, quality = 0, [], None
+    trainer = Trainer(net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed),
+                      out / "checkpoint.pt", cfg, cfg.lr, cfg.lr_warmup, cfg.ema_decay, cfg.grad_clip)
     if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from (run without --resume first)")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        saved = json.loads(state["config"])
-        defaults = json.loads(json.dumps(dataclasses.asdict(RestorerConfig(data=cfg.data))))
-        current = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        free = ("steps", "progress", "device", "checkpoint_every", "sample_every", "log_every", "out", "eval_files",
-                "eval_seed", "cache_mb")
-        mismatched = [k for k, v in current.items() if k not in free and v != saved.get(k, defaults[k])]
-        if mismatched:
-            raise ValueError(f"{ckpt_path}: resuming with a different configuration ({', '.join(mismatched)})")
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        step, losses = int(state["step"]), list(state["losses"])
+        trainer.resume(device, RestorerConfig(data=cfg.data), _FREE)
     tcfg = cfg.prior_config()
     slices, report = load_training_slices(tcfg)
-    batches = _PairBatchMaker(slices, tcfg, gen, cfg.degradation(), cfg.realizations, cfg.seed, cfg.cache_mb)
+    batches = _PairBatchMaker(slices, tcfg, trainer.gen, cfg.degradation(), cfg.realizations, cfg.seed, cfg.cache_mb)
     model = cfg.make_restorer(net).to(device)
-    grid_batch: dict = {}
+    quality: dict = {}
 
     def exported() -> Restorer:
         r = cfg.make_restorer(ema).to(device)
         r.network.eval()
         return r
 
-    def save_checkpoint():
-        atomic_torch_save(
-            {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "generator": gen.get_state(), "step": step, "losses": losses,
-             "config": json.dumps(dataclasses.asdict(cfg))},
-            ckpt_path,
-        )
+    def loss_of_step() -> torch.Tensor:
+        pairs = batches.next().to(device)
+        model.network.train()
+        return model.training_loss(pairs[:, :1], pairs[:, 1:2], trainer.gen)
+
+    def on_step(step: int) -> None:
+        if step == cfg.steps and cfg.eval_files:
+            quality["held_out"] = q = evaluate_restorer(exported(), cfg.eval_files, seed=cfg.eval_seed)
+            log.info("held-out quality: degraded %.2f dB / %.3f, restored %.2f dB / %.3f", q["degraded"]["psnr"],
+                     q["degraded"]["ssim"], q["restored"]["psnr"], q["restored"]["ssim"])
+
+    def on_save() -> None:
         save_restorer(exported(), out / "restorer", arch,
-                      card=_card(cfg, step, report, count_parameters(ema), quality))
+                      card=_card(cfg, trainer.step, report, count_parameters(ema), quality.get("held_out")))
 
-    def write_samples():
-        if "pairs" not in grid_batch:  # a fixed batch, drawn from its own generator (the training stream is untouched)
-            small = dataclasses.replace(tcfg, batch_size=4)
-            maker = _PairBatchMaker(slices, small, torch.Generator().manual_seed(cfg.seed + 1), batches.degradation,
-                                    cfg.realizations, cfg.seed, cfg.cache_mb)
-            grid_batch["pairs"] = maker.next()
-        pairs = grid_batch["pairs"].to(device)
-        r = exported()
-        restored, _ = r.restore(pairs[:, 1:2], generator=torch.Generator().manual_seed(0))
-        write_grid(torch.cat([pairs[:, 1:2], restored, pairs[:, :1]]).cpu(), out / f"samples_{step:07d}.png")
+    end = cfg.steps if max_steps_this_run is None else min(cfg.steps, trainer.step + max_steps_this_run)
+    summary = trainer.run(loss_of_step, end=end, total=cfg.steps, desc="train-restorer", progress=cfg.progress,
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                          sample_every=cfg.sample_every, on_save=on_save, on_step=on_step,
+                          on_samples=lambda: _write_samples(cfg, slices, tcfg, batches, exported(), out, trainer.step,
+                                                            device))
+    losses = trainer.losses
+    return {"step": trainer.step, **summary, "final_loss": float(np.mean(losses[-50:])) if losses else None,
+            "checkpoint": str(trainer.ckpt_path), "restorer": str(out / "restorer"), "skipped": report[1:],
+            "parameters": count_parameters(net), "quality": quality.get("held_out")}
 
-    from tqdm import tqdm
 
-    end = cfg.steps if max_steps_this_run is None else min(cfg.steps, step + max_steps_this_run)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or not sys.stderr.isatty(), file=sys.stderr,
-               desc="train-restorer", unit="step")
-    t0 = time.perf_counter()
-    start_step = step
-    interrupted = False
-    try:
-        while step < end:
-            pairs = batches.next().to(device)
-            x0, y0 = pairs[:, :1], pairs[:, 1:2]
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup))
-            model.network.train()
-            loss = model.training_loss(x0, y0, gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip and cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            opt.step()
-            with torch.no_grad():
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for pe, pn in zip(ema.parameters(), net.parameters(), strict=True):
-                    pe.lerp_(pn, 1 - decay)
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                recent = float(np.mean(losses[-cfg.log_every:]))
-                bar.set_postfix(loss=f"{recent:.4f}")
-                log.info("step %d loss %.5f (%.2f s/step)", step, recent,
-                         (time.perf_counter() - t0) / max(1, step - start_step))
-            if step == cfg.steps and cfg.eval_files:
-                quality = evaluate_restorer(exported(), cfg.eval_files, seed=cfg.eval_seed)
-                log.info("held-out quality: degraded %.2f dB / %.3f, restored %.2f dB / %.3f",
-                         quality["degraded"]["psnr"], quality["degraded"]["ssim"], quality["restored"]["psnr"],
-                         quality["restored"]["ssim"])
-            if step % cfg.checkpoint_every == 0 or step == end:
-                save_checkpoint()
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                write_samples()
-    except KeyboardInterrupt:
-        interrupted = True
-        save_checkpoint()
-        log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
-    finally:
-        bar.close()
-    return {"step": step, "interrupted": interrupted,
-            "final_loss": float(np.mean(losses[-50:])) if losses else None,
-            "seconds_per_step": (time.perf_counter() - t0) / max(1, step - start_step),
-            "checkpoint": str(ckpt_path), "restorer": str(out / "restorer"), "skipped": report[1:],
-            "parameters": count_parameters(net), "quality": quality}
+# fields a resume may change: they do not change the weights
+_FREE = ("steps", "progress", "device", "checkpoint_every", "sample_every", "log_every", "out", "eval_files",
+         "eval_seed", "cache_mb")
+
+
+def _write_samples(cfg, slices, tcfg, batches, restorer, out: Path, step: int, device) -> None:
+    """A grid of degraded / restored / clean for a fixed batch drawn from its own generator (the training stream is
+    untouched)."""
+    small = dataclasses.replace(tcfg, batch_size=4)
+    maker = _PairBatchMaker(slices, small, torch.Generator().manual_seed(cfg.seed + 1), batches.degradation,
+                            cfg.realizations, cfg.seed, cfg.cache_mb)
+    pairs = maker.next().to(device)
+    restored, _ = restorer.restore(pairs[:, 1:2], generator=torch.Generator().manual_seed(0))
+    write_grid(torch.cat([pairs[:, 1:2], restored, pairs[:, :1]]).cpu(), out / f"samples_{step:07d}.png")
 

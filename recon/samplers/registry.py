@@ -50,7 +50,7 @@ class MethodSpec:
 
     Attributes:
         name: the name users type (``--method NAME``, ``reconstruct(..., method=NAME)``).
-        module: the module of ``recon.samplers`` that holds the sampler.
+        module: the module of ``recon.samplers`` that holds the sampler (a dotted path: any importable module).
         function: the sampler function, ``sample_<name>(physics, y, prior, *, sigma_y, steps, particles,
             generator, callback, **options)``.
         summary: what it is, in one line (the README's method table and ``--help`` show it).
@@ -78,7 +78,8 @@ class MethodSpec:
     @cached_property
     def sampler(self) -> Callable:
         """The sampler function (imported on first use)."""
-        return getattr(importlib.import_module(f"recon.samplers.{self.module}"), self.function)
+        module = self.module if "." in self.module else f"recon.samplers.{self.module}"  # dotted: outside recon
+        return getattr(importlib.import_module(module), self.function)
 
     @cached_property
     def options(self) -> dict[str, OptionSpec]:

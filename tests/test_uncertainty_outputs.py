@@ -1,0 +1,99 @@
+"""Uncertainty maps next to a reconstruction (``--uncertainty``) and calibration from the user's own reference
+studies (``recon calibrate``), checked against closed forms: the null-space map of an inpainting operator is the
+reconstruction at the missing pixels and zero at the measured ones; calibrated intervals are ``x ± c·std``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from recon.cli import main
+from recon.datasets import read_image
+from recon.tasks import build_physics, make_task
+
+CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _load(path) -> np.ndarray:
+    return read_image(path).array.astype(np.float64)  # (D, H, W), as written
+
+
+def _inpainting_mask(shape=(1, 128, 128)) -> np.ndarray:
+    physics = build_physics(make_task("inpainting", shape, (1.0, 1.0, 1.0), seed=0))
+    return physics.mask[0, 0].numpy()
+
+
+def test_maps_are_written_and_the_null_space_is_what_the_mask_hides(tmp_path, capsys):
+    out = tmp_path / "rec.nii.gz"
+    assert main(["reconstruct", "-i", CT_SMALL, "-o", str(out), "--task", "inpainting", "--method", "dps", "--steps",
+                 "3", "--particles", "3", "--uncertainty", "0.9", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rec = _load(out)
+    maps = {k: _load(tmp_path / f"rec.{k}.nii.gz") for k in ("std", "lower", "upper", "null_space")}
+    assert set(maps) <= set(report["outputs"])
+    mask = _inpainting_mask(rec.shape)
+    # x − A⁺A x for a 0/1 mask acting on the image itself: the reconstruction where unmeasured, 0 where measured
+    np.testing.assert_allclose(maps["null_space"][0] * mask, 0, atol=1e-3)
+    np.testing.assert_allclose(maps["null_space"][0] * (1 - mask), rec[0] * (1 - mask), rtol=1e-4, atol=0.05)
+    assert (maps["lower"] <= maps["upper"] + 1e-6).all() and (maps["std"] >= 0).all()
+    u = report["uncertainty"]
+    assert u["level"] == 0.9 and u["intervals"] == "weighted sample quantiles" and u["body_pixels"] > 1000
+    assert u["mean_std_body"] > 0 and 0 < u["null_space_energy"] < 1
+
+
+def test_a_method_without_spread_gets_the_null_space_and_says_so(tmp_path, capsys):
+    out = tmp_path / "tv.nii.gz"
+    assert main(["reconstruct", "-i", CT_SMALL, "-o", str(out), "--task", "inpainting", "--method", "tv", "--steps",
+                 "20", "--uncertainty", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "tv.null_space.nii.gz").is_file() and not (tmp_path / "tv.std.nii.gz").exists()
+    assert report["uncertainty"]["intervals"] is None and "no spread" in report["uncertainty"]["note"]
+
+
+def test_maps_as_derived_dicom_series(tmp_path, capsys):
+    ref = tmp_path / "in"
+    ref.mkdir()
+    shutil.copy(CT_SMALL, ref / "ct.dcm")
+    out = tmp_path / "rec"
+    assert main(["reconstruct", "-i", str(ref), "-o", str(out), "--task", "inpainting", "--method", "dps", "--steps",
+                 "2", "--particles", "2", "--uncertainty", "0.9", "--format", "dicom", "-q"]) == 0
+    series = {}
+    for name in ("rec", "rec_std", "rec_lower", "rec_upper", "rec_null_space"):
+        files = sorted((tmp_path / name).iterdir())
+        assert len(files) == 1, name
+        series[name] = pydicom.dcmread(files[0])
+    assert len({d.SeriesInstanceUID for d in series.values()}) == 5
+    assert len({d.SeriesNumber for d in series.values()}) == 5
+    assert len({d.StudyInstanceUID for d in series.values()}) == 1
+
+
+def test_calibration_from_reference_studies_is_applied_to_later_runs(tmp_path, capsys):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    image = pydicom.dcmread(CT_SMALL)
+    hu = image.pixel_array * float(image.RescaleSlope) + float(image.RescaleIntercept)
+    for k, arr in enumerate((hu[:64, :64], hu[64:, 64:])):
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.T[:, :, None]).astype(np.float32), np.eye(4)),
+                 refs / f"ref{k}.nii.gz")
+    calib = tmp_path / "calib.json"
+    common = ["--task", "inpainting", "--method", "dps", "--steps", "2", "--particles", "3", "-q"]
+    assert main(["calibrate", "-i", str(refs), "-o", str(calib), "--coverage", "0.8", *common, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    doc = json.loads(calib.read_text())
+    assert doc["factor"] == summary["factor"] > 0 and doc["coverage"] == 0.8 and doc["studies"] == 2
+    assert summary["coverage_on_references"] >= 0.8 - 1e-9  # conformal: at least nominal on its own scores
+    out = tmp_path / "r.nii.gz"
+    assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(out), *common, "--uncertainty", "0.8",
+                 "--calibration", str(calib), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["uncertainty"]["calibration_factor"] == doc["factor"]
+    rec, std, lower = _load(out), _load(tmp_path / "r.std.nii.gz"), _load(tmp_path / "r.lower.nii.gz")
+    np.testing.assert_allclose(lower, rec - doc["factor"] * std, atol=1e-2)
+    assert main(["calibrate", "-i", str(refs), "-o", str(calib), *common]) == 2  # exists: one line, no overwrite

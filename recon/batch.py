@@ -69,7 +69,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -85,6 +84,7 @@ from pathlib import Path
 from recon.datasets.io import has_dicom_preamble
 from recon.pipeline import PipelineError
 from recon.settings import RECONSTRUCTION_FIELDS, Settings
+from recon.utils import jsonable
 
 __all__ = [
     "ENGINES",
@@ -861,7 +861,7 @@ def _plan(studies: list, base: dict, outdir: Path, overwrite: bool, config: dict
         if s.options.get("task_params"):
             study_config.update(s.options["task_params"])
         queue.append({"study": s.name, "input": str(s.input), "folder": str(folder), "settings": study,
-                      "config": _plain(study_config), "fingerprint": fingerprint, "attempt": 1})
+                      "config": jsonable(study_config), "fingerprint": fingerprint, "attempt": 1})
     return queue
 
 
@@ -918,17 +918,3 @@ def _study_settings(base: dict, options: dict) -> dict:
     if settings.get("reference") is None:
         settings.pop("reference", None)
     return settings
-
-
-def _plain(obj):
-    """JSON/YAML-safe copy (paths as text, non-finite floats kept)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return obj
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-

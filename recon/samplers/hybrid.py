@@ -60,7 +60,7 @@ def sample_hybrid(
     particles: int = 1,
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
-    anchor: float = 1.0,
+    anchor: float = 0.3,
     tv_weight: float | None = None,
     eta: float = 0.85,
     admm_iters: int = 5,
@@ -82,9 +82,10 @@ def sample_hybrid(
         generator: the seeded ``torch.Generator`` all randomness comes from.
         callback: called after every step with ``step``, ``steps``, ``sigma``, ``residual``, ``nfe``, ``seconds``,
             ``gamma``, ``admm_residual``.
-        anchor: multiplies the anchor's weight ``1/r_i²`` (larger trusts the denoiser more).
-        tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``0.1 ‖A‖/σ_y`` (a third of ``sample_tv``'s
-            default ROF weight, the anchor doing the rest); 0: no TV.
+        anchor: multiplies the anchor's weight ``1/r_i²`` (larger trusts the denoiser more; default 0.3,
+            ``docs/methods/hybrid.md``).
+        tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``0.05 ‖A‖/σ_y`` (a sixth of
+            ``sample_tv``'s default ROF weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest); 0: no TV.
         eta: fraction of fresh noise in the re-noising (DDS's convention, default 0.85 as DDS).
         admm_iters: ADMM iterations per data step.
         cg_iters: CG iterations per ADMM iteration.
@@ -104,7 +105,7 @@ def sample_hybrid(
     n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
     template = repeat_batch(image_template(physics, y), p)
     norm_a = operator_norm(physics, template[:1])
-    lam = (0.1 * norm_a / float(sigma_y) if sigma_y > 0 else 0.0) if tv_weight is None else float(tv_weight)
+    lam = (0.05 * norm_a / float(sigma_y) if sigma_y > 0 else 0.0) if tv_weight is None else float(tv_weight)
     axes = tuple(range(template.dim() - 2))
     step = {"tv_weight": sy2 * lam, "axes": axes, "admm_iters": int(admm_iters), "cg_iters": int(cg_iters)}
     c_keep, c_fresh = math.sqrt(1.0 - float(eta) ** 2), float(eta)

@@ -1,0 +1,434 @@
+"""The evaluation matrix: every method on held-out real images × tasks, scored on the full range and in the
+clinical window, with the flat-region noise, time and network evaluations; one figure per case.
+
+    python benchmarks/bench_matrix.py --images ct-head-full ct-head-crop --tasks sv30 sv60 ld1e4 la90 \\
+        --sizes 128 --json benchmarks/matrix_ct_128.json
+    python benchmarks/bench_matrix.py --images mr-small mr-anat --tasks mri4 mri8 --sizes 128 \\
+        --json benchmarks/matrix_mri_128.json
+    python benchmarks/bench_matrix.py --report benchmarks/matrix_ct_128.json      # markdown tables
+
+Images (none was in the priors' training data): ``ct-head-full``, pydicom-data's ``693_UNCR.dcm`` head CT at its
+full 512² field of view (0.48 mm pixels) area-averaged to the size; ``ct-head-crop``, its central 256² (the
+brain) resized; ``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central axial
+slice of nibabel's ``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom
+(seed 10000; a secondary row). Pixel spacing follows the field of view (CT geometry in mm).
+
+Tasks, simulated exactly as the command line does (``recon.tasks.make_task`` / ``simulate`` /
+``normalised_problem``; CT in μ with Beer–Lambert noise, classical methods in the operator's domain units,
+diffusion methods in the prior's normalised range with ``σ_y`` from the noise model): ``sv30/sv60/sv120``
+sparse view (10⁵ photons, the command line's default dose), ``la90/la120`` limited angle (60/80 views over
+90°/120°, 10⁵ photons), ``ld1e4/ld1e5`` low dose (180 views, 10⁴/10⁵ photons), ``g0.2/g1/g2`` Gaussian noise
+of 0.2/1/2 % of the sinogram's peak (60 views), ``mri4/mri8`` (random 1D mask, noise 1 % of the k-space RMS,
+the command line's default) and ``mri4-n0.5/mri4-n2/mri8-n0.5/mri8-n2`` (0.5/2 %).
+
+Methods: ``analytic`` (FBP, Hann / zero-filled), ``tv-auto`` (``sample_tv``'s default: the discrepancy
+principle, ``σ_y`` from the noise model), ``tv-oracle`` (``tv_oracle_weight``: grid + golden section on the
+full-range MSE against the truth; an upper bound for TV), ``tv-oracle-w`` (the same on the MSE in the clinical
+window: TV's upper bound there; for MRI the same as ``tv-oracle``), recon's ``dps``, ``red-diff``, ``dds`` and whichever
+of ``diffpir``, ``daps``, ``pigdm``, ``hybrid`` the method table has, and deepinv's ``deepinv-diffpir`` /
+``deepinv-dps`` with the same prior; every diffusion method at its defaults (no tuning on these images).
+
+Metrics: PSNR/SSIM on the full range (CT: [−1000, 1000] HU as ``recon reconstruct`` reports; MRI: the
+reference's range) and in the clinical window (head CT: brain window [0, 80] HU, both images clipped; MRI: the
+full range); ``noise``: the standard deviation of the reconstruction in a flat region picked automatically,
+the window of lowest variance of the reference inside the brain (CT: reference in [−15, 95] HU; MRI: above
+25 % of its 99th percentile), in HU for CT; wall time and NFE. The JSON file is resumable: rows already in it
+(same image, task, size, method) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+
+__all__ = ["IMAGES", "METHODS", "TASKS", "flat_region", "load_image", "main", "run_case", "score"]
+
+BRAIN_WINDOW = (0.0, 80.0)  # HU
+CT_FULL = (-1000.0, 1000.0)  # HU, the full-range metric window of `recon reconstruct`
+IMAGES = ("ct-head-full", "ct-head-crop", "mr-small", "mr-anat", "ct-phantom")
+# name -> (task, task parameters, noise: photons / noise (relative to the RMS) / peak (relative to the peak))
+TASKS: dict[str, tuple[str, dict, dict]] = {
+    "sv30": ("sparse-view-ct", {"views": 30}, {"photons": 1e5}),
+    "sv60": ("sparse-view-ct", {"views": 60}, {"photons": 1e5}),
+    "sv120": ("sparse-view-ct", {"views": 120}, {"photons": 1e5}),
+    "la90": ("limited-angle-ct", {"views": 60, "arc": 90.0}, {"photons": 1e5}),
+    "la120": ("limited-angle-ct", {"views": 80, "arc": 120.0}, {"photons": 1e5}),
+    "ld1e4": ("sparse-view-ct", {"views": 180}, {"photons": 1e4}),
+    "ld1e5": ("sparse-view-ct", {"views": 180}, {"photons": 1e5}),
+    "g0.2": ("sparse-view-ct", {"views": 60}, {"peak": 0.002}),
+    "g1": ("sparse-view-ct", {"views": 60}, {"peak": 0.01}),
+    "g2": ("sparse-view-ct", {"views": 60}, {"peak": 0.02}),
+    "mri4": ("mri", {"acceleration": 4}, {"noise": 0.01}),
+    "mri8": ("mri", {"acceleration": 8}, {"noise": 0.01}),
+    "mri4-n0.5": ("mri", {"acceleration": 4}, {"noise": 0.005}),
+    "mri4-n2": ("mri", {"acceleration": 4}, {"noise": 0.02}),
+    "mri8-n0.5": ("mri", {"acceleration": 8}, {"noise": 0.005}),
+    "mri8-n2": ("mri", {"acceleration": 8}, {"noise": 0.02}),
+}
+METHODS = ("analytic", "tv-auto", "tv-oracle", "dps", "red-diff", "dds", "diffpir", "daps", "pigdm", "hybrid",
+           "deepinv-diffpir", "deepinv-dps", "tv-oracle-w")
+CLASSICAL = ("analytic", "tv-auto", "tv-oracle", "tv-oracle-w")
+
+
+# ------------------------------------------------------------------------------------------------ images
+def load_image(name: str, size: int) -> tuple[np.ndarray, tuple[float, float], str]:
+    """``(image (size, size) in physical units, spacing (dy, dx) mm, modality)`` of a held-out image."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from skimage.transform import resize
+
+    from recon.datasets.slices import read_slices
+
+    def fit(img: np.ndarray) -> np.ndarray:
+        return resize(img.astype(np.float64), (size, size), anti_aliasing=True, preserve_range=True)
+
+    if name.startswith("ct-head"):
+        path = get_testdata_file("693_UNCR.dcm", download=False)
+        if path is None:
+            raise FileNotFoundError("693_UNCR.dcm not found: pip install pydicom-data")
+        hu = next(read_slices(path)).astype(np.float64)
+        ps = float(pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing[0])
+        if name == "ct-head-crop":
+            hu = hu[128:384, 128:384]
+        return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT"
+    if name == "ct-phantom":
+        from recon.datasets.phantoms import random_ct_phantom
+
+        img = random_ct_phantom((size, size), torch.Generator().manual_seed(10_000)).double().numpy()
+        return img, (256.0 / size,) * 2, "CT"
+    if name == "mr-small":
+        path = get_testdata_file("MR_small.dcm", download=False)
+        mr = np.abs(next(read_slices(path)))
+        ps = float(pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing[0])
+        return fit(mr), (ps * mr.shape[0] / size,) * 2, "MR"
+    if name == "mr-anat":
+        import nibabel as nib
+        from nibabel.testing import data_path
+
+        vol = np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata())
+        axial = vol[:, :, vol.shape[2] // 2]
+        return fit(axial), (2.0 * axial.shape[0] / size, 2.0 * axial.shape[1] / size), "MR"
+    raise ValueError(f"unknown image {name!r}; choose from {', '.join(IMAGES)}")
+
+
+def flat_region(ref: np.ndarray, modality: str, win: int | None = None) -> tuple[slice, slice]:
+    """The ``win × win`` window of lowest reference variance lying wholly inside the brain (module docstring)."""
+    from scipy.ndimage import binary_erosion, binary_opening, uniform_filter
+
+    win = win or max(5, ref.shape[0] // 16)
+    if modality == "CT":
+        mask = binary_opening((ref > -15) & (ref < 95), np.ones((3, 3), bool), iterations=2)
+    else:
+        mask = binary_opening(ref > 0.25 * np.percentile(ref, 99), np.ones((3, 3), bool), iterations=2)
+    inside = binary_erosion(mask, np.ones((win, win), bool), border_value=0)
+    if not inside.any():
+        inside = mask
+    mean = uniform_filter(ref, win)
+    var = uniform_filter(ref**2, win) - mean**2
+    var[~inside] = np.inf
+    cy, cx = np.unravel_index(int(np.argmin(var)), var.shape)
+    y0, x0 = max(cy - win // 2, 0), max(cx - win // 2, 0)
+    return slice(y0, y0 + win), slice(x0, x0 + win)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _psnr_ssim(rec: np.ndarray, ref: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    r, x = np.clip(ref, lo, hi), np.clip(rec, lo, hi)
+    return (float(peak_signal_noise_ratio(r, x, data_range=hi - lo)),
+            float(structural_similarity(r, x, data_range=hi - lo, win_size=7)))
+
+
+def windows(ref: np.ndarray, modality: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(full range, clinical window)`` of a reference."""
+    if modality == "CT":
+        return CT_FULL, BRAIN_WINDOW
+    full = (float(ref.min()), float(ref.max()))
+    return full, full
+
+
+def score(rec: np.ndarray, ref: np.ndarray, modality: str, roi: tuple[slice, slice]) -> dict:
+    """PSNR/SSIM on the full range and in the clinical window, and the flat-region noise (module docstring)."""
+    full, window = windows(ref, modality)
+    p, s = _psnr_ssim(rec, ref, *full)
+    pw, sw = _psnr_ssim(rec, ref, *window)
+    return {"psnr": p, "ssim": s, "psnr_w": pw, "ssim_w": sw, "noise": float(rec[roi].std()),
+            "noise_err": float((rec - ref)[roi].std())}
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def _simulate(task: str, image: np.ndarray, spacing: tuple, modality: str, seed: int):
+    from recon.tasks import make_task, simulate
+
+    name, params, noise = TASKS[task]
+    spec = make_task(name, (1, *image.shape), (1.0, *spacing), seed=seed, **params)
+    unit = "HU" if modality == "CT" else None
+    img = torch.from_numpy(image).float()
+    kw = dict(noise)
+    if "peak" in kw:  # Gaussian noise relative to the measurement peak → simulate's RMS-relative level
+        clean = simulate(spec, img, unit, seed=seed).y
+        kw = {"noise": kw.pop("peak") * float(clean.abs().max()) / float(clean.pow(2).mean().sqrt())}
+    return spec, simulate(spec, img, unit, seed=seed, **kw)
+
+
+def _run_method(method: str, ctx: dict) -> tuple[np.ndarray, dict]:
+    """One method on one case; returns the reconstruction in physical units and what to record."""
+    from recon import reconstruct
+    from recon.samplers.baselines import tv_oracle_weight
+    from recon.tasks import from_domain, to_domain
+
+    spec, meas, physics = ctx["spec"], ctx["meas"], ctx["physics"]
+    t0 = time.perf_counter()
+    extra: dict = {}
+    if method in ("analytic", "tv-auto"):
+        res = reconstruct(physics, meas.y, None, "analytic" if method == "analytic" else "tv", sigma_y=meas.sigma_y,
+                          seed=ctx["seed"])
+        x_d, nfe, seconds = res.x, 0, res.seconds
+        if method == "tv-auto":
+            w = res.info.get("tv_weight", {})
+            extra = {"lam": res.info["options"]["lam"], "rule": w.get("rule", res.info["options"].get("weight")),
+                     "discrepancy_ratio": w.get("ratio"), "bracketed": w.get("bracketed")}
+    elif method in ("tv-oracle", "tv-oracle-w"):
+        ref_t = torch.from_numpy(ctx["ref"]).float()[None, None]
+        truth = to_domain(spec, ref_t, "HU" if spec.is_ct else None)
+        scorer = None
+        if method == "tv-oracle-w":  # the MSE in the clinical window (both images clipped)
+            _, (lo, hi) = windows(ctx["ref"], ctx["modality"])
+
+            def scorer(x: torch.Tensor) -> float:
+                return -float((from_domain(spec, x).clamp(lo, hi) - ref_t.clamp(lo, hi)).pow(2).sum())
+        lam, x_d, record = tv_oracle_weight(physics, meas.y, truth, sigma_y=meas.sigma_y, score=scorer)
+        nfe, seconds = 0, time.perf_counter() - t0
+        extra = {"lam": lam, "rule": "oracle (window MSE)" if scorer else "oracle (full-range MSE)",
+                 "solves": len(record["evals"])}
+    else:
+        prior, (y_n, sigma_n, a, b) = ctx["prior"], ctx["normalised"]
+        res = reconstruct(physics, y_n, prior, method, sigma_y=sigma_n, seed=ctx["seed"])
+        x_d, nfe, seconds = (res.x - b) / a, res.nfe, res.seconds
+        extra = {"steps": res.info.get("steps"), "sigma_y_normalised": sigma_n}
+    rec = from_domain(spec, x_d.detach().double().cpu())[0, 0].numpy()
+    return rec, {"seconds": seconds, "nfe": nfe, **extra}
+
+
+def _context(image_name: str, task: str, size: int, seed: int, priors: dict) -> dict:
+    from recon.samplers.baselines import analytic_inverse
+    from recon.tasks import normalised_problem
+
+    ref, spacing, modality = load_image(image_name, size)
+    spec, meas = _simulate(task, ref, spacing, modality, seed)
+    physics = meas.physics()
+    ctx = {"ref": ref, "modality": modality, "spec": spec, "meas": meas, "physics": physics, "seed": seed,
+           "roi": flat_region(ref, modality)}
+    prior = priors["ct" if spec.is_ct else "mri"]
+    with torch.no_grad():
+        analytic_d = analytic_inverse(physics, meas.y)
+    ctx["prior"], ctx["normalised"] = prior, normalised_problem(meas, physics, prior, analytic_d)
+    return ctx
+
+
+def run_case(image_name: str, task: str, size: int, methods: list[str], priors: dict, done: dict, seed: int,
+             write_row, cache_dir: Path) -> list[tuple[str, np.ndarray, dict]]:
+    """All ``methods`` on one case (skipping those whose rows are in ``done``, method → row); returns
+    ``(method, reconstruction, row)`` for the figure, reconstructions of earlier runs coming from ``cache_dir``."""
+    from recon.samplers import METHODS as AVAILABLE
+    from recon.samplers import SamplerDivergence
+
+    ctx = _context(image_name, task, size, seed, priors)
+    case = f"{image_name}-{task}-{size}"
+    cache = cache_dir / f"{case}.npz"
+    stored = dict(np.load(cache)) if cache.exists() else {}
+    out = []
+    for method in methods:
+        if method not in CLASSICAL and method not in AVAILABLE:
+            print(f"{case}: method {method!r} not in recon's method table, skipped", flush=True)
+            continue
+        if method in done:
+            if method in stored and "error" not in done[method]:
+                out.append((method, stored[method], done[method]))
+            continue
+        try:
+            rec, info = _run_method(method, ctx)
+        except SamplerDivergence as err:
+            row = {"case": case, "image": image_name, "task": task, "size": size, "method": method,
+                   "error": str(err)}
+            write_row(row)
+            print(f"{case:32s} {method:16s} diverged: {err}", flush=True)
+            continue
+        row = {"case": case, "image": image_name, "task": task, "size": size, "method": method,
+               "sigma_y": ctx["meas"].sigma_y, "noise_model": ctx["meas"].noise,
+               **score(rec, ctx["ref"], ctx["modality"], ctx["roi"]), **info}
+        write_row(row)
+        stored[method] = rec.astype(np.float32)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(cache, **stored)
+        out.append((method, rec, row))
+        print(f"{case:32s} {method:16s} PSNR {row['psnr']:6.2f}/{row['psnr_w']:6.2f} SSIM {row['ssim']:.3f}/"
+              f"{row['ssim_w']:.3f} noise {row['noise']:7.2f} {row['seconds']:7.1f} s NFE {row['nfe']}", flush=True)
+    out.insert(0, ("reference", ctx["ref"], {"roi": ctx["roi"], "modality": ctx["modality"]}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def figure(case: str, panels: list[tuple[str, np.ndarray, dict]], path: Path) -> None:
+    """Reference and every method in the clinical window (top) and ``|error|`` on ``[0, width/4]`` (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    ref, meta = panels[0][1], panels[0][2]
+    _, (lo, hi) = windows(ref, meta["modality"])
+    if meta["modality"] != "CT":
+        lo, hi = float(np.percentile(ref, 1)), float(np.percentile(ref, 99.5))
+    n = len(panels)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
+    for k, (name, img, row) in enumerate(panels):
+        axes[0, k].imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        title = name if k == 0 else f"{name}\n{row['psnr_w']:.1f} dB / {row['ssim_w']:.2f}"
+        axes[0, k].set_title(title, fontsize=7)
+        if k == 0:
+            ys, xs = meta["roi"]
+            axes[0, 0].add_patch(Rectangle((xs.start, ys.start), xs.stop - xs.start, ys.stop - ys.start,
+                                           fill=False, edgecolor="yellow", linewidth=0.8))
+            axes[1, 0].axis("off")
+        else:
+            axes[1, k].imshow(np.abs(np.clip(img, lo, hi) - np.clip(ref, lo, hi)), cmap="magma", vmin=0,
+                              vmax=(hi - lo) / 4)
+            axes[1, k].set_xlabel(f"|error|; flat-region std {row['noise']:.1f}", fontsize=7)
+        for ax in axes[:, k]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    unit = "HU" if meta["modality"] == "CT" else "a.u."
+    fig.suptitle(f"{case}: window [{lo:.0f}, {hi:.0f}] {unit}; PSNR/SSIM in the window; "
+                 f"error on [0, {(hi - lo) / 4:.0f}]", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt(row: dict | None, key: str, digits: int) -> str:
+    if row is None or "error" in row:
+        return "div." if row is not None else "–"
+    v = row.get(key)
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def report(rows: list[dict]) -> str:
+    """Markdown tables, one per image group (CT, MRI): per case, each method's PSNR/SSIM full and in the
+    window, flat-region noise, time and NFE; the best diffusion method and oracle TV side by side."""
+    lines = []
+    groups = {"CT": [r for r in rows if r["task"] in TASKS and TASKS[r["task"]][0] != "mri"],
+              "MRI": [r for r in rows if r["task"] in TASKS and TASKS[r["task"]][0] == "mri"]}
+    for group, grows in groups.items():
+        if not grows:
+            continue
+        lines += [f"#### {group}", "", "| case | method | PSNR full | SSIM full | PSNR window | SSIM window | noise | "
+                  "s | NFE |", "|---|---|---|---|---|---|---|---|---|"]
+        cases = list(dict.fromkeys(r["case"] for r in grows))
+        for case in cases:
+            for r in (r for r in grows if r["case"] == case):
+                lines.append(f"| {case} | {r['method']} | {_fmt(r, 'psnr', 2)} | {_fmt(r, 'ssim', 3)} | "
+                             f"{_fmt(r, 'psnr_w', 2)} | {_fmt(r, 'ssim_w', 3)} | {_fmt(r, 'noise', 1)} | "
+                             f"{_fmt(r, 'seconds', 1)} | {r.get('nfe', '–')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per case: oracle TV against the best diffusion method (by window PSNR) on every metric."""
+    lines = ["| case | TV oracle PSNR/SSIM full | window | noise | best diffusion | PSNR/SSIM full | window | noise |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        cr = [r for r in rows if r["case"] == case and "error" not in r]
+        tv = next((r for r in cr if r["method"] == "tv-oracle"), None)
+        diff = [r for r in cr if r["method"] not in CLASSICAL]
+        if tv is None or not diff:
+            continue
+        best = max(diff, key=lambda r: r["psnr_w"])
+        lines.append(f"| {case} | {tv['psnr']:.2f} / {tv['ssim']:.3f} | {tv['psnr_w']:.2f} / {tv['ssim_w']:.3f} | "
+                     f"{tv['noise']:.1f} | {best['method']} | {best['psnr']:.2f} / {best['ssim']:.3f} | "
+                     f"{best['psnr_w']:.2f} / {best['ssim_w']:.3f} | {best['noise']:.1f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _load_rows(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return json.loads(path.read_text())["rows"]
+
+
+def _writer(path: Path | None, rows: list[dict], meta: dict):
+    def write_row(row: dict) -> None:
+        rows[:] = [r for r in rows if (r["case"], r["method"]) != (row["case"], row["method"])] + [row]
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+            os.replace(tmp, path)
+    return write_row
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", nargs="+", default=["ct-head-full", "ct-head-crop", "mr-small", "mr-anat"],
+                        choices=IMAGES)
+    parser.add_argument("--tasks", nargs="+", default=["sv30", "sv60", "ld1e4", "la90", "mri4", "mri8"],
+                        choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[128])
+    parser.add_argument("--prior-ct", default="default-ct")
+    parser.add_argument("--prior-mri", default="default-mri")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="results (resumable: rows already there are skipped)")
+    parser.add_argument("--figures", type=Path, default=Path(__file__).resolve().parent / "figures")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/recon-matrix-cache"),
+                        help="reconstructions kept for the figures of resumed runs")
+    parser.add_argument("--report", nargs="+", type=Path, help="print the markdown tables of these JSON files")
+    args = parser.parse_args(argv)
+    if args.report:
+        rows = [r for p in args.report for r in _load_rows(p)]
+        print(report(rows))
+        print(summary(rows))
+        return
+    torch.set_num_threads(args.threads)
+    from recon.priors import load_prior
+
+    priors = {"ct": load_prior(args.prior_ct), "mri": load_prior(args.prior_mri)}
+    rows = _load_rows(args.json)
+    meta = {"priors": {"ct": args.prior_ct, "mri": args.prior_mri}, "threads": args.threads, "seed": args.seed,
+            "command": "python benchmarks/bench_matrix.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    write_row = _writer(args.json, rows, meta)
+    t0 = time.perf_counter()
+    for size in args.sizes:
+        for image in args.images:
+            ct_image = image.startswith("ct-")
+            for task in args.tasks:
+                if (TASKS[task][0] == "mri") == ct_image:
+                    continue
+                case = f"{image}-{task}-{size}"
+                done = {r["method"]: r for r in rows if r["case"] == case}
+                panels = run_case(image, task, size, args.methods, priors, done, args.seed, write_row, args.cache)
+                if len(panels) > 1:
+                    figure(case, panels, args.figures / f"matrix-{case}.png")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,7 +46,8 @@ from collections.abc import Callable
 import torch
 
 from recon.priors.schedules import karras_sigmas
-from recon.samplers.base import ReconstructionResult, check_finite, operator_norm, record_step, weighted_moments
+from recon.samplers.base import ReconstructionResult, operator_norm, weighted_moments
+from recon.samplers.loop import SamplerRun
 
 __all__ = ["ancestral_step", "sample_dps", "sampler_result", "sigma_schedule", "tweedie_std"]
 
@@ -204,7 +205,38 @@ def sample_dps(
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample when ``P = 1``), ``samples
         (P, B, ...)``, uniform ``weights``, ``std`` (``P > 1``), per-step ``diagnostics``.
     """
-    t0 = time.perf_counter()
+    zeta, eta_step, p = _check_dps(variant, likelihood, zeta, eta, particles)
+    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
+    n = sig.numel() - 1
+    template = repeat_batch(image_template(physics, y), p)
+    norm_a = operator_norm(physics, template[:1]) if operator_scaling else 1.0
+    if not norm_a > 0:
+        raise ValueError("the physics maps everything to zero (‖A‖ = 0)")
+    run = SamplerRun("dps", prior, generator, callback, steps=n, particles=p, options={
+        "zeta": float(zeta), "scale": 2.0 * float(zeta), "variant": variant, "eta": eta_step,
+        "likelihood": likelihood, "vp_scaling": bool(vp_scaling), "operator_norm": norm_a,
+        "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)})
+    y_rep = repeat_batch(y, p).detach()
+    lam = 1.0 / (2.0 * y_rep.clamp_min(poisson_eps)) if likelihood == "poisson" else None
+    x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
+    x0 = x
+    for i in range(n):
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        x0, r, grad = _guidance(physics, prior, x, s, y_rep, lam)
+        with torch.no_grad():
+            x_next = ancestral_step(x.detach(), x0, s, s_next, generator, eta_step)
+            if s_next > 0:
+                factor = ((1 + s * s) * (1 + s_next * s_next)) ** 0.5 if vp_scaling else 1.0
+                x_next = x_next - 2.0 * float(zeta) * factor / norm_a * grad
+        x = x_next.detach()
+        run.step(i, s, per_item_norm(r.detach()).mean(), x=x, hint="reduce zeta (the guidance step) or use more steps")
+    samples = x0.reshape(p, y.shape[0], *x0.shape[1:])
+    xm, weights, std = finish_samples(samples)
+    return run.result(xm, samples=samples, weights=weights, std=std)
+
+
+def _check_dps(variant: str, likelihood: str, zeta: float | None, eta: float, particles: int) -> tuple:
+    """ζ′ (its default by likelihood), the re-noising η of the variant, and the particle count, checked."""
     if variant not in ("ddpm", "ddim"):
         raise ValueError(f"variant must be 'ddpm' or 'ddim', got {variant!r}")
     if likelihood not in ("gaussian", "poisson"):
@@ -213,73 +245,18 @@ def sample_dps(
         zeta = 1.0 if likelihood == "gaussian" else 0.3
     if not zeta >= 0:
         raise ValueError(f"zeta must be >= 0, got {zeta}")
-    p = int(particles)
-    if p < 1:
+    if int(particles) < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
-    eta_step = 1.0 if variant == "ddpm" else float(eta)
-    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
-    n = sig.numel() - 1
-    nfe0 = getattr(prior, "nfe", 0)
+    return zeta, (1.0 if variant == "ddpm" else float(eta)), int(particles)
 
-    template = repeat_batch(image_template(physics, y), p)
-    norm_a = operator_norm(physics, template[:1]) if operator_scaling else 1.0
-    if not norm_a > 0:
-        raise ValueError("the physics maps everything to zero (‖A‖ = 0)")
-    b = y.shape[0]
-    y_rep = repeat_batch(y, p).detach()
-    lam = None
-    if likelihood == "poisson":
-        lam = 1.0 / (2.0 * y_rep.clamp_min(poisson_eps))
 
-    x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
-    diagnostics: list[dict] = []
-    x0 = x
-    for i in range(n):
-        s, s_next = float(sig[i]), float(sig[i + 1])
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            x0 = prior.denoise(x, s)
-            r = y_rep - physics.A(x0)
-            if lam is not None:
-                norm = (lam * r**2).flatten(1).sum(1).clamp_min(0).sqrt()
-            else:
-                norm = per_item_norm(r)
-            (grad,) = torch.autograd.grad(norm.sum(), x)
-        x0 = x0.detach()
-        with torch.no_grad():
-            x_next = ancestral_step(x.detach(), x0, s, s_next, generator, eta_step)
-            if s_next > 0:
-                factor = ((1 + s * s) * (1 + s_next * s_next)) ** 0.5 if vp_scaling else 1.0
-                x_next = x_next - 2.0 * float(zeta) * factor / norm_a * grad
-        x = x_next.detach()
-        check_finite(x, "dps", i, "reduce zeta (the guidance step) or use more steps")
-        record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, per_item_norm(r.detach()).mean())
-
-    samples = x0.reshape(p, b, *x0.shape[1:])
-    xm, weights, std = finish_samples(samples)
-    return ReconstructionResult(
-        x=xm,
-        samples=samples,
-        weights=weights,
-        std=std,
-        diagnostics=diagnostics,
-        info={
-            "method": "dps",
-            "steps": n,
-            "particles": p,
-            "nfe": getattr(prior, "nfe", 0) - nfe0,
-            "seconds": time.perf_counter() - t0,
-            "options": {
-                "zeta": float(zeta),
-                "scale": 2.0 * float(zeta),
-                "variant": variant,
-                "eta": eta_step,
-                "likelihood": likelihood,
-                "vp_scaling": bool(vp_scaling),
-                "operator_norm": norm_a,
-                "sigma_max": float(sig[0]),
-                "sigma_min": float(sig[n - 1]),
-                "sigma_y": float(sigma_y),
-            },
-        },
-    )
+def _guidance(physics, prior, x: torch.Tensor, s: float, y: torch.Tensor, lam: torch.Tensor | None) -> tuple:
+    """Tweedie's x̂0 at σ = ``s``, the residual ``y − A x̂0`` and ∇ₓ of its norm (``‖r‖``, or ``‖r‖_Λ`` for the
+    Poisson likelihood)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        x0 = prior.denoise(x, s)
+        r = y - physics.A(x0)
+        norm = (lam * r**2).flatten(1).sum(1).clamp_min(0).sqrt() if lam is not None else per_item_norm(r)
+        (grad,) = torch.autograd.grad(norm.sum(), x)
+    return x0.detach(), r, grad

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from recon.samplers.base import ReconstructionResult, check_bounded
+from recon.samplers.base import ReconstructionResult, check_bounded, check_finite
 from recon.utils import jsonable
 
 __all__ = ["CHECKPOINT_FORMAT", "SamplerRun"]
@@ -104,11 +104,14 @@ class SamplerRun:
         """Seconds since the run began (including those before a resume)."""
         return time.perf_counter() - self.t0 + self.seconds_offset
 
-    def step(self, i: int, sigma: float, residual: float, x: torch.Tensor | None = None, x_sigma: float = 0.0,
-             hint: str = "reduce the step size", **extra) -> dict:
+    def step(self, i: int, sigma: float, residual: float, x: torch.Tensor | None = None,
+             x_sigma: float | None = None, hint: str = "reduce the step size", **extra) -> dict:
         """Record step ``i`` (``sigma``, ``residual`` and ``extra``), pass it to the callback, and raise
-        ``SamplerDivergence`` if ``x`` (of noise level ``x_sigma``) is non-finite or runs away."""
-        if x is not None:
+        ``SamplerDivergence`` if ``x`` is non-finite or, given its noise level ``x_sigma``, runs away (beyond
+        ``DIVERGENCE_BOUND · (1 + x_sigma)``; ``reconstruct`` checks every diffusion method's output so)."""
+        if x is not None and x_sigma is None:
+            check_finite(x.detach(), self.method, i, hint)
+        elif x is not None:
             check_bounded(x.detach(), self.method, i, x_sigma, hint)
         record = {"step": int(i), "steps": self.steps, "sigma": float(sigma), "residual": float(residual),
                   "nfe": int(self.nfe()), "seconds": self.seconds(), **extra}

@@ -38,13 +38,13 @@ RED-diff is a mode-seeking optimiser, not a sampler.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 
-from recon.samplers.base import ReconstructionResult, check_finite, record_step
+from recon.samplers.base import ReconstructionResult
 from recon.samplers.dps import image_template, per_item_norm, randn, sigma_schedule
+from recon.samplers.loop import SamplerRun
 
 __all__ = ["sample_reddiff"]
 
@@ -128,62 +128,49 @@ def sample_reddiff(
     """
     from recon.samplers.baselines import analytic_inverse
 
-    t0 = time.perf_counter()
-    if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {sorted(_WEIGHTINGS)}, got {weighting!r}")
-    if init not in ("analytic", "zeros"):
-        raise ValueError(f"init must be 'analytic' or 'zeros', got {init!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    _check_reddiff(weighting, init, lr)
     sig = _reddiff_sigmas(prior, steps, sigma_min, sigma_max, rho, sigmas, timesteps)
     n = sig.numel()
-    nfe0 = getattr(prior, "nfe", 0)
     template = image_template(physics, y)
     mu0 = analytic_inverse(physics, y).to(template.dtype) if init == "analytic" else template
     mu = mu0.detach().clone().requires_grad_(True)
     y = y.detach()
     m = measured_entries(physics, template) if obs_weight is None else y[0].numel()
     w_obs = 1.0 / m if obs_weight is None else float(obs_weight)
-    d = mu[0].numel()
+    run = SamplerRun("red-diff", prior, generator, callback, steps=n, options={
+        "lr": float(lr), "lam": float(lam), "obs_weight": w_obs, "weighting": weighting, "init": init,
+        "sigma_max": float(sig[0]), "sigma_min": float(sig[-1]), "sigma_y": float(sigma_y)})
     opt = torch.optim.Adam([mu], lr=float(lr), betas=(0.9, 0.99))
-    omega = _WEIGHTINGS[weighting]
-    diagnostics: list[dict] = []
     for i in range(n):
         s = float(sig[i])
-        eps = randn(mu.shape, generator, mu.dtype, mu.device)
-        with torch.no_grad():
-            x_t = mu + s * eps
-            eps_hat = (x_t - prior.denoise(x_t, s)) / s
-            g = (eps_hat - eps) / d  # d/dμ of mean_pixels(sg(ε̂ − ε)·μ)
-        opt.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            r = y - physics.A(mu)
-            obs = 0.5 * w_obs * (r**2).sum()
-            reg = float(lam) * omega(s) * (g * mu).sum()
-            loss = obs + reg
-            loss.backward()
-        opt.step()
-        check_finite(mu.detach(), "red-diff", i, "reduce lr (or lam)")
-        record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, per_item_norm(r.detach()).mean(),
-                    loss=float(loss.detach()))
-    return ReconstructionResult(
-        x=mu.detach(),
-        diagnostics=diagnostics,
-        info={
-            "method": "red-diff",
-            "steps": n,
-            "particles": 1,
-            "nfe": getattr(prior, "nfe", 0) - nfe0,
-            "seconds": time.perf_counter() - t0,
-            "options": {
-                "lr": float(lr),
-                "lam": float(lam),
-                "obs_weight": w_obs,
-                "weighting": weighting,
-                "init": init,
-                "sigma_max": float(sig[0]),
-                "sigma_min": float(sig[-1]),
-                "sigma_y": float(sigma_y),
-            },
-        },
-    )
+        loss, r = _reddiff_step(physics, prior, y, mu, opt, s, generator, w_obs, float(lam) * _WEIGHTINGS[weighting](s))
+        run.step(i, s, per_item_norm(r.detach()).mean(), x=mu.detach(), hint="reduce lr (or lam)",
+                 loss=float(loss.detach()))
+    return run.result(mu.detach())
+
+
+def _check_reddiff(weighting: str, init: str, lr: float) -> None:
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {sorted(_WEIGHTINGS)}, got {weighting!r}")
+    if init not in ("analytic", "zeros"):
+        raise ValueError(f"init must be 'analytic' or 'zeros', got {init!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+
+
+def _reddiff_step(physics, prior, y: torch.Tensor, mu: torch.Tensor, opt, s: float, generator, w_obs: float,
+                  reg_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Adam step on ``w_obs ‖y − Aμ‖²/2 + reg_weight · mean_pixels(sg(ε̂ − ε) · μ)`` at noise level ``s``;
+    returns the loss and the residual."""
+    eps = randn(mu.shape, generator, mu.dtype, mu.device)
+    with torch.no_grad():
+        x_t = mu + s * eps
+        eps_hat = (x_t - prior.denoise(x_t, s)) / s
+        g = (eps_hat - eps) / mu[0].numel()  # d/dμ of mean_pixels(sg(ε̂ − ε)·μ)
+    opt.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        r = y - physics.A(mu)
+        loss = 0.5 * w_obs * (r**2).sum() + reg_weight * (g * mu).sum()
+        loss.backward()
+    opt.step()
+    return loss, r

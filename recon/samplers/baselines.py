@@ -219,34 +219,9 @@ def sample_tv(
     search_steps: int | None = None,
     max_evals: int = 8,
 ) -> ReconstructionResult:
-    r"""TV-regularised least squares ``argmin_x ½‖A x − y‖² + λ TV(x)`` on any linear physics, 2D or 3D.
-
-    Solver: Chambolle–Pock (primal-dual, θ = 1) on ``K = [A/‖A‖; ∇]`` for the rescaled problem
-    ``½‖(A x − y)/‖A‖‖² + (λ/‖A‖²) TV(x)`` (same minimiser; ``‖A‖`` by power iteration), step sizes
-    ``τ = σ = 0.99/‖K‖`` with ``‖K‖² ≤ 1 + 4·ndim``. One ``A`` and one ``A^T`` per iteration, no inner loop.
-    The finite differences are deepinv's (``TVDenoiser.nabla`` / ``nabla_adjoint``, 2D and 3D). deepinv's own
-    route (``optim_builder`` PGD/ADMM with ``TVPrior`` + ``L2``) works on 3D volumes too, but every outer iteration
-    calls ``TVPrior.prox``, an inner primal-dual loop of up to ``n_it_max`` (1000) iterations, and PGD needs
-    ``‖A‖`` anyway; the joint primal-dual is one loop and is what we use. (The acceleration of Chambolle–Pock's
-    ALG2 needs a strongly convex term on the primal side; there is none here, so the plain θ = 1 scheme is used.)
-
-    The weight (``weight``). ``"auto"`` (the default when ``sigma_y > 0`` and no ``lam`` is given): the
-    discrepancy principle, ``λ`` such that ``‖A x_λ − y‖² = τ m σ_y²`` (``m``: the entries ``A`` measures, as
-    ``recon.samplers.reddiff.measured_entries`` counts them, times the batch size; ``τ = discrepancy_tau``),
-    found by bracketing and regula falsi on ``log λ`` from the heuristic below, each solve of ``search_steps``
-    iterations warm-started from the previous one (at most ``max_evals`` solves, stopping within 5 % of the
-    target) and a check solve at the root; if the check misses the target by more than 25 % (Chambolle–Pock's
-    data fit converges slowly on sparse-view CT, so early solves overstate the residual) the search restarts
-    from the better converged state (at most three rounds); then ``steps`` iterations at the root, warm-started.
-    Where the residual stays above the target for every ``λ`` tried (the solver's floor: limited-angle CT
-    converges slowly), the largest
-    ``λ`` whose residual is within 10 % of the best fit is taken (``bracketed: False`` in the record).
-    ``sigma_y = 0`` with ``weight="auto"``: ``σ_y`` is estimated from ``y``
-    (``recon.samplers.noise.estimate_noise_sigma``). The choice is recorded in ``info["tv_weight"]`` (rule,
-    ``λ``, ``σ_y`` and its source, target, final residual, solves).
-    ``"heuristic"`` (the default when ``sigma_y = 0``): ``‖A‖² · max(0.3 σ_y/‖A‖, 0.01 · s)``, the ROF weight
-    of a denoising problem with the image-domain noise level ``σ_y/‖A‖``, floored at 1 % of the data scale ``s``
-    (std of the initial estimate, 1 if it is 0) for noiseless data.
+    r"""TV-regularised least squares ``argmin_x ½‖A x − y‖² + λ TV(x)`` on any linear physics, 2D or 3D, by
+    Chambolle–Pock; ``λ`` by the discrepancy principle when ``sigma_y > 0`` (``docs/methods/tv.md``: the solver,
+    the weight rules and why deepinv's own TV route is not used). The choice is recorded in ``info["tv_weight"]``.
 
     Args:
         lam: ``λ`` in the units of ``½‖Ax − y‖²``; given, it is used as is (``weight`` must then be None).
@@ -260,16 +235,7 @@ def sample_tv(
         max_evals: at most this many solves per round of the ``λ`` search.
     """
     t0 = time.perf_counter()
-    if tv not in ("isotropic", "anisotropic"):
-        raise ValueError(f"tv must be 'isotropic' or 'anisotropic', got {tv!r}")
-    if init not in ("analytic", "zeros"):
-        raise ValueError(f"init must be 'analytic' or 'zeros', got {init!r}")
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if weight not in (None, "auto", "heuristic"):
-        raise ValueError(f"weight must be 'auto' or 'heuristic', got {weight!r}")
-    if lam is not None and weight is not None:
-        raise ValueError(f"give lam or weight, not both (lam={lam}, weight={weight!r})")
+    _check_tv(tv, init, steps, weight, lam)
     template = image_template(physics, y)
     if template.dim() not in (4, 5):
         raise ValueError(f"sample_tv needs images (B, C, H, W) or volumes (B, C, D, H, W), got {tuple(template.shape)}")
@@ -307,6 +273,19 @@ def sample_tv(
         chosen.update(lam=float(lam), residual_sq=r2, ratio=r2 / chosen["target"])
         info["tv_weight"] = chosen
     return ReconstructionResult(x=x, diagnostics=diagnostics, info=info)
+
+
+def _check_tv(tv: str, init: str, steps: int, weight: str | None, lam: float | None) -> None:
+    if tv not in ("isotropic", "anisotropic"):
+        raise ValueError(f"tv must be 'isotropic' or 'anisotropic', got {tv!r}")
+    if init not in ("analytic", "zeros"):
+        raise ValueError(f"init must be 'analytic' or 'zeros', got {init!r}")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if weight not in (None, "auto", "heuristic"):
+        raise ValueError(f"weight must be 'auto' or 'heuristic', got {weight!r}")
+    if lam is not None and weight is not None:
+        raise ValueError(f"give lam or weight, not both (lam={lam}, weight={weight!r})")
 
 
 def _auto_lam(physics, y, y_s, norm_a, x0, template, sigma_y, tv, tau, search_steps, max_evals):

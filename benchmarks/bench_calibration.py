@@ -201,8 +201,8 @@ def run_real(modality: str, steps: int, only: list[str] | None, draws: tuple[int
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean over the reported draws per (case, method)."""
-    keys = [k for k in rows[0] if k.startswith(("coverage_", "conformal_", "width_", "spearman_", "psnr", "mean_std",
-                                                 "rmse", "zscore_std"))]
+    prefixes = ("coverage_", "conformal_", "width_", "spearman_", "psnr", "mean_std", "rmse", "zscore_std")
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith(prefixes)]
     out = []
     for case, method in dict.fromkeys((r["case"], r["method"]) for r in rows):
         rep = [r for r in rows if r["case"] == case and r["method"] == method and not r["tuning"]]
@@ -334,6 +334,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['problem']} | {r['method']} | {r['err']:.3f} / {r['err_floor']:.3f} = "
                          f"{r['err_over_floor']:.1f}× | {r['std_ratio']:.2f} | {tv} | {r['seconds']:.1f} |")
         return "\n".join(lines)
+    result["summary"] = summarise(result["rows"])
     lines = ["| case | method | PSNR | cov. 50 / 90 / 95 % (image) | cov. 50 / 90 / 95 % (body) | 90 % quantile "
              "(body) | width 90 % (body) | Spearman (body) | min ESS | conformal c₉₀ | cov. 90 % calibrated "
              "(image / body) | NFE | s |", "|" + "---|" * 13]

@@ -5,12 +5,10 @@ A sampler reads like this (``docs/developer-guide.md`` has a whole one)::
 
     run = SamplerRun("my-method", prior, generator, callback, steps=len(sigmas) - 1, options=locals_options, y=y,
                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
-    state = run.load(y.device) or {"x": x_init}
+    x = (run.load(y.device) or {"x": x_init})["x"]              # resume where a checkpoint left off
     for i in range(run.start, run.steps):
-        x = update(state["x"], sigmas[i], sigmas[i + 1])          # the algorithm
-        run.step(i, sigmas[i + 1], residual, x=x)                # record, callback, NaN/runaway check
-        state = {"x": x}
-        run.commit(i + 1, state)                                 # what a checkpoint would resume from
+        x = update(x, sigmas[i], sigmas[i + 1])                   # the algorithm
+        run.step(i, sigmas[i + 1], residual, x=x, state={"x": x})  # check, record, commit, callback
     return run.result(x)
 
 Checkpoints (``checkpoint=PATH``) are written atomically every ``checkpoint_every`` steps, at the end, and on
@@ -37,6 +35,9 @@ from recon.utils import jsonable
 __all__ = ["CHECKPOINT_FORMAT", "SamplerRun"]
 
 CHECKPOINT_FORMAT = "recon-sampler-checkpoint"
+# a checkpoint's own entries; the sampler's committed state is stored beside them under its own names
+_RESERVED = ("format", "version", "method", "options", "fingerprint", "step", "generator", "diagnostics", "nfe",
+             "seconds")
 log = logging.getLogger("recon.samplers")
 
 
@@ -105,10 +106,12 @@ class SamplerRun:
         return time.perf_counter() - self.t0 + self.seconds_offset
 
     def step(self, i: int, sigma: float, residual: float, x: torch.Tensor | None = None,
-             x_sigma: float | None = None, hint: str = "reduce the step size", **extra) -> dict:
-        """Record step ``i`` (``sigma``, ``residual`` and ``extra``), pass it to the callback, and raise
-        ``SamplerDivergence`` if ``x`` is non-finite or, given its noise level ``x_sigma``, runs away (beyond
-        ``DIVERGENCE_BOUND · (1 + x_sigma)``; ``reconstruct`` checks every diffusion method's output so)."""
+             x_sigma: float | None = None, hint: str = "reduce the step size", state: dict | None = None,
+             **extra) -> dict:
+        """Finish step ``i``: raise ``SamplerDivergence`` if ``x`` is non-finite or, given its noise level
+        ``x_sigma``, runs away (beyond ``DIVERGENCE_BOUND · (1 + x_sigma)``; ``reconstruct`` checks every diffusion
+        method's output so); record ``sigma``, ``residual`` and ``extra``; commit ``state`` (what a resume after
+        this step starts from; saved when due); then pass the record to the callback."""
         if x is not None and x_sigma is None:
             check_finite(x.detach(), self.method, i, hint)
         elif x is not None:
@@ -116,6 +119,8 @@ class SamplerRun:
         record = {"step": int(i), "steps": self.steps, "sigma": float(sigma), "residual": float(residual),
                   "nfe": int(self.nfe()), "seconds": self.seconds(), **extra}
         self.diagnostics.append(record)
+        if state is not None:
+            self.commit(i + 1, state)
         if self.callback is not None:
             self.callback(dict(record))
         return record
@@ -142,7 +147,7 @@ class SamplerRun:
         self.start = self.resumed_from = int(state["step"])
         self.diagnostics = json.loads(state["diagnostics"])
         self.nfe_offset, self.seconds_offset = int(state["nfe"]), float(state["seconds"])
-        return _to(state["tensors"], device)
+        return _to({k: v for k, v in state.items() if k not in _RESERVED}, device)
 
     def _check(self, state) -> None:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -165,8 +170,10 @@ class SamplerRun:
         ``checkpoint_every`` steps and after the last."""
         if self.path is None:
             return
+        if clash := sorted(set(tensors) & set(_RESERVED)):
+            raise ValueError(f"a sampler state may not use the checkpoint's own names {clash}")
         self.committed = (steps_done, tensors, self.generator.get_state(), self.nfe(), self.seconds())
-        if steps_done % self.every == 0 or steps_done == self.steps:
+        if steps_done > self.start and (steps_done % self.every == 0 or steps_done == self.steps):
             self.save()
 
     def save(self) -> None:
@@ -179,7 +186,7 @@ class SamplerRun:
         state = {"format": CHECKPOINT_FORMAT, "version": 1, "method": self.method,
                  "options": json.dumps(self.options), "fingerprint": self.fingerprint, "step": int(steps_done),
                  "generator": gen_state, "diagnostics": json.dumps(jsonable(self.diagnostics[:steps_done])),
-                 "nfe": int(nfe), "seconds": float(seconds), "tensors": tensors}
+                 "nfe": int(nfe), "seconds": float(seconds), **tensors}
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(buf.getvalue(), self.path, overwrite=True)

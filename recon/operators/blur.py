@@ -122,12 +122,15 @@ def gaussian_kernel(
     sigma_px)`` (widened for sub-pixel sigma, whose discrete tails are heavier) and renormalised. A
     zero FWHM along an axis gives no blur along it (length-1 axis).
 
-    :param fwhm: FWHM in mm, a number or one per axis (``>= 0``).
-    :param spacing: voxel size in mm, a number or one per axis (``> 0``).
-    :param ndim: number of axes (2 or 3) when neither ``fwhm`` nor ``spacing`` is a sequence; default 2.
-    :param truncate: half-width of the kernel in units of sigma (default 4).
-    :param dtype: dtype of the returned kernel.
-    :return: kernel of odd size ``2 r + 1`` per axis, centre at ``size // 2``, summing to 1.
+    Args:
+        fwhm: FWHM in mm, a number or one per axis (``>= 0``).
+        spacing: voxel size in mm, a number or one per axis (``> 0``).
+        ndim: number of axes (2 or 3) when neither ``fwhm`` nor ``spacing`` is a sequence; default 2.
+        truncate: half-width of the kernel in units of sigma (default 4).
+        dtype: dtype of the returned kernel.
+
+    Returns:
+        kernel of odd size ``2 r + 1`` per axis, centre at ``size // 2``, summing to 1.
     """
     n = _infer_ndim(ndim, fwhm, spacing)
     fwhm_mm = _per_axis(fwhm, n, "fwhm")
@@ -161,12 +164,15 @@ def motion_kernel(
     therefore has variance ``L^2/12 + 1/6`` px² along the line (``L`` its length in pixels; ``1/6`` is the
     variance of the linear-interpolation tent) and ``1/6`` px² across it, per axis-aligned direction.
 
-    :param length: length of the segment in mm (``>= 0``; 0 gives a delta).
-    :param angle: in-plane angle in degrees (2D); default 0 when ``direction`` is not given.
-    :param spacing: voxel size in mm, a number or one per axis.
-    :param direction: direction vector in physical ``(H, W)`` or ``(D, H, W)`` order, instead of ``angle``.
-    :param dtype: dtype of the returned kernel.
-    :return: kernel of odd size per axis, centre at ``size // 2``, summing to 1.
+    Args:
+        length: length of the segment in mm (``>= 0``; 0 gives a delta).
+        angle: in-plane angle in degrees (2D); default 0 when ``direction`` is not given.
+        spacing: voxel size in mm, a number or one per axis.
+        direction: direction vector in physical ``(H, W)`` or ``(D, H, W)`` order, instead of ``angle``.
+        dtype: dtype of the returned kernel.
+
+    Returns:
+        kernel of odd size per axis, centre at ``size // 2``, summing to 1.
     """
     length = float(length)
     if not (length >= 0) or length == float("inf"):
@@ -260,12 +266,13 @@ class Blur(_KeepFloat64Buffers, LinearPhysics):
     conditions. ``A_adjoint`` is the exact transpose (correlation with ``k``, i.e. convolution with the
     flipped kernel), written by hand.
 
-    :param img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
-    :param kernel: blur kernel with ``len(img_size)`` axes (tensor or array), e.g. from
-        :func:`gaussian_kernel` or :func:`motion_kernel`; not renormalised.
-    :param spacing: voxel size in mm, a number or one per axis in ``(D, H, W)`` / ``(H, W)`` order.
-    :param boundary: ``"circular"`` (periodic) or ``"zero"`` (zero outside the grid).
-    :param noise_model: a deepinv noise model (default: no noise).
+    Args:
+        img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
+        kernel: blur kernel with ``len(img_size)`` axes (tensor or array), e.g. from
+            :func:`gaussian_kernel` or :func:`motion_kernel`; not renormalised.
+        spacing: voxel size in mm, a number or one per axis in ``(D, H, W)`` / ``(H, W)`` order.
+        boundary: ``"circular"`` (periodic) or ``"zero"`` (zero outside the grid).
+        noise_model: a deepinv noise model (default: no noise).
 
     Example::
 

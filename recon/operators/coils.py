@@ -43,15 +43,20 @@ def simulate_coil_maps(
     :math:`\varphi_c` the angle of ``r`` seen from the element (the circular field around a wire) and
     :math:`\theta_c'` a per-coil phase offset (the birdcage mode phase, shifted per ring in 3D).
 
-    :param img_size: ``(H, W)`` or ``(D, H, W)``.
-    :param n_coils: number of coils ``N >= 1``.
-    :param radius: radius of the coil circle, in half-FOV units; must exceed ``sqrt(2)`` so that the
-        elements lie outside the FOV and the maps are smooth.
-    :param coils_per_ring: elements per ring for 3D volumes (2D images use one ring of all ``N``).
-    :param falloff: exponent of the distance decay of the magnitude.
-    :param dtype: ``torch.complex64`` or ``torch.complex128``.
-    :returns: complex tensor ``(N, *img_size)``.
-    :raises ValueError: on a bad size, ``n_coils < 1``, ``radius <= sqrt(2)`` or a non-complex dtype.
+    Args:
+        img_size: ``(H, W)`` or ``(D, H, W)``.
+        n_coils: number of coils ``N >= 1``.
+        radius: radius of the coil circle, in half-FOV units; must exceed ``sqrt(2)`` so that the
+            elements lie outside the FOV and the maps are smooth.
+        coils_per_ring: elements per ring for 3D volumes (2D images use one ring of all ``N``).
+        falloff: exponent of the distance decay of the magnitude.
+        dtype: ``torch.complex64`` or ``torch.complex128``.
+
+    Returns:
+        complex tensor ``(N, *img_size)``.
+
+    Raises:
+        ValueError: on a bad size, ``n_coils < 1``, ``radius <= sqrt(2)`` or a non-complex dtype.
     """
     size = as_size(img_size)
     if isinstance(n_coils, bool) or not isinstance(n_coils, (int, np.integer)) or n_coils < 1:
@@ -167,19 +172,24 @@ def estimate_coil_maps(
     produced by :class:`recon.operators.MultiCoilMRI`). The per-pixel eigen-decomposition is exact
     (``numpy.linalg.eigh``) rather than a power iteration.
 
-    :param kspace: either the operator's layout, real ``(B, 2, N, H, W)`` / ``(B, 2, N, D, H, W)``, or a
-        complex ``(N, H, W)`` / ``(N, D, H, W)`` tensor or array. Only the centre must be sampled.
-    :param calib_size: side of the square ACS region (clipped to the image).
-    :param kernel_size: side of the ESPIRiT kernel.
-    :param threshold: relative singular-value threshold selecting the kernels.
-    :param crop: eigenvalue threshold below which maps are set to zero.
-    :param fft_dims: for 3D data, ``"2d"`` if k-space is slice-wise (the maps are estimated per slice)
-        or ``"3d"`` if it was made with a full 3D FFT (a centred inverse FFT along ``D`` first turns it
-        into slice-wise k-space).
-    :returns: complex128 maps, ``(B, N, *spatial)`` for the operator layout or ``(N, *spatial)`` for
+    Args:
+        kspace: either the operator's layout, real ``(B, 2, N, H, W)`` / ``(B, 2, N, D, H, W)``, or a
+            complex ``(N, H, W)`` / ``(N, D, H, W)`` tensor or array. Only the centre must be sampled.
+        calib_size: side of the square ACS region (clipped to the image).
+        kernel_size: side of the ESPIRiT kernel.
+        threshold: relative singular-value threshold selecting the kernels.
+        crop: eigenvalue threshold below which maps are set to zero.
+        fft_dims: for 3D data, ``"2d"`` if k-space is slice-wise (the maps are estimated per slice)
+            or ``"3d"`` if it was made with a full 3D FFT (a centred inverse FFT along ``D`` first turns it
+            into slice-wise k-space).
+
+    Returns:
+        complex128 maps, ``(B, N, *spatial)`` for the operator layout or ``(N, *spatial)`` for
         complex input.
-    :raises ValueError: on other shapes or dtypes, ``fft_dims`` not in ``{"2d", "3d"}``, or an ACS region
-        smaller than the kernel.
+
+    Raises:
+        ValueError: on other shapes or dtypes, ``fft_dims`` not in ``{"2d", "3d"}``, or an ACS region
+            smaller than the kernel.
     """
     if fft_dims not in ("2d", "3d"):
         raise ValueError(f"fft_dims must be '2d' or '3d', got {fft_dims!r}")

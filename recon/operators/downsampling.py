@@ -130,16 +130,17 @@ class Downsampling(_KeepFloat64Buffers, LinearPhysics):
         Downsampling((32, 64, 64), factor=(4, 1, 1))           # thick slices: mean of 4 thin slices
         Downsampling((32, 64, 64), factor=2, axes=(1, 2))      # in-plane only, in a volume
 
-    :param img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
-    :param factor: integer factor ``>= 1``: one for all selected ``axes``, or one per selected axis (per
-        spatial axis when ``axes`` is ``None``).
-    :param axes: spatial axes to downsample (0 = ``D`` for volumes); default all axes.
-    :param filter: ``"auto"``, ``"gaussian"``, ``"box"`` or ``"none"``, or one of those per spatial axis
-        (or per selected axis).
-    :param spacing: input voxel size in mm, a number or one per axis; the output spacing is
-        ``spacing * factor``.
-    :param noise_model: a deepinv noise model (default: no noise).
-    :param truncate: half-width of the Gaussian filter in sigmas (default 4).
+    Args:
+        img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
+        factor: integer factor ``>= 1``: one for all selected ``axes``, or one per selected axis (per
+            spatial axis when ``axes`` is ``None``).
+        axes: spatial axes to downsample (0 = ``D`` for volumes); default all axes.
+        filter: ``"auto"``, ``"gaussian"``, ``"box"`` or ``"none"``, or one of those per spatial axis
+            (or per selected axis).
+        spacing: input voxel size in mm, a number or one per axis; the output spacing is
+            ``spacing * factor``.
+        noise_model: a deepinv noise model (default: no noise).
+        truncate: half-width of the Gaussian filter in sigmas (default 4).
     """
 
     modality = "image"  #: what the operator measures (samplers read this, never the class)

@@ -33,10 +33,13 @@ def random_pixel_mask(img_size: Sequence[int], missing_fraction: float, seed: in
     (on the CPU, so the same seed gives the same mask on every machine). The fraction is exact up to
     rounding to whole pixels (``round`` half up).
 
-    :param img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
-    :param missing_fraction: fraction of pixels to remove, in ``[0, 1]``.
-    :param seed: random seed.
-    :return: float32 tensor of shape ``img_size``; 1 = observed, 0 = missing.
+    Args:
+        img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
+        missing_fraction: fraction of pixels to remove, in ``[0, 1]``.
+        seed: random seed.
+
+    Returns:
+        float32 tensor of shape ``img_size``; 1 = observed, 0 = missing.
     """
     size = as_size(img_size)
     f = float(missing_fraction)
@@ -53,11 +56,14 @@ def random_pixel_mask(img_size: Sequence[int], missing_fraction: float, seed: in
 def box_mask(img_size: Sequence[int], box: Sequence[Sequence[int] | None]) -> torch.Tensor:
     """Mask that removes one axis-aligned box (zeros inside, ones outside).
 
-    :param img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
-    :param box: one ``(start, stop)`` pair of pixel indices per axis, half-open like a slice
-        (``0 <= start < stop <= n``), or ``None`` for the whole axis. E.g. ``((4, 12), (2, 6))`` removes
-        rows 4..11 and columns 2..5.
-    :return: float32 tensor of shape ``img_size``; 1 = observed, 0 = missing.
+    Args:
+        img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
+        box: one ``(start, stop)`` pair of pixel indices per axis, half-open like a slice
+            (``0 <= start < stop <= n``), or ``None`` for the whole axis. E.g. ``((4, 12), (2, 6))`` removes
+            rows 4..11 and columns 2..5.
+
+    Returns:
+        float32 tensor of shape ``img_size``; 1 = observed, 0 = missing.
     """
     size = as_size(img_size)
     if isinstance(box, (str, bytes)) or len(box) != len(size):
@@ -94,10 +100,13 @@ def missing_slice_mask(
     - ``keep_every=k``: sparse acquisition, only slices ``offset, offset + k, offset + 2k, ...`` are kept
       and all others are missing (``k = 1`` keeps everything).
 
-    :param img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
-    :param axis: spatial axis of the slices (0 = ``D`` for volumes, ``H`` for images; negative allowed).
-    :param offset: first kept slice for ``keep_every``, ``0 <= offset < k``.
-    :return: float32 tensor of shape ``img_size``; 1 = observed, 0 = missing.
+    Args:
+        img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
+        axis: spatial axis of the slices (0 = ``D`` for volumes, ``H`` for images; negative allowed).
+        offset: first kept slice for ``keep_every``, ``0 <= offset < k``.
+
+    Returns:
+        float32 tensor of shape ``img_size``; 1 = observed, 0 = missing.
     """
     size = as_size(img_size)
     if not -len(size) <= axis < len(size):
@@ -135,10 +144,11 @@ class Inpainting(LinearPhysics):
     float64, any device (the mask is a buffer and follows ``.to(device)``; at call time it is cast to the
     input's dtype and device).
 
-    :param img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
-    :param mask: binary mask (tensor or array of 0/1 or bool), shape ``img_size`` (one mask for all
-        channels) or ``(C, *img_size)`` (one per channel; inputs must then have ``C`` channels).
-    :param noise_model: a deepinv noise model (default: no noise).
+    Args:
+        img_size: spatial size ``(H, W)`` or ``(D, H, W)``.
+        mask: binary mask (tensor or array of 0/1 or bool), shape ``img_size`` (one mask for all
+            channels) or ``(C, *img_size)`` (one per channel; inputs must then have ``C`` channels).
+        noise_model: a deepinv noise model (default: no noise).
     """
 
     modality = "image"  #: what the operator measures (samplers read this, never the class)

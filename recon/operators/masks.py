@@ -88,14 +88,19 @@ def random_mask(
     so the *expected* number of sampled columns is exactly ``N / R``. The achieved acceleration of one
     mask is random; its mean over seeds is ``R`` (to within the discreteness of ``N``).
 
-    :param shape: mask shape, 1 to 3 ints; columns are along the last axis and repeated over the others.
-    :param acceleration: nominal acceleration ``R >= 1``.
-    :param center_fraction: fraction of columns in the fully sampled centre; default 0.08 for ``R < 8``,
-        else 0.04 (fastMRI's standard settings).
-    :param seed: seed of the ``numpy.random.default_rng`` that draws the columns.
-    :returns: float32 tensor of 0/1 with the given shape.
-    :raises ValueError: on a bad shape, ``R < 1``, a centre fraction outside [0, 1], or a centre larger than
-        the ``N / R`` column budget (then ``p < 0``).
+    Args:
+        shape: mask shape, 1 to 3 ints; columns are along the last axis and repeated over the others.
+        acceleration: nominal acceleration ``R >= 1``.
+        center_fraction: fraction of columns in the fully sampled centre; default 0.08 for ``R < 8``,
+            else 0.04 (fastMRI's standard settings).
+        seed: seed of the ``numpy.random.default_rng`` that draws the columns.
+
+    Returns:
+        float32 tensor of 0/1 with the given shape.
+
+    Raises:
+        ValueError: on a bad shape, ``R < 1``, a centre fraction outside [0, 1], or a centre larger than
+            the ``N / R`` column budget (then ``p < 0``).
     """
     shape = as_size(shape, ndims=(1, 2, 3), name="shape")
     acc = _check_acceleration(acceleration)
@@ -135,14 +140,19 @@ def equispaced_mask(
     A non-integer ``R`` (or ``R_adj``) places the columns at ``round(offset + k R)``; for an integer ``R``
     this is exactly ``mask[offset::R] = 1``.
 
-    :param shape: mask shape, 1 to 3 ints; columns along the last axis, repeated over the others.
-    :param acceleration: nominal acceleration ``R >= 1``.
-    :param center_fraction: centre fraction, default 0.08 for ``R < 8`` else 0.04.
-    :param seed: seed of the ``numpy.random.default_rng`` that draws the offset.
-    :param fraction: use the ``EquispacedMaskFractionFunc`` rule (achieved acceleration close to ``R``).
-    :returns: float32 tensor of 0/1 with the given shape.
-    :raises ValueError: on a bad shape, ``R < 1``, or a centre that alone exceeds the ``N / R`` budget
-        when ``fraction=True``.
+    Args:
+        shape: mask shape, 1 to 3 ints; columns along the last axis, repeated over the others.
+        acceleration: nominal acceleration ``R >= 1``.
+        center_fraction: centre fraction, default 0.08 for ``R < 8`` else 0.04.
+        seed: seed of the ``numpy.random.default_rng`` that draws the offset.
+        fraction: use the ``EquispacedMaskFractionFunc`` rule (achieved acceleration close to ``R``).
+
+    Returns:
+        float32 tensor of 0/1 with the given shape.
+
+    Raises:
+        ValueError: on a bad shape, ``R < 1``, or a centre that alone exceeds the ``N / R`` budget
+            when ``fraction=True``.
     """
     shape = as_size(shape, ndims=(1, 2, 3), name="shape")
     acc = _check_acceleration(acceleration)
@@ -356,22 +366,27 @@ def poisson_disc_mask(
     ``crop_corner``, the corners outside the inscribed ellipse are left empty (as sigpy). For 3D shapes
     the same 2D mask is repeated over the leading axis (a 2D phase-encode mask for a 3D acquisition).
 
-    :param shape: ``(H, W)`` or ``(D, H, W)``.
-    :param acceleration: requested acceleration ``R >= 1``.
-    :param calib: size ``(rows, columns)`` (or one int) of the fully sampled centre; clipped to the shape.
-    :param seed: seed of the ``numpy.random.default_rng`` driving the dart throwing (same for each
-        bisection step, so the result is reproducible).
-    :param crop_corner: leave the k-space corners (``r >= 1`` outside the calibration box) unsampled.
-    :param max_attempts: Bridson candidates per active sample.
-    :param tol: relative acceleration tolerance of the bisection.
-    :param max_iter: maximum number of bisection steps.
-    :returns: float32 tensor of 0/1 with the given shape.
-    .. note:: On a pixel grid any exclusion radius above one pixel already removes the 4-neighbours,
-        so the lowest reachable acceleration is about 2.6 (about 3.2 with ``crop_corner``, which drops
-        21 % of k-space); lower requests raise ``ValueError``, as do requests a tiny grid cannot meet.
+    Note: On a pixel grid any exclusion radius above one pixel already removes the 4-neighbours,
+    so the lowest reachable acceleration is about 2.6 (about 3.2 with ``crop_corner``, which drops
+    21 % of k-space); lower requests raise ``ValueError``, as do requests a tiny grid cannot meet.
 
-    :raises ValueError: on a bad shape or ``R < 1``, if the calibration box alone exceeds the sample
-        budget, or if no density reaches ``R`` within 5 %.
+    Args:
+        shape: ``(H, W)`` or ``(D, H, W)``.
+        acceleration: requested acceleration ``R >= 1``.
+        calib: size ``(rows, columns)`` (or one int) of the fully sampled centre; clipped to the shape.
+        seed: seed of the ``numpy.random.default_rng`` driving the dart throwing (same for each
+            bisection step, so the result is reproducible).
+        crop_corner: leave the k-space corners (``r >= 1`` outside the calibration box) unsampled.
+        max_attempts: Bridson candidates per active sample.
+        tol: relative acceleration tolerance of the bisection.
+        max_iter: maximum number of bisection steps.
+
+    Returns:
+        float32 tensor of 0/1 with the given shape.
+
+    Raises:
+        ValueError: on a bad shape or ``R < 1``, if the calibration box alone exceeds the sample
+            budget, or if no density reaches ``R`` within 5 %.
     """
     size = as_size(shape, ndims=(2, 3), name="shape")
     acc = _check_acceleration(acceleration)
@@ -411,13 +426,18 @@ def gaussian_mask(
     ``H W / round(H W / R)``, within one sample of ``R``. For 3D shapes the 2D mask is repeated over the
     leading axis.
 
-    :param shape: ``(H, W)`` or ``(D, H, W)``.
-    :param acceleration: requested acceleration ``R >= 1``.
-    :param calib: size ``(rows, columns)`` (or one int) of the fully sampled centre; clipped to the shape.
-    :param sigma: standard deviation of the sampling density as a fraction of the axis length.
-    :param seed: seed of ``numpy.random.default_rng``.
-    :returns: float32 tensor of 0/1 with the given shape.
-    :raises ValueError: on a bad shape, ``R < 1``, ``sigma <= 0`` or a calibration box over the budget.
+    Args:
+        shape: ``(H, W)`` or ``(D, H, W)``.
+        acceleration: requested acceleration ``R >= 1``.
+        calib: size ``(rows, columns)`` (or one int) of the fully sampled centre; clipped to the shape.
+        sigma: standard deviation of the sampling density as a fraction of the axis length.
+        seed: seed of ``numpy.random.default_rng``.
+
+    Returns:
+        float32 tensor of 0/1 with the given shape.
+
+    Raises:
+        ValueError: on a bad shape, ``R < 1``, ``sigma <= 0`` or a calibration box over the budget.
     """
     size = as_size(shape, ndims=(2, 3), name="shape")
     acc = _check_acceleration(acceleration)

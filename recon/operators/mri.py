@@ -226,25 +226,28 @@ class CartesianMRI(_CartesianBase):
     :math:`A^\dagger = A^H`, and with a full mask ``A`` is unitary. The layout is deepinv 0.5.0's
     ``deepinv.physics.MRI`` (``three_d = fft_dims == "3d"``), and both give the same ``A`` on the same mask.
 
-    :param img_size: ``(H, W)`` or ``(D, H, W)``.
-    :param mask: real sampling mask of shape ``(H, W)``, or ``(H, W)`` / ``(D, H, W)`` for 3D
-        (a ``(H, W)`` mask applies to every slice / the whole ``D`` readout line).
-    :param acceleration: instead of ``mask``: build a seeded default mask with this nominal acceleration
-        ``R >= 1`` over the ``(H, W)`` plane, of type ``mask_type``.
-    :param mask_type: ``"random"`` (default; fastMRI ``RandomMaskFunc`` 1D columns along ``W``),
-        ``"equispaced"`` (fastMRI ``EquiSpacedMaskFunc``), ``"equispaced_fraction"``
-        (``EquispacedMaskFractionFunc``), ``"poisson"`` (2D variable-density Poisson disc) or
-        ``"gaussian"`` (2D variable-density Gaussian). See :mod:`recon.operators.masks`.
-    :param center_fraction: fully sampled centre fraction; default 0.08 if ``R < 8`` else 0.04. For the
-        2D masks the calibration box is ``round(center_fraction * n)`` along each of ``H`` and ``W``.
-    :param seed: integer seed of the default mask.
-    :param noise_model: deepinv noise model applied on the acquired samples (default: no noise).
-    :param fft_dims: ``"2d"`` (slice-wise) or ``"3d"`` (full 3D FFT); only ``"2d"`` for 2D images.
-    :param real_input: the image is real, ``(B, 1, *img_size)`` (e.g. a magnitude image for a real-valued
-        prior): ``A`` embeds it as ``x + 0i`` and ``A_adjoint`` returns the real part of ``F^H M y``, so the pair
-        stays exactly adjoint on real images. k-space keeps its ``(B, 2, ...)`` layout.
-    :raises ValueError: on a bad ``img_size``, both or neither of ``mask``/``acceleration``,
-        ``acceleration < 1``, an unknown ``mask_type`` or a mask of the wrong shape or dtype.
+    Args:
+        img_size: ``(H, W)`` or ``(D, H, W)``.
+        mask: real sampling mask of shape ``(H, W)``, or ``(H, W)`` / ``(D, H, W)`` for 3D
+            (a ``(H, W)`` mask applies to every slice / the whole ``D`` readout line).
+        acceleration: instead of ``mask``: build a seeded default mask with this nominal acceleration
+            ``R >= 1`` over the ``(H, W)`` plane, of type ``mask_type``.
+        mask_type: ``"random"`` (default; fastMRI ``RandomMaskFunc`` 1D columns along ``W``),
+            ``"equispaced"`` (fastMRI ``EquiSpacedMaskFunc``), ``"equispaced_fraction"``
+            (``EquispacedMaskFractionFunc``), ``"poisson"`` (2D variable-density Poisson disc) or
+            ``"gaussian"`` (2D variable-density Gaussian). See :mod:`recon.operators.masks`.
+        center_fraction: fully sampled centre fraction; default 0.08 if ``R < 8`` else 0.04. For the
+            2D masks the calibration box is ``round(center_fraction * n)`` along each of ``H`` and ``W``.
+        seed: integer seed of the default mask.
+        noise_model: deepinv noise model applied on the acquired samples (default: no noise).
+        fft_dims: ``"2d"`` (slice-wise) or ``"3d"`` (full 3D FFT); only ``"2d"`` for 2D images.
+        real_input: the image is real, ``(B, 1, *img_size)`` (e.g. a magnitude image for a real-valued
+            prior): ``A`` embeds it as ``x + 0i`` and ``A_adjoint`` returns the real part of ``F^H M y``, so the pair
+            stays exactly adjoint on real images. k-space keeps its ``(B, 2, ...)`` layout.
+
+    Raises:
+        ValueError: on a bad ``img_size``, both or neither of ``mask``/``acceleration``,
+            ``acceleration < 1``, an unknown ``mask_type`` or a mask of the wrong shape or dtype.
 
     Example::
 
@@ -274,7 +277,8 @@ class CartesianMRI(_CartesianBase):
         """k-space ``M F x``: ``x`` is ``(B, 2, *img_size)`` (real, imaginary; ``(B, 1, ...)`` with
         ``real_input``), the result ``(B, 2, *img_size)``.
 
-        :param mask: optional new mask, stored (as deepinv's ``physics.A(x, mask=...)``).
+        Args:
+            mask: optional new mask, stored (as deepinv's ``physics.A(x, mask=...)``).
         """
         self.update_parameters(mask=mask)
         return _to_real(fft_c(self._image_in(x), self._dims) * self._mask_for(x))
@@ -330,14 +334,17 @@ class MultiCoilMRI(_CartesianBase):
     :math:`A^H y = \sum_c \bar S_c F^H M y_c`; with maps normalised to :math:`\sum_c |S_c|^2 = 1` and a
     full mask, :math:`A^H A = I`.
 
-    :param img_size: ``(H, W)`` or ``(D, H, W)``.
-    :param coil_maps: complex sensitivities, ``(N, *img_size)``; for 3D also ``(N, H, W)`` (the same
-        maps on every slice). Tensor or numpy array of complex dtype, e.g. from
-        :func:`recon.operators.simulate_coil_maps` or :func:`recon.operators.estimate_coil_maps`.
-    :param mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input: as in
-        :class:`CartesianMRI`.
-    :raises ValueError: as :class:`CartesianMRI`, and on coil maps that are not complex or whose shape
-        does not match ``img_size``.
+    Args:
+        img_size: ``(H, W)`` or ``(D, H, W)``.
+        coil_maps: complex sensitivities, ``(N, *img_size)``; for 3D also ``(N, H, W)`` (the same
+            maps on every slice). Tensor or numpy array of complex dtype, e.g. from
+            :func:`recon.operators.simulate_coil_maps` or :func:`recon.operators.estimate_coil_maps`.
+        mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input: as in
+            :class:`CartesianMRI`.
+
+    Raises:
+        ValueError: as :class:`CartesianMRI`, and on coil maps that are not complex or whose shape
+            does not match ``img_size``.
     """
 
     def __init__(

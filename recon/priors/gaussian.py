@@ -238,14 +238,15 @@ class GaussianMixturePrior:
     r"""Gaussian mixture prior :math:`p(x_0) = \sum_k w_k \mathcal N(\mu_k, \Sigma_k)` with exact
     noisy marginals, Tweedie denoiser, score, samples and linear-Gaussian posteriors.
 
-    :param weights: ``(K,)`` positive mixture weights (normalised internally).
-    :param means: ``(K, *image_shape)`` component means; ``image_shape`` is taken from here.
-    :param covariances: one of
+    Args:
+        weights: ``(K,)`` positive mixture weights (normalised internally).
+        means: ``(K, *image_shape)`` component means; ``image_shape`` is taken from here.
+        covariances: one of
 
-        - ``(K, d, d)`` full covariances, symmetric positive semi-definite (checked);
-        - ``(K, d)`` or ``(K, *image_shape)`` diagonals (variances, ``>= 0``);
-        - a tuple ``(U, D)`` with ``U (K, d, r)`` and ``D (K, d)`` (``>= 0``):
-          :math:`\Sigma_k = U_k U_k^T + \mathrm{diag}(D_k)`.
+            - ``(K, d, d)`` full covariances, symmetric positive semi-definite (checked);
+            - ``(K, d)`` or ``(K, *image_shape)`` diagonals (variances, ``>= 0``);
+            - a tuple ``(U, D)`` with ``U (K, d, r)`` and ``D (K, d)`` (``>= 0``):
+              :math:`\Sigma_k = U_k U_k^T + \mathrm{diag}(D_k)`.
 
     Methods take images ``x`` of shape ``(B, *image_shape)`` and ``sigma`` a number or a ``(B,)`` tensor.
     ``normalize``/``denormalize`` are the identity (the prior lives directly in its intensity range).
@@ -475,10 +476,13 @@ class GaussianMixturePrior:
     def log_prob(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         r"""Exact :math:`\log p_\sigma(x) = \log \sum_k w_k \mathcal N(x; \mu_k, \Sigma_k + \sigma^2 I)`.
 
-        :param x: ``(B, *image_shape)``.
-        :param sigma: noise level, a number or ``(B,)``; ``0`` gives the prior density itself (needs
-            non-singular component covariances).
-        :return: ``(B,)`` in the dtype of ``x``; differentiable in ``x``.
+        Args:
+            x: ``(B, *image_shape)``.
+            sigma: noise level, a number or ``(B,)``; ``0`` gives the prior density itself (needs
+                non-singular component covariances).
+
+        Returns:
+            ``(B,)`` in the dtype of ``x``; differentiable in ``x``.
         """
         self._check_x(x)
         b = x.shape[0]
@@ -508,9 +512,12 @@ class GaussianMixturePrior:
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         r"""Exact Tweedie denoiser :math:`E[x_0 \mid x]` for :math:`x = x_0 + \sigma n`.
 
-        :param x: ``(B, *image_shape)``.
-        :param sigma: a number or ``(B,)``, ``>= 0``; where ``sigma == 0`` the output is ``x`` itself.
-        :return: same shape, dtype and device as ``x``; differentiable in ``x``.
+        Args:
+            x: ``(B, *image_shape)``.
+            sigma: a number or ``(B,)``, ``>= 0``; where ``sigma == 0`` the output is ``x`` itself.
+
+        Returns:
+            same shape, dtype and device as ``x``; differentiable in ``x``.
         """
         self._check_x(x)
         b = x.shape[0]
@@ -530,10 +537,13 @@ class GaussianMixturePrior:
         r"""Exact score :math:`\nabla_x \log p_\sigma(x) = -\sum_k r_k (\Sigma_k + \sigma^2 I)^{-1}(x - \mu_k)`
         (equal to ``(denoise(x, sigma) - x) / sigma**2``, computed without the cancellation).
 
-        :param x: ``(B, *image_shape)``.
-        :param sigma: a number or ``(B,)``, ``> 0`` (``ValueError`` otherwise: the score of the prior itself
-            is not part of the diffusion interface).
-        :return: same shape, dtype and device as ``x``.
+        Args:
+            x: ``(B, *image_shape)``.
+            sigma: a number or ``(B,)``, ``> 0`` (``ValueError`` otherwise: the score of the prior itself
+                is not part of the diffusion interface).
+
+        Returns:
+            same shape, dtype and device as ``x``.
         """
         self._check_x(x)
         b = x.shape[0]
@@ -559,11 +569,14 @@ class GaussianMixturePrior:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Exact samples of the prior: a component ``k ~ w``, then ``mu_k + Σ_k^{1/2} z``.
 
-        :param n: number of samples.
-        :param generator: a ``torch.Generator`` for reproducibility; random numbers are drawn on its device
-            (the default generator of the prior's device when ``None``) and moved to the prior's device.
-        :param return_components: also return the ``(n,)`` int64 component labels.
-        :return: ``(n, *image_shape)`` in the dtype of ``means``, on the prior's device.
+        Args:
+            n: number of samples.
+            generator: a ``torch.Generator`` for reproducibility; random numbers are drawn on its device
+                (the default generator of the prior's device when ``None``) and moved to the prior's device.
+            return_components: also return the ``(n,)`` int64 component labels.
+
+        Returns:
+            ``(n, *image_shape)`` in the dtype of ``means``, on the prior's device.
         """
         if int(n) != n or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
@@ -637,13 +650,16 @@ class GaussianMixturePrior:
     def posterior(self, physics, y, sigma_y) -> GaussianMixturePosterior:
         r"""Exact posterior :math:`p(x_0 \mid y)` for :math:`y = A x_0 + \sigma_y \epsilon`, a Gaussian mixture.
 
-        :param physics: any deepinv ``LinearPhysics`` acting on ``(B, *image_shape)`` (its matrix is formed
-            by applying ``physics.A`` to basis vectors in batches: small ``d`` only; its noise model is
-            ignored, ``sigma_y`` is used), or a dense ``(m, d)`` tensor.
-        :param y: the measurement, ``(1, *measurement_shape)``, ``measurement_shape`` or ``(m,)``.
-        :param sigma_y: Gaussian noise standard deviation ``>= 0``. With ``sigma_y = 0``,
-            ``A Σ_k A^T`` must be non-singular (``ValueError`` otherwise).
-        :return: a :class:`GaussianMixturePosterior` (a full-covariance :class:`GaussianMixturePrior`).
+        Args:
+            physics: any deepinv ``LinearPhysics`` acting on ``(B, *image_shape)`` (its matrix is formed
+                by applying ``physics.A`` to basis vectors in batches: small ``d`` only; its noise model is
+                ignored, ``sigma_y`` is used), or a dense ``(m, d)`` tensor.
+            y: the measurement, ``(1, *measurement_shape)``, ``measurement_shape`` or ``(m,)``.
+            sigma_y: Gaussian noise standard deviation ``>= 0``. With ``sigma_y = 0``,
+                ``A Σ_k A^T`` must be non-singular (``ValueError`` otherwise).
+
+        Returns:
+            a :class:`GaussianMixturePosterior` (a full-covariance :class:`GaussianMixturePrior`).
 
         Rows of ``A`` that are exactly zero (e.g. the missing pixels of ``Inpainting``, whose ``y`` keeps the
         image shape) carry no information about ``x_0`` and are dropped; this changes neither the posterior
@@ -747,10 +763,11 @@ class GaussianMixturePrior:
         product, so its eigendecomposition comes from the small per-axis factors. Means are independent smooth
         fields (SE kernel, standard deviation ``mean_scale``).
 
-        :param rank: ``None``: full ``(K, d, d)`` covariances (``d^2`` numbers per component: small images);
-            ``r >= 1``: low-rank-plus-diagonal, the top ``r`` eigenpairs of :math:`a_k^2 K_{SE}` plus
-            ``noise_std^2 I`` (cheap for 64 x 64 images); ``0``: diagonal ``(a_k^2 + noise_std^2) I``.
-        :param weights: ``(K,)`` mixture weights; default random in ``[0.5, 1.5)`` (then normalised).
+        Args:
+            rank: ``None``: full ``(K, d, d)`` covariances (``d^2`` numbers per component: small images);
+                ``r >= 1``: low-rank-plus-diagonal, the top ``r`` eigenpairs of :math:`a_k^2 K_{SE}` plus
+                ``noise_std^2 I`` (cheap for 64 x 64 images); ``0``: diagonal ``(a_k^2 + noise_std^2) I``.
+            weights: ``(K,)`` mixture weights; default random in ``[0.5, 1.5)`` (then normalised).
         """
         shape = tuple(int(s) for s in image_shape)
         if not shape or any(s < 1 for s in shape):
@@ -830,9 +847,10 @@ class GaussianMixturePrior:
 class GaussianPrior(GaussianMixturePrior):
     """A single Gaussian ``N(mean, covariance)``: the mixture with ``K = 1``.
 
-    :param mean: ``image_shape``.
-    :param covariance: ``(d, d)`` full (symmetric PSD), ``(d,)`` or ``image_shape`` diagonal, or
-        ``(U (d, r), D (d,))`` low rank plus diagonal.
+    Args:
+        mean: ``image_shape``.
+        covariance: ``(d, d)`` full (symmetric PSD), ``(d,)`` or ``image_shape`` diagonal, or
+            ``(U (d, r), D (d,))`` low rank plus diagonal.
     """
 
     def __init__(self, mean, covariance) -> None:
@@ -896,9 +914,12 @@ def bimodal_inpainting_example(
     posterior weights equal the prior ``weights`` (0.3/0.7) exactly, and the two posterior means differ by
     exactly ``separation`` on every missing pixel (many posterior standard deviations).
 
-    :param image_shape: ``(C, H, W)`` or ``(C, D, H, W)``.
-    :param seed: seeds the base image and the ground truth / noise of ``y``.
-    :return: ``(prior, physics, y, sigma_y)``: a :class:`GaussianMixturePrior` (full covariances), a
+    Args:
+        image_shape: ``(C, H, W)`` or ``(C, D, H, W)``.
+        seed: seeds the base image and the ground truth / noise of ``y``.
+
+    Returns:
+        ``(prior, physics, y, sigma_y)``: a :class:`GaussianMixturePrior` (full covariances), a
         ``recon.operators.Inpainting`` with a deepinv ``GaussianNoise(sigma_y)`` noise model, ``y`` of shape
         ``(1, *image_shape)`` (``A x_true + sigma_y * noise``, noise on every entry as the physics would
         add it, with ``x_true`` drawn from the prior) and ``sigma_y``.

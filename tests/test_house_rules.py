@@ -1,0 +1,57 @@
+"""House rules that hold across ``recon/``: one docstring style (Google: ``Args:``, ``Returns:``, ``Raises:``).
+
+Static checks only (``ast``, nothing is imported), so the module stays fast.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "recon"
+REST_FIELDS = (":param ", ":return", ":raises ")
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _rest_docstrings(path: Path, root: Path = ROOT) -> list[str]:
+    """``file:line name`` (``file`` relative to ``root``) of each docstring in ``path`` with a reST field list."""
+    text = path.read_text(encoding="utf-8")
+    if not any(field in text for field in REST_FIELDS):  # the common case: nothing to parse
+        return []
+    tree = ast.parse(text, filename=str(path))
+    rel = path.relative_to(root).as_posix()
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, _DOCUMENTED):
+            continue
+        doc = ast.get_docstring(node, clean=False)
+        if doc and any(field in doc for field in REST_FIELDS):
+            line = node.body[0].lineno
+            name = "<module>" if isinstance(node, ast.Module) else node.name
+            found.append(f"{rel}:{line} {name}")
+    return found
+
+
+def test_docstrings_are_google_style():
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert files, f"no modules under {PACKAGE}"
+    offenders = [hit for path in files for hit in _rest_docstrings(path)]
+    assert not offenders, (
+        "reST field lists (:param / :return / :raises) in docstrings; use Google style "
+        "(Args: / Returns: / Raises:):\n" + "\n".join(offenders)
+    )
+
+
+def test_scanner_flags_rest_fields(tmp_path):
+    """The scan itself finds module, class and function docstrings with reST fields (and nothing else)."""
+    sample = tmp_path / "recon_sample.py"
+    sample.write_text(
+        '"""Module.\n\n:returns: nothing.\n"""\n\n\n'
+        'class C:\n    """Class.\n\n    :param x: an argument.\n    """\n\n\n'
+        'def f(x):\n    """Function.\n\n    :raises ValueError: always.\n    """\n\n\n'
+        'def g(x):\n    """Google.\n\n    Args:\n        x: an argument.\n    """\n',
+        encoding="utf-8",
+    )
+    hits = _rest_docstrings(sample, root=tmp_path)
+    assert hits == ["recon_sample.py:1 <module>", "recon_sample.py:8 C", "recon_sample.py:15 f"]

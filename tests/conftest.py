@@ -7,9 +7,10 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """One torch intra-op thread for the test, the previous count restored after it."""
+    """One torch intra-op thread for a module's tests (module scope: set before the module's own module-scoped
+    fixtures when listed first, e.g. in ``pytestmark``), the previous count restored after them."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

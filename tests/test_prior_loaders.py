@@ -31,7 +31,7 @@ from recon.priors.loaders import (
     read_checkpoint,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomize(net: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:

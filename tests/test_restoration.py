@@ -33,12 +33,7 @@ CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread per test process
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(*args, timeout=600):

@@ -20,9 +20,7 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -432,105 +430,65 @@ def _warm_start(net: torch.nn.Module, ema: torch.nn.Module, folder: str | os.Pat
 def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int | None = None) -> dict:
     """Train (or resume) a prior; returns a summary. ``max_steps_this_run`` stops early (as an interruption
     would) after that many steps, writing a checkpoint — used to test exact resumption."""
+    from recon.priors.trainer import Trainer
+
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)  # network initialisation
     arch = cfg.architecture()
     # warm start (e.g. continuing the built-in prior in a new session); a resume loads its own checkpoint instead
     net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, "prior")
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, losses = 0, []
+    trainer = Trainer(net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed),
+                      out / "checkpoint.pt", cfg, cfg.lr, cfg.lr_warmup, cfg.ema_decay)
     if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from (run without --resume first)")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        saved = json.loads(state["config"])
-        defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
-        current = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        free = ("steps", "progress", "device", "checkpoint_every", "sample_every", "log_every", "out")
-        # a field missing from an older checkpoint counts as its default value
-        mismatched = [k for k, v in current.items() if k not in free and v != saved.get(k, defaults[k])]
-        if mismatched:
-            raise ValueError(f"{ckpt_path}: resuming with a different configuration ({', '.join(mismatched)})")
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        step, losses = int(state["step"]), list(state["losses"])
+        trainer.resume(device, TrainConfig(), _FREE)
     slices, report = load_training_slices(cfg)
-    batches = BatchMaker(slices, cfg, gen)
-    noise_gen = gen  # one stream: data, noise levels and noise are all reproducible from the checkpoint
-    schedule_prior = _make_prior(net, cfg)
-    use_amp = device.type == "cuda"
+    batches = BatchMaker(slices, cfg, trainer.gen)
+    loss_of_step = _edm_loss(cfg, batches, _make_prior(net, cfg), trainer.gen, device)
 
-    def save_checkpoint():
-        atomic_torch_save(
-            {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "generator": gen.get_state(), "step": step, "losses": losses,
-             "config": json.dumps(dataclasses.asdict(cfg))},
-            ckpt_path,
-        )
-        prior = _make_prior(ema, cfg)
-        save_prior(prior, out / "prior", arch, card={
-            "training": {"steps": step, "config": _config_names_only(dataclasses.asdict(cfg)),
+    def on_save() -> None:
+        save_prior(_make_prior(ema, cfg), out / "prior", arch, card={
+            "training": {"steps": trainer.step, "config": _config_names_only(dataclasses.asdict(cfg)),
                          "files": [Path(f).name for f in report[0]["used"]],
                          "skipped": report[1:], "parameters": count_parameters(ema)},
         })
 
-    from tqdm import tqdm
+    def on_samples() -> None:
+        grid = sample_unconditional(_make_prior(ema, cfg), (16, 1, 2 * cfg.crop, 2 * cfg.crop), 12,
+                                    torch.Generator().manual_seed(0))
+        write_grid(grid, out / f"samples_{trainer.step:07d}.png")
 
-    end = cfg.steps if max_steps_this_run is None else min(cfg.steps, step + max_steps_this_run)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or not sys.stderr.isatty(), file=sys.stderr,
-               desc="train-prior", unit="step")
-    t0 = time.perf_counter()
-    interrupted = False
-    try:
-        while step < end:
-            x0 = batches.next().to(device)
-            ln_sigma = cfg.p_mean + cfg.p_std * torch.randn(x0.shape[0], generator=noise_gen)
-            sigma = ln_sigma.exp().to(device)
-            noise = torch.randn(x0.shape, generator=noise_gen).to(device)
-            xn = x0 + sigma[:, None, None, None] * noise
-            weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                denoised = schedule_prior.denoise(xn, sigma)
-            loss = (weight[:, None, None, None] * (denoised.float() - x0) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                for pe, pn in zip(ema.parameters(), net.parameters(), strict=True):
-                    pe.lerp_(pn, 1 - decay)
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                recent = float(np.mean(losses[-cfg.log_every:]))
-                bar.set_postfix(loss=f"{recent:.4f}")
-                log.info("step %d loss %.5f (%.2f s/step)", step, recent, (time.perf_counter() - t0) / step)
-            if step % cfg.checkpoint_every == 0 or step == end:
-                save_checkpoint()
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                grid = sample_unconditional(_make_prior(ema, cfg), (16, 1, 2 * cfg.crop, 2 * cfg.crop), 12,
-                                            torch.Generator().manual_seed(0))
-                write_grid(grid, out / f"samples_{step:07d}.png")
-    except KeyboardInterrupt:
-        interrupted = True
-        save_checkpoint()
-        log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
-    finally:
-        bar.close()
-    return {"step": step, "interrupted": interrupted, "final_loss": float(np.mean(losses[-50:])) if losses else None,
-            "checkpoint": str(ckpt_path), "prior": str(out / "prior"), "skipped": report[1:],
-            "parameters": count_parameters(net)}
+    end = cfg.steps if max_steps_this_run is None else min(cfg.steps, trainer.step + max_steps_this_run)
+    summary = trainer.run(loss_of_step, end=end, total=cfg.steps, desc="train-prior", progress=cfg.progress,
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                          sample_every=cfg.sample_every, on_save=on_save, on_samples=on_samples)
+    losses = trainer.losses
+    return {"step": trainer.step, "interrupted": summary["interrupted"],
+            "final_loss": float(np.mean(losses[-50:])) if losses else None, "checkpoint": str(trainer.ckpt_path),
+            "prior": str(out / "prior"), "skipped": report[1:], "parameters": count_parameters(net)}
+
+
+# fields a resume may change: they do not change the weights
+_FREE = ("steps", "progress", "device", "checkpoint_every", "sample_every", "log_every", "out")
+
+
+def _edm_loss(cfg: TrainConfig, batches, prior: DiffusionPrior, gen: torch.Generator, device):
+    """The EDM loss of the next batch: ``ln σ ~ N(P_mean, P_std²)``, weight ``(σ² + σ_d²)/(σ σ_d)²`` (one generator
+    for data, noise levels and noise, so a checkpoint reproduces the stream); bfloat16 autocast on GPU."""
+    use_amp = device.type == "cuda"
+
+    def loss_of_step() -> torch.Tensor:
+        x0 = batches.next().to(device)
+        sigma = (cfg.p_mean + cfg.p_std * torch.randn(x0.shape[0], generator=gen)).exp().to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        xn = x0 + sigma[:, None, None, None] * noise
+        weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            denoised = prior.denoise(xn, sigma)
+        return (weight[:, None, None, None] * (denoised.float() - x0) ** 2).mean()
+
+    return loss_of_step
 
 
 DATA_LICENCES = {

@@ -3,6 +3,7 @@
     python benchmarks/bench_calibration.py --modality mri --json benchmarks/calibration_mri.json
     python benchmarks/bench_calibration.py --modality ct --json benchmarks/calibration_ct.json
     python benchmarks/bench_calibration.py --gmm --json benchmarks/calibration_gmm.json
+    python benchmarks/bench_calibration.py --cost --json benchmarks/calibration_cost_256.json
 
 Real images (held out from the priors' training): the head CT ``693_UNCR.dcm`` (central 384² resized to 128²,
 0.478 mm × 3 pixels) through ``sparse-view-ct`` with 30 and 60 views (1e5 photons) and a low-dose scan (90 views,
@@ -325,6 +326,33 @@ def run_gmm(particles: int = 1024, replicas: int = 4) -> dict:
     return {"particles": particles, "replicas": replicas, "rows": rows}
 
 
+def run_cost(size: int = 256, k: int = 4, steps: int = 2) -> dict:
+    """Seconds per network evaluation of each method at ``size``² (60-view CT, ``k`` samples, ``steps`` steps)."""
+    from recon.operators import ParallelBeamCT
+    from recon.priors import load_prior
+    from recon.samplers.ensemble import sample_ensemble
+    from recon.samplers.fps import sample_fps
+
+    prior = load_prior("default-ct")
+    ct = ParallelBeamCT((size, size), angles=60)
+    x = torch.zeros(1, 1, size, size)
+    x[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 0.5
+    y = ct.A(x)
+    sy = 0.01 * float(y.pow(2).mean().sqrt())
+    y = y + sy * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for label, fn, kw in (("ensemble of DDS", sample_ensemble, {"base": "dds", "per_run": k}),
+                          ("ensemble of DPS", sample_ensemble, {"base": "dps", "per_run": k}),
+                          ("FPS (cg_iters 20)", sample_fps, {"cg_iters": 20})):
+        n0, t0 = prior.nfe, time.perf_counter()
+        fn(ct, y, prior, sigma_y=sy, steps=steps, particles=k, generator=torch.Generator().manual_seed(0), **kw)
+        sec, nfe = time.perf_counter() - t0, prior.nfe - n0
+        out[label] = {"seconds": sec, "nfe": nfe, "seconds_per_nfe": sec / nfe}
+        print(label, out[label], flush=True)
+    return {"note": f"{size}x{size} parallel-beam CT, 60 views, default-ct prior, {steps} steps x {k} samples per "
+                    "method, 1 torch thread", "methods": out}
+
+
 def markdown(result: dict) -> str:
     """The README tables of a result (real images: per case and method, mean over the reported draws)."""
     if "summary" not in result:
@@ -354,6 +382,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modality", choices=["ct", "mri"], default="mri")
     parser.add_argument("--gmm", action="store_true", help="the exact Gaussian-mixture posteriors instead")
+    parser.add_argument("--cost", action="store_true", help="seconds per network evaluation at 256² instead")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--only", nargs="+", help="only methods whose label contains one of these")
     parser.add_argument("--draws", type=int, nargs="+", default=list(DRAWS),
@@ -368,7 +397,9 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if args.gmm:
+    if args.cost:
+        result = run_cost()
+    elif args.gmm:
         result = run_gmm()
     else:
         partial = Path(args.json).with_suffix(".partial.json") if args.json else None

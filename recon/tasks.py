@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from recon.datasets.io import atomic_write_bytes
+from recon.operators.parameters import MU_WATER_PER_MM
 
 __all__ = [
     "MU_WATER_PER_MM",
@@ -66,7 +67,6 @@ __all__ = [
     "to_domain",
 ]
 
-MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy, mm⁻¹
 MEASUREMENT_FORMAT = "recon-measurement"
 MEASUREMENT_VERSION = 1
 

@@ -55,3 +55,45 @@ def test_scanner_flags_rest_fields(tmp_path):
     )
     hits = _rest_docstrings(sample, root=tmp_path)
     assert hits == ["recon_sample.py:1 <module>", "recon_sample.py:8 C", "recon_sample.py:15 f"]
+
+
+# ------------------------------------------------------------------------------------------ layers import down
+# datasets → operators → priors → samplers → restoration → tasks → pipeline → batch → cli (docs/developer-guide.md)
+LAYERS = {"recon.utils": 0, "recon.settings": 0, "recon.datasets": 1, "recon.outputs": 2, "recon.operators": 3,
+          "recon.priors": 4, "recon.samplers": 5, "recon.restoration": 6, "recon.tasks": 7, "recon.pipeline": 8,
+          "recon.batch": 9, "recon.calibrate": 10, "recon.cli": 11, "recon.__main__": 11}
+# names the top-level package re-exports, by the layer they come from
+ROOT_NAMES = {"__version__": 0, "reconstruct": 5, "ReconstructionResult": 5}
+
+
+def _layer(module: str) -> int | None:
+    hits = [(len(k), v) for k, v in LAYERS.items() if module == k or module.startswith(k + ".")]
+    return max(hits)[1] if hits else None
+
+
+def _imported(node: ast.AST) -> list[str]:
+    """The recon modules an import statement reaches (``from recon import pipeline`` → ``recon.pipeline``)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.startswith("recon.")]
+    if isinstance(node, ast.ImportFrom) and node.module == "recon":
+        return [f"recon.{a.name}" if f"recon.{a.name}" in LAYERS else a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("recon."):
+        return [node.module]
+    return []
+
+
+def test_lower_layers_never_import_higher_ones():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        own = _layer(module)
+        if own is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):  # lazy imports inside functions too
+            for target in _imported(node):
+                layer = ROOT_NAMES.get(target, _layer(target))
+                if layer is not None and layer > own:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {module} imports {target}")
+    assert not offenders, "a lower layer imports a higher one:\n" + "\n".join(offenders)
+

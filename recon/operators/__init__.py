@@ -30,6 +30,9 @@ _LAZY = {
     "box_mask": "inpainting",
     "missing_slice_mask": "inpainting",
     "Downsampling": "downsampling",
+    "PARAMETERS": "parameters",
+    "Parameter": "parameters",
+    "MU_WATER_PER_MM": "parameters",
 }
 
 __all__ = sorted(_LAZY)

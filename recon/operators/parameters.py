@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PARAMETERS", "Parameter"]
+__all__ = ["MU_WATER_PER_MM", "PARAMETERS", "Parameter"]
+
+
+MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy, mm⁻¹ (HU ↔ μ of the CT tasks)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ given a seeded ``torch.Generator``. Images are ``(N, H, W)`` or ``(N, 1, H, W)``
 Tasks (``DEGRADATIONS``; defaults in ``DEFAULT_PARAMS``):
 
 ``lowdose-ct``
-    HU → linear attenuation ``μ = 0.0192 (1 + HU/1000)`` mm⁻¹ (``recon.tasks.MU_WATER_PER_MM``, ~70 keV; clipped at
+    HU → linear attenuation ``μ = 0.0192 (1 + HU/1000)`` mm⁻¹ (``recon.operators.MU_WATER_PER_MM``, ~70 keV; clipped at
     0), parallel-beam projection (``ParallelBeamCT``, ``views`` equally spaced over 180°, default 180 = the
     operator's own default of 1° steps), Beer–Lambert noise with ``photons`` per detector element
     (``TransmissionPoissonNoise``, default 5·10⁴, post-log), filtered back-projection with the ``filter`` window
@@ -36,7 +36,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from recon.operators.parameters import PARAMETERS
+from recon.operators.parameters import MU_WATER_PER_MM, PARAMETERS
 from recon.priors.base import IntensityWindow
 
 __all__ = ["DEFAULT_PARAMS", "DEGRADATIONS", "Degradation"]
@@ -149,7 +149,6 @@ class Degradation:
 
     def _ct(self, hu: torch.Tensor, generator) -> torch.Tensor:
         from recon.operators import TransmissionPoissonNoise
-        from recon.tasks import MU_WATER_PER_MM
 
         op = self._operator(tuple(hu.shape[-2:]))
         mu = (MU_WATER_PER_MM * (1.0 + hu / 1000.0)).clamp_min(0.0).float()

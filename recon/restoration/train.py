@@ -272,10 +272,10 @@ class _PairBatchMaker(BatchMaker):
 def evaluate_restorer(restorer: Restorer, files, seed: int = 0, steps: int | None = None) -> dict:
     """Quality on held-out images: each file's slices (physical units, ``recon.datasets.slices.read_slices``) are
     degraded with the restorer's own degradation (``seed``), restored, and compared with the clean slices by
-    ``recon.pipeline.metrics`` (CT: the [-1000, 1000] HU window). Returns per-file and mean PSNR (dB) / SSIM of the
+    ``recon.outputs.metrics`` (CT: the [-1000, 1000] HU window). Returns per-file and mean PSNR (dB) / SSIM of the
     degraded input and of the restoration, with the file *names*, seed, steps and seconds."""
     from recon.datasets.slices import read_slices
-    from recon.pipeline import metrics
+    from recon.outputs import metrics
 
     rows = []
     for f in files:
@@ -295,7 +295,7 @@ def evaluate_restorer(restorer: Restorer, files, seed: int = 0, steps: int | Non
     return {"files": rows, "seed": seed, "steps": rows[0]["nfe"],
             "degraded": {"psnr": mean("degraded", "psnr"), "ssim": mean("degraded", "ssim")},
             "restored": {"psnr": mean("restored", "psnr"), "ssim": mean("restored", "ssim")},
-            "metric": "PSNR/SSIM on the [-1000, 1000] HU window (recon.pipeline.metrics)"}
+            "metric": "PSNR/SSIM on the [-1000, 1000] HU window (recon.outputs.metrics)"}
 
 
 # --------------------------------------------------------------------------------------------------- training

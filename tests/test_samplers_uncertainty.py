@@ -327,6 +327,13 @@ def test_degeneracy_is_reported_not_silent():
     degenerate, warnings = degeneracy_report(torch.tensor([1.0, 30.0]), 32, 0.1, "smc-tds")
     assert degenerate and "degenerated" in warnings[0] and "1 of 2" in warnings[0]
     assert degeneracy_report(torch.tensor([20.0]), 32, 0.1, "x") == (False, [])
+    assert degeneracy_report(torch.tensor([1.0]), 8, 0.1, "x")[0]  # one effective particle of 8: no spread
+    # degenerate weights still give finite interval maps (ESS counted as at least 2)
+    samples = torch.randn(8, 1, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    w = torch.full((8, 1), 1e-12, dtype=F64)
+    w[0] = 1.0
+    lo, hi = U.interval_bounds(samples, w / w.sum(0), 0.9)
+    assert bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
     prior, physics, y = make_problem("inpaint")
     res = sample_smc(physics, y, prior, sigma_y=0.001, steps=10, particles=64, weighting="tds",
                      generator=torch.Generator().manual_seed(0))

@@ -137,7 +137,7 @@ def sample_ensemble(
     mean, std = weighted_moments(samples, weights)
     ess = (1.0 / (weights**2).sum(0)).tolist()
     warnings, degenerate = [], False
-    if samples.shape[0] > 1 and min(ess) < 0.1 * samples.shape[0]:
+    if samples.shape[0] > 1 and min(ess) < max(0.1 * samples.shape[0], 2.0):
         degenerate = True
         warnings.append(f"ensemble of {name}: the weights of its runs degenerated (effective sample size "
                         f"{min(ess):.2f} of {samples.shape[0]})")

@@ -300,7 +300,8 @@ def sample_fps(
         data_var: per-pixel data variance ``v`` of the isotropic ``Var(x0 | x_σ) ≈ σ²v/(σ² + v)`` added to the
             reverse kernel's variance (``"carried"``; default: the prior's mean ``variance`` if it has one, else
             0.25); 0: the plain DDIM variance.
-        degenerate_below: the final ``ESS/P`` below which the result is flagged ``degenerate`` with a warning.
+        degenerate_below: the final ``ESS/P`` below which (or an ESS below 2) the result is flagged
+            ``degenerate`` with a warning.
 
     Returns:
         ``ReconstructionResult``: ``samples (P, B, ...)``, ``weights (P, B)``, ``x`` the weighted mean, ``std`` the

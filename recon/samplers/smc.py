@@ -106,8 +106,8 @@ records); ``_tds_weighting`` and ``_afdps_weighting`` are the two weightings; bo
 
 Degeneracy is reported, never silent: every step records ``ess`` and ``ess_per_item``; ``info["ess_final"]``
 holds the final ESS per measurement, and ``info["degenerate"]`` is True, with a message in ``info["warnings"]``,
-when a measurement's final ``ESS / P < degenerate_below`` (default 0.1): its std map then comes from a handful of
-particles.
+when a measurement's final ``ESS / P < degenerate_below`` (default 0.1) or its ESS is below 2: its std map then
+comes from a handful of particles.
 
 Cost: one prior evaluation per particle and step (TDS: plus a backward pass; ``steps + 1`` evaluations).
 """
@@ -219,17 +219,18 @@ def resample_particles(logw: torch.Tensor, state: dict, ess_threshold: float, re
 
 
 def degeneracy_report(ess: torch.Tensor, particles: int, below: float, method: str) -> tuple[bool, list[str]]:
-    """``(degenerate, warnings)``: degenerate when some item's final ``ESS/P < below``; the warning says what the
-    spread then means (a silent zero spread is a defect)."""
+    """``(degenerate, warnings)``: degenerate when some item's final ``ESS/P < below`` or ``ESS < 2`` (fewer than
+    two effective particles: no spread, whatever ``P``); the warning says what the spread then means (a silent zero
+    spread is a defect)."""
     ess = torch.as_tensor(ess, dtype=_F64).flatten()
-    frac = ess / float(particles)
-    bad = [i for i, f in enumerate(frac.tolist()) if f < below]
+    bad = [i for i, e in enumerate(ess.tolist()) if e / float(particles) < below or e < 2.0]
     if not bad or particles <= 1:
         return False, []
     worst = float(ess[bad].min())
     return True, [f"{method}: the particle weights degenerated (final effective sample size {worst:.2f} of "
-                  f"{particles} < {below:g}·P for {len(bad)} of {ess.numel()} item(s)); the std map and intervals "
-                  f"come from about {max(1, round(worst))} distinct particle(s) and understate the uncertainty"]
+                  f"{particles}, below {below:g}·P or 2, for {len(bad)} of {ess.numel()} item(s)); the std map and "
+                  f"intervals come from about {max(1, round(worst))} distinct particle(s) and understate the "
+                  f"uncertainty"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,8 +431,9 @@ def sample_smc(
             when ``h‖A‖²/(σ_y² + σ²) ≫ 1`` (e.g. CT, where ``‖A‖²`` is in the thousands); the weights use the
             capped proposal, so they stay exact (any proposal is valid for importance weights). ``inf`` disables it.
         dense_limit: largest image size (pixels) for which ``linear_solver="auto"`` forms ``A`` densely.
-        degenerate_below: the final ``ESS/P`` below which the result is flagged ``info["degenerate"]`` with a
-            message in ``info["warnings"]`` (the std map then comes from a handful of particles).
+        degenerate_below: the final ``ESS/P`` below which (or an ESS below 2) the result is flagged
+            ``info["degenerate"]`` with a message in ``info["warnings"]`` (the std map then comes from a handful of
+            particles).
 
     Returns:
         ``ReconstructionResult`` with ``samples (P, B, ...)`` (final particles), normalised ``weights (P, B)``,

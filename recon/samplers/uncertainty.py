@@ -17,7 +17,8 @@ Everything works on the prior's normalised images ``(B, C, ...)`` and on the par
   ``"quantile"`` (weighted empirical quantiles, midpoint interpolation: with ``K`` equally weighted samples the
   95 % interval is close to ``[min, max]``, which covers only ``(K − 1)/(K + 1)`` of a calibrated posterior),
   ``"gaussian"`` (mean ± z·std) or ``"t"`` (default: the predictive interval of a new draw from ``K`` draws,
-  mean ± t_{K−1}·s·sqrt(1 + 1/K) with the unbiased ``s``; ``K`` is the effective sample size of the weights).
+  mean ± t_{K−1}·s·sqrt(1 + 1/K) with the unbiased ``s``; ``K`` is the effective sample size of the weights, at
+  least 2: degenerate weights give finite, meaningless maps, and the sampler flags them).
   ``"t"`` is the small-``K`` choice: exact for a calibrated Gaussian posterior at any ``K``.
 - **Checks.** ``coverage``, ``calibration_curve`` (nominal against observed coverage), ``zscores``, ``spearman``
   (rank correlation of std and |error|), ``body_mask`` (threshold + largest component + filled holes).
@@ -223,8 +224,8 @@ def interval_bounds(samples: torch.Tensor, weights: torch.Tensor | None = None, 
         return lo, hi
     mean, std, ess = _moments(samples, w)
     if factor is None:
-        mult = torch.tensor([interval_multiplier(level, float(e), method) for e in ess], dtype=std.dtype,
-                            device=std.device)
+        mult = torch.tensor([interval_multiplier(level, max(float(e), 2.0), method) for e in ess], dtype=std.dtype,
+                            device=std.device)  # ESS < 2 (degenerate weights) counts as 2: finite maps
         half = _col(mult, std) * std
     else:
         half = float(factor) * std

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ from recon.samplers.dps import (
     repeat_batch,
     sigma_schedule,
 )
+from recon.samplers.loop import SamplerRun
 
 __all__ = [
     "PriorAsDeepinvDenoiser",
@@ -534,24 +536,50 @@ def _to_unit(physics, y, template, lo, hi):
     return (y - lo * offset) / (hi - lo)
 
 
-def _adapter_result(x, physics, y, p, b, diagnostics, method, t0, prior, nfe0, options):
-    samples = x.reshape(p, b, *x.shape[1:])
-    xm, weights, std = finish_samples(samples)
-    return ReconstructionResult(
-        x=xm,
-        samples=samples,
-        weights=weights,
-        std=std,
-        diagnostics=diagnostics,
-        info={
-            "method": method,
-            "steps": len(diagnostics),
-            "particles": p,
-            "nfe": getattr(prior, "nfe", 0) - nfe0,
-            "seconds": time.perf_counter() - t0,
-            "options": options,
-        },
-    )
+@dataclass
+class _Adapter:
+    """What the deepinv adapters share: the run's bookkeeping, the particle batch (row ``p·B + b``) and the affine
+    map of the prior's range ``(lo, hi)`` onto deepinv's ``[0, 1]``."""
+
+    run: SamplerRun
+    physics: object
+    p: int
+    b: int
+    lo: float
+    hi: float
+    template: torch.Tensor
+    y_u: torch.Tensor
+    y_rep: torch.Tensor
+    den: PriorAsDeepinvDenoiser
+
+    def x_of(self, u: torch.Tensor) -> torch.Tensor:
+        """deepinv's ``[0, 1]`` units → the prior's range."""
+        return (self.lo + (self.hi - self.lo) * u).to(self.template.dtype)
+
+    def record(self, u0: torch.Tensor, sigma: float, n: int) -> None:
+        """One step's record from deepinv's denoised estimate ``u0`` (residual of ``x̂0`` in ``y``'s units)."""
+        x0 = self.x_of(u0.detach())
+        self.run.steps = n
+        self.run.step(len(self.run.diagnostics), sigma, per_item_norm(self.y_rep - self.physics.A(x0)).mean())
+
+    def result(self, x: torch.Tensor, options: dict) -> ReconstructionResult:
+        samples = x.reshape(self.p, self.b, *x.shape[1:])
+        xm, weights, std = finish_samples(samples)
+        return self.run.result(xm, samples=samples, weights=weights, std=std, steps=len(self.run.diagnostics),
+                               options=options)
+
+
+def _adapter(method: str, physics, y: torch.Tensor, prior, particles: int, data_range, generator, callback,
+             steps: int) -> _Adapter:
+    p, b = int(particles), y.shape[0]
+    if p < 1:
+        raise ValueError(f"particles must be >= 1, got {particles}")
+    run = SamplerRun(method, prior, generator, callback, steps=steps, particles=p)
+    lo, hi = float(data_range[0]), float(data_range[1])
+    template = repeat_batch(image_template(physics, y), p)
+    y_u = repeat_batch(_to_unit(physics, y, template[:b], lo, hi), p)
+    return _Adapter(run, physics, p, b, lo, hi, template, y_u, repeat_batch(y, p),
+                    PriorAsDeepinvDenoiser(prior, (lo, hi)))
 
 
 def sample_deepinv_dps(
@@ -587,16 +615,9 @@ def sample_deepinv_dps(
     """
     from deepinv.sampling import DPS
 
-    t0 = time.perf_counter()
-    nfe0 = getattr(prior, "nfe", 0)
-    p, b = int(particles), y.shape[0]
-    if p < 1:
-        raise ValueError(f"particles must be >= 1, got {particles}")
-    lo, hi = float(data_range[0]), float(data_range[1])
-    template = repeat_batch(image_template(physics, y), p)
-    y_u = repeat_batch(_to_unit(physics, y, template[:b], lo, hi), p)
-    y_rep = repeat_batch(y, p)
-    den = PriorAsDeepinvDenoiser(prior, (lo, hi))
+    n = int(steps) - 1  # solver steps between num_steps time points
+    ad = _adapter("deepinv-dps", physics, y, prior, particles, data_range, generator, callback, n)
+    lo, hi, den = ad.lo, ad.hi, ad.den
     rng = torch.Generator(device=y.device).manual_seed(_seed_from(generator))
     model = DPS(
         den,
@@ -610,23 +631,17 @@ def sample_deepinv_dps(
     )
     if clip != "deepinv":
         model.data_fidelity.clip = None if clip is None else sorted(float(c) for c in clip)
-    diagnostics: list[dict] = []
-    n = int(steps) - 1  # solver steps between num_steps time points
     orig_step = model.solver.step
 
     def step(sde, t_cur, t_next, x, *args, **kwargs):
         out = orig_step(sde, t_cur, t_next, x, *args, **kwargs)
-        x_state = out[0]
-        i = len(diagnostics)
-        check_finite(x_state, "deepinv-dps", i, "reduce weight")
-        x0 = lo + (hi - lo) * den.last_u.to(y.dtype)
-        sigma = float(model.sde.sigma_t(t_cur)) * (hi - lo) / 2
-        record_step(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
+        check_finite(out[0], "deepinv-dps", len(ad.run.diagnostics), "reduce weight")
+        ad.record(den.last_u.to(y.dtype), float(model.sde.sigma_t(t_cur)) * (hi - lo) / 2, n)
         return out
 
     model.solver.step = step
-    u = model(y_u, physics, x_init=tuple(template.shape))
-    x = (lo + (hi - lo) * u).to(template.dtype)
+    u = model(ad.y_u, physics, x_init=tuple(ad.template.shape))
+    x = ad.x_of(u)
     check_finite(x, "deepinv-dps", n, "reduce weight")
     options = {
         "weight": float(weight),
@@ -636,7 +651,7 @@ def sample_deepinv_dps(
         "clip": model.data_fidelity.clip,
         "data_range": (lo, hi),
     }
-    return _adapter_result(x, physics, y, p, b, diagnostics, "deepinv-dps", t0, prior, nfe0, options)
+    return ad.result(x, options)
 
 
 def sample_deepinv_diffpir(
@@ -671,46 +686,35 @@ def sample_deepinv_diffpir(
     from deepinv.optim.data_fidelity import L2
     from deepinv.sampling import DiffPIR
 
-    t0 = time.perf_counter()
-    nfe0 = getattr(prior, "nfe", 0)
     if init not in ("analytic", "adjoint"):
         raise ValueError(f"init must be 'analytic' or 'adjoint', got {init!r}")
-    p, b = int(particles), y.shape[0]
-    if p < 1:
-        raise ValueError(f"particles must be >= 1, got {particles}")
-    lo, hi = float(data_range[0]), float(data_range[1])
-    template = repeat_batch(image_template(physics, y), p)
-    y_u = repeat_batch(_to_unit(physics, y, template[:b], lo, hi), p)
-    y_rep = repeat_batch(y, p)
+    n = int(steps)
+    ad = _adapter("deepinv-diffpir", physics, y, prior, particles, data_range, generator, callback, n)
+    lo, hi, p, den = ad.lo, ad.hi, ad.p, ad.den
     sigma_u = max(float(sigma_y), float(min_sigma_y)) / (hi - lo)
 
     class _FixedNoiseDiffPIR(DiffPIR):  # deepinv re-reads physics.noise_model.sigma in forward: use ours
         def get_noise_schedule(self, sigma):
             return super().get_noise_schedule(sigma_u)
 
-    den = PriorAsDeepinvDenoiser(prior, (lo, hi))
     model = _FixedNoiseDiffPIR(
         den, L2(), sigma=sigma_u, max_iter=int(steps), zeta=float(zeta), lambda_=float(lambda_), device=y.device
     )
     x_init = None
     if init == "analytic":
-        x_init = repeat_batch((analytic_inverse(physics, y).to(template.dtype) - lo) / (hi - lo), p)
-    diagnostics: list[dict] = []
-    n = int(steps)
+        x_init = repeat_batch((analytic_inverse(physics, y).to(ad.template.dtype) - lo) / (hi - lo), p)
 
     def hook(u_in, u_out):
-        i = len(diagnostics)
+        i = len(ad.run.diagnostics)
         check_finite(u_in, "deepinv-diffpir", i, "reduce lambda_ or check sigma_y")
-        x0 = lo + (hi - lo) * u_out.detach().to(template.dtype)
-        sigma = float(model.sigmas[model.seq[min(i, n - 1)]]) * (hi - lo) / 2
-        record_step(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
+        ad.record(u_out, float(model.sigmas[model.seq[min(i, n - 1)]]) * (hi - lo) / 2, n)
 
     den.hook = hook
     devices = [y.device] if y.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_seed_from(generator))
-        u = model(y_u, physics, x_init=x_init)
-    x = (lo + (hi - lo) * u).to(template.dtype)
+        u = model(ad.y_u, physics, x_init=x_init)
+    x = ad.x_of(u)
     check_finite(x, "deepinv-diffpir", n, "reduce lambda_ or check sigma_y")
     options = {
         "zeta": float(zeta),
@@ -719,7 +723,7 @@ def sample_deepinv_diffpir(
         "init": init,
         "data_range": (lo, hi),
     }
-    return _adapter_result(x, physics, y, p, b, diagnostics, "deepinv-diffpir", t0, prior, nfe0, options)
+    return ad.result(x, options)
 
 
 def sample_deepinv_ddrm(
@@ -752,45 +756,34 @@ def sample_deepinv_ddrm(
     from deepinv.physics import DecomposablePhysics, GaussianNoise
     from deepinv.sampling import DDRM
 
-    t0 = time.perf_counter()
-    nfe0 = getattr(prior, "nfe", 0)
     if not isinstance(physics, DecomposablePhysics):
         raise ValueError(
             f"deepinv-ddrm needs a deepinv DecomposablePhysics (SVD structure), got {type(physics).__name__}"
         )
-    p, b = int(particles), y.shape[0]
-    if p < 1:
-        raise ValueError(f"particles must be >= 1, got {particles}")
-    lo, hi = float(data_range[0]), float(data_range[1])
-    template = repeat_batch(image_template(physics, y), p)
-    y_u = repeat_batch(_to_unit(physics, y, template[:b], lo, hi), p)
-    y_rep = repeat_batch(y, p)
+    if sigmas is None:
+        sigmas = np.linspace(1, 0, int(steps))
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    n = len(sigmas)
+    ad = _adapter("deepinv-ddrm", physics, y, prior, particles, data_range, generator, callback, n)
+    lo, hi, y_u, den = ad.lo, ad.hi, ad.y_u, ad.den
     phys = physics.clone()
     phys.noise_model = GaussianNoise(sigma=float(sigma_y) / (hi - lo))
     mask = getattr(phys, "mask", None)
     if isinstance(mask, torch.Tensor) and mask.is_floating_point():
         y_u = y_u.to(mask.dtype)  # deepinv's DDRM mixes y and mask in index assignments: dtypes must agree
-    if sigmas is None:
-        sigmas = np.linspace(1, 0, int(steps))
-    sigmas = np.asarray(sigmas, dtype=np.float64)
-    den = PriorAsDeepinvDenoiser(prior, (lo, hi))
     model = DDRM(den, sigmas=sigmas, eta=float(eta), etab=float(etab))
-    diagnostics: list[dict] = []
-    n = len(sigmas)
 
     def hook(u_in, u_out):
-        i = len(diagnostics)
+        i = len(ad.run.diagnostics)
         check_finite(u_in, "deepinv-ddrm", i, "check sigma_y and the sigmas")
-        x0 = lo + (hi - lo) * u_out.detach().to(template.dtype)
-        sigma = float(sigmas[min(i, n - 1)]) * (hi - lo)
-        record_step(diagnostics, callback, t0, prior, nfe0, i, n, sigma, per_item_norm(y_rep - physics.A(x0)).mean())
+        ad.record(u_out, float(sigmas[min(i, n - 1)]) * (hi - lo), n)
 
     den.hook = hook
     devices = [y.device] if y.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_seed_from(generator))
         u = model(y_u, phys)
-    x = (lo + (hi - lo) * u).to(template.dtype)
+    x = ad.x_of(u)
     check_finite(x, "deepinv-ddrm", n, "check sigma_y and the sigmas")
     options = {"eta": float(eta), "etab": float(etab), "data_range": (lo, hi)}
-    return _adapter_result(x, physics, y, p, b, diagnostics, "deepinv-ddrm", t0, prior, nfe0, options)
+    return ad.result(x, options)

@@ -347,6 +347,8 @@ class MultiCoilMRI(_CartesianBase):
             does not match ``img_size``.
     """
 
+    adjoint_is_inverse = False  #: coil maps make AAᵀ ≠ I: Aᵀ (the zero-filled SENSE combination) is not A⁺
+
     def __init__(
         self,
         img_size: Sequence[int],

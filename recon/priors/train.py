@@ -432,17 +432,8 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
     would) after that many steps, writing a checkpoint — used to test exact resumption."""
     from recon.priors.trainer import Trainer
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)  # network initialisation
-    arch = cfg.architecture()
-    # warm start (e.g. continuing the built-in prior in a new session); a resume loads its own checkpoint instead
-    net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, "prior")
-    trainer = Trainer(net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed),
-                      out / "checkpoint.pt", cfg, cfg.lr, cfg.lr_warmup, cfg.ema_decay)
-    if resume:
-        trainer.resume(device, TrainConfig(), _FREE)
+    trainer, arch = Trainer.start(cfg, "prior", resume, TrainConfig(), _FREE)
+    net, ema, out, device = trainer.net, trainer.ema, Path(cfg.out), torch.device(cfg.device)
     slices, report = load_training_slices(cfg)
     batches = BatchMaker(slices, cfg, trainer.gen)
     loss_of_step = _edm_loss(cfg, batches, _make_prior(net, cfg), trainer.gen, device)

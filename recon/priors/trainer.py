@@ -56,6 +56,27 @@ class Trainer:
     step: int = 0
     losses: list = field(default_factory=list)
 
+    @classmethod
+    def start(cls, cfg, kind: str, resume: bool, defaults: object, free: tuple[str, ...]) -> tuple[Trainer, dict]:
+        """A run of ``cfg`` (a prior's or a restorer's configuration: ``out``, ``device``, ``seed``, ``lr``,
+        ``lr_warmup``, ``ema_decay``, optional ``grad_clip``, ``init_from`` and ``architecture()``): the network
+        seeded from ``seed`` (or warm-started from ``init_from``), then its checkpoint loaded when ``resume``.
+        Returns the trainer and the architecture."""
+        from recon.priors.train import network_and_ema
+
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)  # network initialisation
+        arch = cfg.architecture()
+        # a warm start (e.g. continuing a built-in model in a new session); a resume loads its checkpoint instead
+        net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, kind)
+        trainer = cls(net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed),
+                      out / "checkpoint.pt", cfg, cfg.lr, cfg.lr_warmup, cfg.ema_decay, getattr(cfg, "grad_clip", 0.0))
+        if resume:
+            trainer.resume(device, defaults, free)
+        return trainer, arch
+
     def resume(self, device: torch.device, defaults: object, free: tuple[str, ...]) -> None:
         """Load ``ckpt_path`` (FileNotFoundError if absent); ``ValueError`` if the configuration differs in a
         field outside ``free`` (a field an older checkpoint lacks counts as its value in ``defaults``)."""

@@ -47,7 +47,6 @@ from recon.priors.train import (
     BatchMaker,
     TrainConfig,
     load_training_slices,
-    network_and_ema,
     write_grid,
 )
 from recon.priors.trainer import Trainer
@@ -365,17 +364,8 @@ def train_restorer(cfg: RestorerConfig, resume: bool = False, max_steps_this_run
 
     ``max_steps_this_run`` stops early (as an interruption would) after that many steps, with a checkpoint (used to
     test exact resumption)."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)  # network initialisation
-    arch = cfg.architecture()
-    # warm start (e.g. continuing the built-in restorer in a new session); a resume loads its checkpoint instead
-    net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, "restorer")
-    trainer = Trainer(net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed),
-                      out / "checkpoint.pt", cfg, cfg.lr, cfg.lr_warmup, cfg.ema_decay, cfg.grad_clip)
-    if resume:
-        trainer.resume(device, RestorerConfig(data=cfg.data), _FREE)
+    trainer, arch = Trainer.start(cfg, "restorer", resume, RestorerConfig(data=cfg.data), _FREE)
+    net, ema, out, device = trainer.net, trainer.ema, Path(cfg.out), torch.device(cfg.device)
     tcfg = cfg.prior_config()
     slices, report = load_training_slices(tcfg)
     batches = _PairBatchMaker(slices, tcfg, trainer.gen, cfg.degradation(), cfg.realizations, cfg.seed, cfg.cache_mb)

@@ -72,8 +72,10 @@ __all__ = [
 # analytic inverse
 # ---------------------------------------------------------------------------------------------------------
 def _adjoint_is_inverse(physics) -> bool:
-    """The operator's own public flag (``recon``'s MRI and inpainting operators set it; any physics may)."""
-    return bool(getattr(physics, "adjoint_is_inverse", False))
+    """Whether the analytic inverse is ``A_adjoint``: the operator's own flag ``adjoint_is_inverse`` (``Aᵀ = A⁺``:
+    single-coil MRI, inpainting; any physics may set it), or ``recon``'s MRI operators, whose zero-filled
+    reconstruction ``Aᵀy`` is the field's analytic baseline (multi-coil: the SENSE combination)."""
+    return bool(getattr(physics, "adjoint_is_inverse", False)) or getattr(physics, "modality", None) == "mri"
 
 
 def analytic_inverse(physics, y: torch.Tensor) -> torch.Tensor:

@@ -97,3 +97,14 @@ def test_lower_layers_never_import_higher_ones():
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {module} imports {target}")
     assert not offenders, "a lower layer imports a higher one:\n" + "\n".join(offenders)
 
+
+
+# --------------------------------------------------------------------------------------------- small functions
+def test_no_function_is_over_100_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 100 lines:\n" + "\n".join(long)

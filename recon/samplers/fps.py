@@ -245,29 +245,12 @@ def _run_fresh(f: _Filter, bridge: _Bridge, x: torch.Tensor, tilt):
 
 
 def sample_fps(
-    physics,
-    y: torch.Tensor,
-    prior,
-    *,
-    sigma_y: float = 0.0,
-    steps: int = 50,
-    particles: int = 16,
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict], None] | None = None,
-    noise: str = "carried",
-    eta: float = 1.0,
-    ess_threshold: float = 0.5,
-    resample: str = "systematic",
-    min_sigma_y: float = 1e-3,
-    sigma_max: float | None = None,
-    sigma_min: float | None = None,
-    rho: float = 7.0,
-    linear_solver: str = "auto",
-    dense_limit: int = 1024,
-    cg_tol: float = 1e-6,
-    cg_iters: int = 50,
-    data_var: float | None = None,
-    degenerate_below: float = 0.1,
+    physics, y: torch.Tensor, prior, *, sigma_y: float = 0.0, steps: int = 50, particles: int = 16,
+    generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
+    noise: str = "carried", eta: float = 1.0, ess_threshold: float = 0.5, resample: str = "systematic",
+    min_sigma_y: float = 1e-3, sigma_max: float | None = None, sigma_min: float | None = None, rho: float = 7.0,
+    linear_solver: str = "auto", dense_limit: int = 1024, cg_tol: float = 1e-6, cg_iters: int = 50,
+    data_var: float | None = None, degenerate_below: float = 0.1,
 ) -> ReconstructionResult:
     """Filtering posterior sampling: a particle filter on the reverse diffusion with noised measurements.
 

@@ -368,31 +368,12 @@ def _init_moments(prior, image_shape, dtype, device, init_mean, init_var):
 
 
 def sample_smc(
-    physics,
-    y: torch.Tensor,
-    prior,
-    *,
-    sigma_y: float,
-    steps: int = 100,
-    particles: int = 16,
-    generator: torch.Generator | None = None,
-    callback: Callable[[dict], None] | None = None,
-    weighting: str = "tds",
-    ess_threshold: float = 0.5,
-    resample: str = "systematic",
-    scheme: str = "exact",
-    kernel: str = "ancestral",
-    anneal: float = 1.0,
-    sigma_max: float | None = None,
-    sigma_min: float | None = None,
-    rho: float = 7.0,
-    init_mean=None,
-    init_var: float | None = None,
-    linear_solver: str = "auto",
-    dense_limit: int = 4096,
-    cg_tol: float = 1e-10,
-    cg_iters: int = 200,
-    max_shift: float = 1.0,
+    physics, y: torch.Tensor, prior, *, sigma_y: float, steps: int = 100, particles: int = 16,
+    generator: torch.Generator | None = None, callback: Callable[[dict], None] | None = None,
+    weighting: str = "tds", ess_threshold: float = 0.5, resample: str = "systematic", scheme: str = "exact",
+    kernel: str = "ancestral", anneal: float = 1.0, sigma_max: float | None = None, sigma_min: float | None = None,
+    rho: float = 7.0, init_mean=None, init_var: float | None = None, linear_solver: str = "auto",
+    dense_limit: int = 4096, cg_tol: float = 1e-10, cg_iters: int = 200, max_shift: float = 1.0,
     degenerate_below: float = 0.1,
 ) -> ReconstructionResult:
     """Sequential Monte Carlo posterior sampling with ``particles`` weighted particles per measurement.
@@ -474,29 +455,13 @@ def sample_smc(
     check_finite(samples, run.method, steps)
     mean, std = weighted_moments(samples, run.weights)
     degenerate, warnings = degeneracy_report(ess, n_p, degenerate_below, run.method)
-    info = {
-        "method": "smc",
-        "weighting": weighting,
-        "scheme": scheme if weighting == "afdps" else "ancestral-twisted",
-        "steps": steps,
-        "particles": n_p,
-        "resamplings": run.resamplings,
-        "final_ess": ess.tolist(),
-        "ess_final": ess.tolist(),
-        "degenerate": degenerate,
-        "warnings": warnings,
-        "nfe": getattr(prior, "nfe", 0) - nfe0,
-        "seconds": time.perf_counter() - t0,
-        "options": {
-            "ess_threshold": ess_threshold,
-            "resample": resample,
-            "sigma_max": smax,
-            "sigma_min": smin,
-            "rho": rho,
-            "rho2_init": run.rho2,
-            "linear_solver": None if tilt is None else type(tilt).__name__.strip("_").replace("Tilt", "").lower(),
-        },
-    }
+    solver = None if tilt is None else type(tilt).__name__.strip("_").replace("Tilt", "").lower()
+    info = {"method": "smc", "weighting": weighting, "scheme": scheme if weighting == "afdps" else "ancestral-twisted",
+            "steps": steps, "particles": n_p, "resamplings": run.resamplings, "final_ess": ess.tolist(),
+            "ess_final": ess.tolist(), "degenerate": degenerate, "warnings": warnings,
+            "nfe": getattr(prior, "nfe", 0) - nfe0, "seconds": time.perf_counter() - t0,
+            "options": {"ess_threshold": ess_threshold, "resample": resample, "sigma_max": smax, "sigma_min": smin,
+                        "rho": rho, "rho2_init": run.rho2, "linear_solver": solver}}
     return ReconstructionResult(
         x=mean, samples=samples, weights=run.weights.to(dtype), std=std, diagnostics=run.diagnostics, info=info
     )

@@ -20,8 +20,9 @@ RED-diff / projection  0.440                     n/a        n/a          n/a
 least-squares ``A_dagger``). DPS steps are divided by ‖A‖ (``operator_scaling``, ‖A‖ ≈ 1.6 for the
 projection; without it: error 0.108, std ratio 2.25). DPS over-disperses at ζ′ = 1: the normalised guidance step
 keeps a fixed length even when the residual is pure noise; ζ′ = 0.3 gives a std ratio of 0.75 and an error of
-0.056 on the inpainting problem. RED-diff's error comes from its mode-seeking objective and from Adam moving the
-unobserved pixels by at most ``lr`` per step.)
+0.056 on the inpainting problem. The discrepancy weight (``discrepancy=True``, ``docs/methods/dps.md``) gives error
+0.021 / 0.041, std ratio 0.77 / 0.85, SW 0.022 / 0.022 (``test_dps_discrepancy_weight``). RED-diff's error comes
+from its mode-seeking objective and from Adam moving the unobserved pixels by at most ``lr`` per step.)
 
 Bimodal inpainting (``bimodal_inpainting_example()``, exact mode weights 0.3 / 0.7), total-variation error of the
 mode weights (each estimate labelled by the nearer posterior-component mean on the unobserved pixels):
@@ -137,6 +138,8 @@ def pin(name: str, value: float, measured: float, factor: float = 1.5, slack: fl
 MEASURED = {
     ("dps", "inpainting"): {"err": 0.0468, "std_ratio": 1.4785, "sw": 0.0840, "floor": 0.0113},
     ("dps", "projection"): {"err": 0.0798, "std_ratio": 1.4970, "sw": 0.0790, "floor": 0.0127},
+    ("dps-discrepancy", "inpainting"): {"err": 0.0206, "std_ratio": 0.7705, "sw": 0.0224},
+    ("dps-discrepancy", "projection"): {"err": 0.0413, "std_ratio": 0.8524, "sw": 0.0224},
     ("red-diff", "inpainting"): {"err": 0.2807},
     ("red-diff", "projection"): {"err": 0.4404},
     "bimodal": {"dps": 0.0109, "red-diff": 0.2062, "exact": 0.0203},
@@ -166,6 +169,23 @@ def test_dps_against_exact_posterior(kind):
     pin("dps SW", sw, m["sw"])
     assert floor < sw  # DPS is approximate: its samples are measurably off the posterior
     assert err < rel_err(analytic_inverse(physics, y)[0], post.mean)
+
+
+@pytest.mark.parametrize("kind", ["inpainting", "projection"])
+def test_dps_discrepancy_weight(kind):
+    """``discrepancy=True``: the step stops once the residual is at the noise level; closer to the posterior."""
+    prior, physics, y = make_problem(kind)
+    post = prior.posterior(physics, y, SIGMA_Y)
+    res = sample_dps(physics, y, prior, sigma_y=SIGMA_Y, steps=50, particles=P, generator=gen(0), discrepancy=True)
+    err = rel_err(res.x[0], post.mean)
+    ratio = float(res.std[0].mean() / post.std.mean())
+    sw = sliced_w2(res.samples[:, 0], post.sample(P, gen(1)))
+    m = MEASURED[("dps-discrepancy", kind)]
+    print(f"\nDPS (discrepancy)/{kind}: err {err:.4f} std ratio {ratio:.4f} SW {sw:.4f}")
+    pin("dps-discrepancy err", err, m["err"])
+    pin("dps-discrepancy |log std ratio|", abs(math.log(ratio)), abs(math.log(m["std_ratio"])), slack=0.05)
+    pin("dps-discrepancy SW", sw, m["sw"])
+    assert res.info["options"]["discrepancy"] is True
 
 
 @pytest.mark.parametrize("kind", ["inpainting", "projection"])

@@ -42,7 +42,7 @@ import deepinv
 import pytest
 import torch
 
-from recon.operators import Downsampling, Inpainting, ParallelBeamCT, random_pixel_mask
+from recon.operators import CartesianMRI, Downsampling, Inpainting, ParallelBeamCT, random_pixel_mask
 from recon.priors.gaussian import GaussianMixturePrior
 from recon.samplers import SamplerDivergence, reconstruct
 from recon.samplers.baselines import analytic_inverse
@@ -262,6 +262,23 @@ def test_volumes_through_reconstruct(method, kind):
     err, err_ai = rel_err(res.x, mean), rel_err(analytic_inverse(physics, y), mean)
     print(f"\n{method} / 3D {kind}: err {err:.3f} (analytic {err_ai:.3f})")
     assert err < 0.6 * err_ai
+
+
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_mri_kspace(method):
+    """Two-channel k-space with structural zeros (unsampled lines) and noise on the sampled lines only."""
+    prior = GaussianMixturePrior.random((1, 8, 8), n_components=2, seed=3)
+    mask = torch.zeros(8, 8)
+    mask[:, ::2] = 1
+    mask[:, 3:5] = 1
+    physics = CartesianMRI((8, 8), mask=mask, real_input=True)
+    ax = physics.A(prior.sample(1, gen(7)))
+    y = ax + SIGMA_Y * physics.A(physics.A_adjoint(torch.randn(ax.shape, generator=gen(8), dtype=F64)))
+    mean = prior.posterior(physics, y, SIGMA_Y).mean
+    res = reconstruct(physics, y, prior, method, sigma_y=SIGMA_Y, seed=0, steps=20, particles=16)
+    err, err_ai = rel_err(res.x, mean), rel_err(analytic_inverse(physics, y), mean)
+    print(f"\n{method} / MRI: err {err:.3f} (zero-filled {err_ai:.3f})")  # measured 0.049-0.063 vs 0.290
+    assert err < 0.4 * err_ai
 
 
 @pytest.mark.parametrize("method", list(SAMPLERS))

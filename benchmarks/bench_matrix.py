@@ -350,19 +350,50 @@ def report(rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """One line per case: oracle TV against the best diffusion method (by window PSNR) on every metric."""
-    lines = ["| case | TV oracle PSNR/SSIM full | window | noise | best diffusion | PSNR/SSIM full | window | noise |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per case: TV (automatic, and the better oracle on each range) against the best diffusion method
+    (by PSNR in the window), PSNR / SSIM on the full range and in the window, and the flat-region noise."""
+    def cell(r: dict, k: str) -> str:
+        return f"{r['psnr' + k]:.2f} / {r['ssim' + k]:.3f}"
+
+    lines = ["| case | TV auto: full, window, noise | TV oracle: full, window, noise | best diffusion | full | "
+             "window | noise | Δ PSNR full / window vs oracle TV |", "|---|---|---|---|---|---|---|---|"]
     for case in dict.fromkeys(r["case"] for r in rows):
-        cr = [r for r in rows if r["case"] == case and "error" not in r]
-        tv = next((r for r in cr if r["method"] == "tv-oracle"), None)
-        diff = [r for r in cr if r["method"] not in CLASSICAL]
-        if tv is None or not diff:
+        cr = {r["method"]: r for r in rows if r["case"] == case and "error" not in r}
+        diff = [r for m, r in cr.items() if m not in CLASSICAL]
+        oracles = [cr[m] for m in ("tv-oracle", "tv-oracle-w") if m in cr]
+        if not oracles or not diff or "tv-auto" not in cr:
             continue
         best = max(diff, key=lambda r: r["psnr_w"])
-        lines.append(f"| {case} | {tv['psnr']:.2f} / {tv['ssim']:.3f} | {tv['psnr_w']:.2f} / {tv['ssim_w']:.3f} | "
-                     f"{tv['noise']:.1f} | {best['method']} | {best['psnr']:.2f} / {best['ssim']:.3f} | "
-                     f"{best['psnr_w']:.2f} / {best['ssim_w']:.3f} | {best['noise']:.1f} |")
+        of = max(oracles, key=lambda r: r["psnr"])
+        ow = max(oracles, key=lambda r: r["psnr_w"])
+        auto = cr["tv-auto"]
+        lines.append(f"| {case} | {cell(auto, '')}, {cell(auto, '_w')}, {auto['noise']:.1f} | {cell(of, '')}, "
+                     f"{cell(ow, '_w')}, {ow['noise']:.1f} | {best['method']} | {cell(best, '')} | "
+                     f"{cell(best, '_w')} | {best['noise']:.1f} | {best['psnr'] - of['psnr']:+.2f} / "
+                     f"{best['psnr_w'] - ow['psnr_w']:+.2f} |")
+    return "\n".join(lines)
+
+
+def ranking(rows: list[dict]) -> str:
+    """Mean rank of every method over the complete cases of each modality (1 = best), by PSNR and SSIM in the
+    window (the full range for MRI, where both coincide) and on the full range; oracle TV rows ranked with the
+    rest; only the methods every complete case has."""
+    lines = ["| modality | method | cases | mean rank PSNR window | mean rank SSIM window | mean rank PSNR full |",
+             "|---|---|---|---|---|---|"]
+    for modality, is_mri in (("CT", False), ("MRI", True)):
+        ranks: dict[str, list[list[int]]] = {}
+        cases = {c: {r["method"] for r in rows if r["case"] == c and "error" not in r}
+                 for c in dict.fromkeys(r["case"] for r in rows if (TASKS[r["task"]][0] == "mri") == is_mri)}
+        cases = {c: m for c, m in cases.items() if "deepinv-dps" in m}  # complete cases only
+        common = set.intersection(*cases.values()) if cases else set()
+        for case in cases:
+            cr = [r for r in rows if r["case"] == case and r["method"] in common and "error" not in r]
+            for k, key in enumerate(("psnr_w", "ssim_w", "psnr")):
+                for pos, r in enumerate(sorted(cr, key=lambda r: -r[key])):
+                    ranks.setdefault(r["method"], [[], [], []])[k].append(pos + 1)
+        for method, (a, b, c) in sorted(ranks.items(), key=lambda kv: np.mean(kv[1][0])):
+            lines.append(f"| {modality} | {method} | {len(a)} | {np.mean(a):.1f} | {np.mean(b):.1f} | "
+                         f"{np.mean(c):.1f} |")
     return "\n".join(lines)
 
 
@@ -381,6 +412,20 @@ def _writer(path: Path | None, rows: list[dict], meta: dict):
             tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
             os.replace(tmp, path)
     return write_row
+
+
+def _prior_sha(args: argparse.Namespace) -> dict:
+    """First 16 hex digits of each prior's weights file (the built-in ones, or a folder's)."""
+    import hashlib
+
+    import recon.priors
+
+    out = {}
+    for key, name in (("ct", args.prior_ct), ("mri", args.prior_mri)):
+        folder = Path(name) if Path(name).is_dir() else Path(recon.priors.__file__).parent / "weights" / name
+        files = sorted(folder.glob("*.safetensors"))
+        out[key] = hashlib.sha256(files[0].read_bytes()).hexdigest()[:16] if files else None
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -406,13 +451,16 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for p in args.report for r in _load_rows(p)]
         print(report(rows))
         print(summary(rows))
+        print()
+        print(ranking(rows))
         return
     torch.set_num_threads(args.threads)
     from recon.priors import load_prior
 
     priors = {"ct": load_prior(args.prior_ct), "mri": load_prior(args.prior_mri)}
     rows = _load_rows(args.json)
-    meta = {"priors": {"ct": args.prior_ct, "mri": args.prior_mri}, "threads": args.threads, "seed": args.seed,
+    meta = {"priors": {"ct": args.prior_ct, "mri": args.prior_mri}, "prior_sha256": _prior_sha(args),
+            "threads": args.threads, "seed": args.seed,
             "command": "python benchmarks/bench_matrix.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_row = _writer(args.json, rows, meta)
     t0 = time.perf_counter()

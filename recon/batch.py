@@ -81,7 +81,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from recon.datasets.io import has_dicom_preamble
+from recon.datasets.io import has_dicom_preamble, redact_config
 from recon.pipeline import PipelineError
 from recon.settings import RECONSTRUCTION_FIELDS, Settings
 from recon.utils import jsonable
@@ -103,6 +103,7 @@ __all__ = [
 ]
 
 ENGINES = ("local", "ray")
+WITHHELD = "<withheld: anonymised run>"
 DONE = "done.json"
 LOG = "log.txt"
 DONE_FORMAT = "recon-batch-done/1"
@@ -450,8 +451,11 @@ class StudyWorker:
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
             logger.propagate = False  # the study's messages go to its log.txt; the console shows progress
-            log.info("study %s, attempt %d, input %s", task["study"], task["attempt"], task["input"])
-            log.info("settings %s", json.dumps(task["settings"], sort_keys=True, default=str))
+            private = bool(task["settings"].get("anonymize"))  # no paths next to an anonymised output
+            log.info("study %s, attempt %d, input %s", task["study"], task["attempt"],
+                     WITHHELD if private else task["input"])
+            settings = redact_config(task["settings"]) if private else task["settings"]
+            log.info("settings %s", json.dumps(settings, sort_keys=True, default=str))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("default")
                 report = pipeline.reconstruct_file(task["input"], study_outputs(folder, task["settings"].get("format")),
@@ -789,6 +793,9 @@ def run_batch(
     queue = _plan(studies, base, outdir, overwrite, config, finish)
     slots, stats = _run_queue(queue, engine, workers, threads, ray_address, settings.device, quiet, retries, finish)
     ordered = [results[s.name] for s in studies]
+    if settings.anonymize:  # the results table sits next to anonymised outputs: no input paths in it
+        for r in ordered:
+            r["input"] = WITHHELD
     counts = {k: sum(1 for r in ordered if r["status"] == k) for k in ("done", "skipped", "failed")}
     seconds = time.perf_counter() - t_start
     summary = BatchSummary(

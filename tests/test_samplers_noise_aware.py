@@ -302,6 +302,8 @@ def test_seeding_callback_and_option_checks(method):
         reconstruct(physics, y, prior, method, sigma_y=SIGMA_Y, steps=2, zeta_prime=1.0)
     with pytest.raises(ValueError, match="particles must be >= 1"):
         SAMPLERS[method](physics, y, prior, sigma_y=SIGMA_Y, steps=2, particles=0)
+    with pytest.raises(ValueError, match="sigma_y must be a finite number >= 0"):
+        SAMPLERS[method](physics, y, prior, sigma_y=-0.1, steps=2)
 
 
 class _NaNAt:

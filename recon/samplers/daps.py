@@ -15,6 +15,7 @@ last level.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -95,7 +96,7 @@ def sample_daps(
         ``std`` (``P > 1``), ``diagnostics``, ``info``.
     """
     t0 = time.perf_counter()
-    _check(particles, ode_steps, langevin_steps, lr, lr_min_ratio, tau)
+    _check(sigma_y, particles, ode_steps, langevin_steps, lr, lr_min_ratio, tau)
     p = int(particles)
     sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
     n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
@@ -122,7 +123,9 @@ def sample_daps(
     return sampler_result("daps", x0, p, diagnostics, t0, prior, nfe0, n, options)
 
 
-def _check(particles, ode_steps, langevin_steps, lr, lr_min_ratio, tau) -> None:
+def _check(sigma_y, particles, ode_steps, langevin_steps, lr, lr_min_ratio, tau) -> None:
+    if not (float(sigma_y) >= 0 and math.isfinite(float(sigma_y))):
+        raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
     for name, v in (("particles", particles), ("ode_steps", ode_steps)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")

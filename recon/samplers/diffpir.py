@@ -88,7 +88,7 @@ def sample_diffpir(
         ``std`` (``P > 1``), ``diagnostics``, ``info``.
     """
     t0 = time.perf_counter()
-    _check(particles, lam, zeta, cg_iters)
+    _check(sigma_y, particles, lam, zeta, cg_iters)
     p = int(particles)
     sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
     n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
@@ -113,7 +113,9 @@ def sample_diffpir(
     return sampler_result("diffpir", x0, p, diagnostics, t0, prior, nfe0, n, options)
 
 
-def _check(particles, lam, zeta, cg_iters) -> None:
+def _check(sigma_y, particles, lam, zeta, cg_iters) -> None:
+    if not (float(sigma_y) >= 0 and math.isfinite(float(sigma_y))):
+        raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
     if int(particles) < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
     if not float(lam) > 0:

@@ -99,7 +99,7 @@ def sample_hybrid(
         ``std`` (``P > 1``), ``diagnostics``, ``info`` (``options``: the resolved ``tv_weight``).
     """
     t0 = time.perf_counter()
-    _check(particles, anchor, tv_weight, eta, admm_iters, cg_iters)
+    _check(sigma_y, particles, anchor, tv_weight, eta, admm_iters, cg_iters)
     p, sy2 = int(particles), float(sigma_y) ** 2
     sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
     n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
@@ -133,7 +133,9 @@ def sample_hybrid(
     return sampler_result("hybrid", x0dc, p, diagnostics, t0, prior, nfe0, n, options)
 
 
-def _check(particles, anchor, tv_weight, eta, admm_iters, cg_iters) -> None:
+def _check(sigma_y, particles, anchor, tv_weight, eta, admm_iters, cg_iters) -> None:
+    if not (float(sigma_y) >= 0 and math.isfinite(float(sigma_y))):
+        raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
     if int(particles) < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
     if not float(anchor) > 0:

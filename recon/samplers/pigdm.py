@@ -14,6 +14,7 @@ For a Gaussian prior of variance ``v_d`` this guidance is the exact ``∇ log p(
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -92,7 +93,7 @@ def sample_pigdm(
         ``std`` (``P > 1``), ``diagnostics``, ``info``.
     """
     t0 = time.perf_counter()
-    _check(particles, eta, data_var, guidance, cg_iters)
+    _check(sigma_y, particles, eta, data_var, guidance, cg_iters)
     p = int(particles)
     sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
     n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
@@ -127,7 +128,9 @@ def _guided_x0(physics, prior, x, y, s, sigma_y, data_var, guidance, cg_iters) -
     return (x0.detach() + (guidance * s * s) * g).detach()
 
 
-def _check(particles, eta, data_var, guidance, cg_iters) -> None:
+def _check(sigma_y, particles, eta, data_var, guidance, cg_iters) -> None:
+    if not (float(sigma_y) >= 0 and math.isfinite(float(sigma_y))):
+        raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
     if int(particles) < 1:
         raise ValueError(f"particles must be >= 1, got {particles}")
     if not 0.0 <= float(eta) <= 1.0:

@@ -164,3 +164,14 @@ def test_cli_task_flags_come_from_the_parameter_table(capsys):
     assert main(["simulate", "-i", CT_SMALL, "-o", "/nonexistent/m.npz", "--task", "sparse-view-ct", "--views",
                  "0"]) == 2
     assert capsys.readouterr().err.strip() == "recon: error: --views must be an integer >= 1, got 0"
+
+
+def test_a_noise_level_inconsistent_with_the_data_is_a_one_line_error():
+    op = Inpainting((8, 8), torch.ones(8, 8))
+    y = 0.1 * torch.ones(1, 1, 8, 8)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sigma_y must be a finite number >= 0"):
+            recon.reconstruct(op, y, method="tv", sigma_y=bad)
+    with pytest.raises(ValueError, match=r"sigma_y = 5 is inconsistent with the data: the measurements' RMS is only"):
+        recon.reconstruct(op, y, method="tv", sigma_y=5.0)
+    assert recon.reconstruct(op, y, method="tv", sigma_y=0.05, steps=5).x.shape == (1, 1, 8, 8)

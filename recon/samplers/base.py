@@ -17,6 +17,7 @@ Conventions (shared by all methods):
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "SamplerDivergence",
     "check_bounded",
     "check_finite",
+    "check_noise_level",
     "data_residual",
     "operator_norm",
     "reconstruct",
@@ -109,8 +111,6 @@ def operator_norm(physics, template: torch.Tensor, iters: int = 30, seed: int = 
     """‖A‖₂ (largest singular value) by power iteration on ``AᵀA`` from a start drawn with its own seeded
     generator (so callers' random streams are untouched). ``template``: an image of the operator's input shape
     (its first batch item is used)."""
-    import math
-
     g = torch.Generator().manual_seed(int(seed))
     v = torch.randn(tuple(template[:1].shape), generator=g, dtype=torch.float64).to(template.device, template.dtype)
     v = v / v.norm().clamp_min(1e-30)
@@ -156,6 +156,19 @@ def weighted_moments(samples: torch.Tensor, weights: torch.Tensor) -> tuple[torc
 METHOD_DEFAULTS: dict[str, dict] = {name: dict(spec.implies) for name, spec in METHODS.items() if spec.implies}
 
 
+def check_noise_level(sigma_y: float, y: torch.Tensor) -> None:
+    """``sigma_y`` must be a finite number ``>= 0`` and consistent with the data: noise of std ``σ_y`` on every
+    measured entry makes their RMS at least about ``σ_y``, so a ``σ_y`` above 3 × the RMS of the measured (non-zero)
+    entries is another unit's (``ValueError`` naming it)."""
+    if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y >= 0):
+        raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y!r}")
+    measured = y.detach()[y.detach() != 0]
+    rms = float(measured.double().pow(2).mean().sqrt()) if measured.numel() else 0.0
+    if sigma_y > 0 and measured.numel() and sigma_y > 3 * rms:
+        raise ValueError(f"sigma_y = {sigma_y:.4g} is inconsistent with the data: the measurements' RMS is only "
+                         f"{rms:.4g} (is sigma_y in the units of y?)")
+
+
 def reconstruct(
     physics,
     y: torch.Tensor,
@@ -187,8 +200,7 @@ def reconstruct(
     """
     method = recommended_method(getattr(physics, "modality", None)) if method is None else method
     spec = get_method(method)
-    if not (sigma_y >= 0):
-        raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+    check_noise_level(sigma_y, y)
     if spec.needs_prior and prior is None:
         raise OptionError(f"method {method!r} needs a prior (methods without one: "
                           f"{', '.join(m for m, s in METHODS.items() if not s.needs_prior)})")

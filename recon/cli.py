@@ -463,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(sub, METHODS)
     _add_batch(sub, METHODS)
     _add_calibrate(sub, METHODS)
+    _add_prepare_prior_data(sub)
     _add_train_prior(sub)
     _add_train_restorer(sub)
     _add_restore(sub)
@@ -615,6 +616,25 @@ def _add_batch(sub, METHODS: dict) -> None:
     _config_args(bt)
     _common(bt)
     bt.set_defaults(func=cmd_batch)
+
+
+def _add_prepare_prior_data(sub) -> None:
+    """The ``recon prepare-prior-data`` subcommand (``recon.priors.recipe``)."""
+    from recon.priors.recipe import add_arguments
+
+    pp = sub.add_parser("prepare-prior-data", help="gather the offline training data of the built-in priors",
+                        description="Fetch (with --fetch: apt-get download + dpkg -x, no install) and prepare the "
+                        "offline real CT or MR images the built-in priors train on: deduplicated, derived maps "
+                        "dropped, held-out files kept apart, a manifest with each file's source, licence and role. "
+                        "`recon train-prior --preset default-ct` reads OUT (set RECON_PRIOR_DATA to its parent).")
+    add_arguments(pp)
+    pp.set_defaults(func=_prepare_prior_data, quiet=False, verbose=False, json=False)
+
+
+def _prepare_prior_data(args) -> int:
+    from recon.priors.recipe import run
+
+    return run(args)
 
 
 def _add_train_prior(sub) -> None:

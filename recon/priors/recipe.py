@@ -47,21 +47,25 @@ import numpy as np
 from recon.datasets import MedicalImage, read_image, write_nifti
 
 __all__ = [
+    "DEBIAN_PACKAGES",
     "DEFAULT_ROOTS",
     "HELD_OUT_NAMES",
     "LICENCES",
     "Candidate",
     "RecipeError",
+    "add_arguments",
     "default_roots",
+    "fetch_debian_sources",
     "find_candidates",
     "is_crop",
     "main",
     "pixel_hash",
     "prepare_prior_data",
     "read_inv3",
+    "run",
 ]
 
-DEFAULT_ROOTS = {"debian": "/work/data/root"}
+DEFAULT_ROOTS = {"debian": "debian-root"}  # relative to the working folder; RECON_DEBIAN_ROOT overrides
 
 # Files never trained on (matched on the file name; spreads to duplicates and to the same DICOM study).
 HELD_OUT_NAMES = {
@@ -455,20 +459,58 @@ def _as_float32(image: MedicalImage) -> MedicalImage:
                         source=image.source, meta={})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m recon.priors.recipe --out DIR [--modality ct|mri] [--strict]``; exit status 2 on a recipe error."""
-    parser = argparse.ArgumentParser(prog="python -m recon.priors.recipe", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (train/, held-out/, manifest.json)")
+DEBIAN_PACKAGES = {"ct": ("invesalius-examples",), "mri": ("mricron-data",)}
+
+
+def fetch_debian_sources(root: str | os.PathLike, modality: str) -> list[str]:
+    """``apt-get download`` the modality's Debian packages into a temporary folder and unpack them under ``root``
+    with ``dpkg -x`` (no system install, no root needed beyond apt's package lists); returns the packages.
+
+    Raises:
+        RecipeError: apt-get or dpkg missing or failing (one line naming the package).
+    """
+    import subprocess
+    import tempfile
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    packages = DEBIAN_PACKAGES[modality]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in packages:
+            for command in (["apt-get", "download", name], None):
+                if command is None:
+                    debs = sorted(Path(tmp).glob(f"{name}_*.deb"))
+                    if not debs:
+                        raise RecipeError(f"{name}: apt-get download wrote no .deb")
+                    command = ["dpkg", "-x", str(debs[-1]), str(root)]
+                try:
+                    subprocess.run(command, cwd=tmp, check=True, capture_output=True, text=True)
+                except (OSError, subprocess.CalledProcessError) as err:
+                    detail = getattr(err, "stderr", "") or str(err)
+                    raise RecipeError(f"{name}: `{' '.join(command)}` failed ({detail.strip().splitlines()[-1:]})"
+                                      ) from err
+    return list(packages)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe's options (``python -m recon.priors.recipe`` and ``recon prepare-prior-data``)."""
+    parser.add_argument("-o", "--out", required=True, help="output folder (train/, held-out/, manifest.json)")
     parser.add_argument("--modality", choices=["ct", "mri"], default="ct")
-    parser.add_argument("--debian-root", help="the dpkg -x root of the Debian packages (default /work/data/root)")
+    parser.add_argument("--debian-root", help="the dpkg -x root of the Debian packages (default ./debian-root)")
     parser.add_argument("--strict", action="store_true", help="a missing source is an error")
+    parser.add_argument("--fetch", action="store_true",
+                        help="first apt-get download + dpkg -x the Debian packages into --debian-root")
     parser.add_argument("--skip", nargs="*", default=[], metavar="SOURCE",
                         help="sources to leave out, e.g. invesalius (GPL-2) for weights free of GPL training data")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the recipe for parsed ``args``; exit status 2 on a recipe error (one line on stderr)."""
     roots = default_roots()
     if args.debian_root:
         roots["debian"] = args.debian_root
     try:
+        if args.fetch:
+            fetch_debian_sources(roots["debian"], args.modality)
         m = prepare_prior_data(args.out, args.modality, roots, args.strict,
                                report=lambda line: print(line, file=sys.stderr), skip=args.skip)
     except RecipeError as err:
@@ -477,6 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_train = sum(f["role"] == "train" for f in m["files"])
     print(f"{args.out}: {n_train} training and {len(m['held_out'])} held-out files, {len(m['dropped'])} dropped")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m recon.priors.recipe --out DIR [--modality ct|mri] [--fetch] [--strict]`` (= ``recon
+    prepare-prior-data``)."""
+    parser = argparse.ArgumentParser(prog="python -m recon.priors.recipe", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -187,10 +187,11 @@ def default_lowdose_ct_config(out: str, **overrides) -> RestorerConfig:
     """
     from pydicom.data import get_testdata_file
 
-    from recon.priors.train import default_ct_config
+    from recon.priors.train import pydicom_ct_files
 
     held_out = get_testdata_file("693_UNCR.dcm", download=False)
-    base = {"data": default_ct_config(out).data, "out": out, "model": "resshift", "task": "lowdose-ct",
+    # the data the built-in restorers were trained on (the first CT prior's pydicom slices), whatever ./prior-data holds
+    base = {"data": pydicom_ct_files(), "out": out, "model": "resshift", "task": "lowdose-ct",
             "phantom_fraction": 0.3, "channels": (32, 48, 64), "crop": 64, "batch_size": 8, "steps": 6000,
             "diffusion_steps": 15, "kappa": 1.0, "checkpoint_every": 250, "sample_every": 1000,
             "eval_files": [held_out] if held_out else [], "preset": "default-lowdose-ct"}

@@ -323,7 +323,7 @@ def _demo_input() -> str:
 
 def cmd_demo(args) -> int:
     """CT_small.dcm (a real 128×128 CT slice) → sparse-view sinogram with Beer–Lambert noise → FBP and the
-    default CT prior (DPS); every output in one folder; prints PSNR/SSIM."""
+    default CT prior (the recommended CT method); every output in one folder; prints PSNR/SSIM."""
     from recon.pipeline import reconstruct_file
 
     if args.views < 1 or args.photons <= 0:

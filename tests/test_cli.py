@@ -22,6 +22,7 @@ from nibabel.testing import data_path
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from recon.cli import main
+from recon.samplers import recommended_method
 
 CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
 MR_SMALL = get_testdata_file("MR_small.dcm", download=False)
@@ -52,14 +53,14 @@ def test_demo_runs_on_the_builtin_default_and_writes_outputs(tmp_path):
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     methods = [r["method"] for r in summary["results"]]
-    assert methods == ["analytic", "dps"] and summary["views"] == 60
-    fbp, dps = summary["results"]
-    assert fbp["psnr_db"] > 20 and fbp["nfe"] == 0 and dps["nfe"] == 20
+    assert methods == ["analytic", recommended_method("ct")] and summary["views"] == 60
+    fbp, default = summary["results"]
+    assert fbp["psnr_db"] > 20 and fbp["nfe"] == 0 and default["nfe"] == 20
     for r in summary["results"]:
         for key in ("image", "preview", "report", "provenance"):
             assert Path(r["outputs"][key]).is_file(), (key, r["outputs"])
-    assert Path(dps["outputs"]["image"]).name == "dps.nii.gz"
-    assert nib.load(dps["outputs"]["image"]).shape == (128, 128, 1)
+    assert Path(default["outputs"]["image"]).name == f"{recommended_method('ct')}.nii.gz"
+    assert nib.load(default["outputs"]["image"]).shape == (128, 128, 1)
 
 
 # ------------------------------------------------------------------------------------------------- info

@@ -294,8 +294,8 @@ plt.show()
 #
 # `RUN/prior/` is a prior folder in `recon`'s own format (`model.safetensors` + `model_card.json`), loaded with
 # `load_prior(path)` exactly like the built-in ones. Unconditional samples show what a prior has learned. Here
-# are 8 samples each from our 120-step prior and from the built-in MRI prior (4,850 steps on the MNI152 template),
-# with the EDM Heun sampler at 18 steps and seed 0.
+# are 8 samples each from our 120-step prior and from the built-in MRI prior (5,850 steps: 4,850 on the MNI152
+# template, then 1,000 on the recipe's MR data), with the EDM Heun sampler at 18 steps and seed 0.
 
 # %%
 mine = load_prior(work / "run-B" / "prior")
@@ -304,19 +304,19 @@ print(f"loaded {Path(mine.card['path']).name}/: trained {mine.card['training']['
 builtin = load_prior("default-mri")
 fig, ax = plt.subplots(2, 8, figsize=(10, 2.9), layout="constrained")
 for row, (name, prior) in enumerate((("this notebook's prior (120 steps)", mine),
-                                     ("built-in MRI prior (4,850 steps)", builtin))):
+                                     ("built-in MRI prior (5,850 steps)", builtin))):
     samples = sample_unconditional(prior, (8, 1, 48, 48), steps=18, generator=torch.Generator().manual_seed(0))
     for k in range(8):
         ax[row, k].imshow(samples[k, 0].clamp(-1, 1), vmin=-1, vmax=1)
         ax[row, k].set_xticks([])
         ax[row, k].set_yticks([])
     ax[row, 0].set_ylabel(name.split(" (")[0].replace("this notebook's", "ours:"), fontsize=8)
-fig.suptitle("top: this notebook's prior (120 steps) · bottom: built-in MRI prior (4,850 steps)", fontsize=9)
+fig.suptitle("top: this notebook's prior (120 steps) · bottom: built-in MRI prior (5,850 steps)", fontsize=9)
 plt.show()
 
 # %% [markdown]
 # After 120 steps the network makes noise-like texture: it has learned little beyond the intensity statistics.
-# After 4,850 steps the built-in prior makes smooth tissue regions against a dark background, but no recognisable
+# After 5,850 steps the built-in prior makes cortex-like folds and tissue texture, but no recognisable
 # anatomy. That is one more sign of how weak it is (notebook 2). The same run from the command line:
 #
 # ```bash

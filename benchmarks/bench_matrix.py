@@ -341,7 +341,8 @@ def report(rows: list[dict]) -> str:
                   "s | NFE |", "|---|---|---|---|---|---|---|---|---|"]
         cases = list(dict.fromkeys(r["case"] for r in grows))
         for case in cases:
-            for r in (r for r in grows if r["case"] == case):
+            order = {m: k for k, m in enumerate(METHODS)}
+            for r in sorted((r for r in grows if r["case"] == case), key=lambda r: order.get(r["method"], 99)):
                 lines.append(f"| {case} | {r['method']} | {_fmt(r, 'psnr', 2)} | {_fmt(r, 'ssim', 3)} | "
                              f"{_fmt(r, 'psnr_w', 2)} | {_fmt(r, 'ssim_w', 3)} | {_fmt(r, 'noise', 1)} | "
                              f"{_fmt(r, 'seconds', 1)} | {r.get('nfe', '–')} |")
@@ -445,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", type=Path, default=Path(__file__).resolve().parent / "figures")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/recon-matrix-cache"),
                         help="reconstructions kept for the figures of resumed runs")
+    parser.add_argument("--no-figures", action="store_true", help="write no figures (e.g. a pass of one method)")
     parser.add_argument("--report", nargs="+", type=Path, help="print the markdown tables of these JSON files")
     args = parser.parse_args(argv)
     if args.report:
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
                 case = f"{image}-{task}-{size}"
                 done = {r["method"]: r for r in rows if r["case"] == case}
                 panels = run_case(image, task, size, args.methods, priors, done, args.seed, write_row, args.cache)
-                if len(panels) > 1:
+                if len(panels) > 1 and not args.no_figures:
                     figure(case, panels, args.figures / f"matrix-{case}.png")
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -318,7 +318,7 @@ def reconstruct_file(
     timings["read_and_simulate"] = time.perf_counter() - t0
     physics = _physics(problem.meas, dev, cache)
     problem.meas.y = problem.meas.y.to(dev)
-    method = _resolve_method(s.method, s.options, physics, problem.complex_input, in_path)
+    method = _resolve_method(s.method, s.options, physics, problem.complex_input, in_path, problem.meas.spec.task)
     t0 = time.perf_counter()
     run = _run_method(problem.meas, physics, method, s, dev, cache, callback)
     timings["reconstruct"] = time.perf_counter() - t0
@@ -377,13 +377,14 @@ def _read_problem(in_path: Path, s: Settings) -> _Problem:
     return _Problem(meas, ref_image, ref_image)
 
 
-def _resolve_method(method: str | None, options: dict | None, physics, complex_input: bool, in_path: Path) -> str:
+def _resolve_method(method: str | None, options: dict | None, physics, complex_input: bool, in_path: Path,
+                    task: str | None = None) -> str:
     """The method to run (None: the recommended one for the operator; ``analytic`` for measured k-space), checked
     against the data: measured complex k-space needs a method that takes complex images."""
     from recon.samplers import METHODS, get_method, recommended_method
 
     if method is None:
-        method = "analytic" if complex_input else recommended_method(getattr(physics, "modality", None))
+        method = "analytic" if complex_input else recommended_method(getattr(physics, "modality", None), task)
     spec = get_method(method)
     spec.check_options(options or {})
     if complex_input and not spec.complex_data:
@@ -488,7 +489,8 @@ def reconstruct_in_memory(input: str | os.PathLike, settings: Settings, cache: d
     problem = _read_problem(Path(input), settings)
     physics = _physics(problem.meas, dev, cache)
     problem.meas.y = problem.meas.y.to(dev)
-    method = _resolve_method(settings.method, settings.options, physics, problem.complex_input, Path(input))
+    method = _resolve_method(settings.method, settings.options, physics, problem.complex_input, Path(input),
+                             problem.meas.spec.task)
     run = _run_method(problem.meas, physics, method, settings, dev, cache, None)
     spec = problem.meas.spec
     truth = to_domain(spec, _image_tensor(problem.ref_image).reshape(run.result.x.shape[2:]),

@@ -175,3 +175,13 @@ def test_a_noise_level_inconsistent_with_the_data_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"sigma_y = 5 is inconsistent with the data: the measurements' RMS is only"):
         recon.reconstruct(op, y, method="tv", sigma_y=5.0)
     assert recon.reconstruct(op, y, method="tv", sigma_y=0.05, steps=5).x.shape == (1, 1, 8, 8)
+
+
+def test_the_recommended_method_can_depend_on_the_task():
+    from recon.samplers.registry import RECOMMENDED, RECOMMENDED_BY_TASK
+    from recon.tasks import TASK_TABLE
+
+    assert set(RECOMMENDED_BY_TASK) <= set(TASK_TABLE)
+    for task, method in RECOMMENDED_BY_TASK.items():
+        assert recommended_method("ct", task) == method in METHODS
+    assert recommended_method("ct", "sparse-view-ct") == RECOMMENDED["ct"]

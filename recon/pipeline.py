@@ -465,6 +465,11 @@ def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, 
         panels = [("reference", ref), *panels, ("error", rec - ref)]
     report["diagnostics_last"] = {k: v for k, v in (result.diagnostics[-1] if result.diagnostics else {}).items()
                                   if isinstance(v, (int, float, bool))}
+    # the values the method chose from the noise model or a rule (σ_y used, TV's discrepancy weight, ...)
+    report["noise"] = _jsonable(meas.noise)
+    report["method_options"] = _jsonable(result.info.get("options", {}))
+    if "tv_weight" in result.info:
+        report["tv_weight"] = _jsonable(result.info["tv_weight"])
     provenance = {"task": spec.to_json(), "noise": meas.noise, "method": method,
                   "sampler_info": _jsonable(result.info),
                   "prior": {"name": _prior_label(run.prior_name),

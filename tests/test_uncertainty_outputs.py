@@ -97,3 +97,11 @@ def test_calibration_from_reference_studies_is_applied_to_later_runs(tmp_path, c
     rec, std, lower = _load(out), _load(tmp_path / "r.std.nii.gz"), _load(tmp_path / "r.lower.nii.gz")
     np.testing.assert_allclose(lower, rec - doc["factor"] * std, atol=1e-2)
     assert main(["calibrate", "-i", str(refs), "-o", str(calib), *common]) == 2  # exists: one line, no overwrite
+
+
+def test_the_report_records_the_noise_model_and_the_chosen_weights(tmp_path, capsys):
+    assert main(["reconstruct", "-i", CT_SMALL, "-o", str(tmp_path / "tv.nii.gz"), "--task", "sparse-view-ct",
+                 "--views", "30", "--method", "tv", "--steps", "30", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["noise"]["kind"] == "poisson" and report["noise"]["sigma_y"] > 0
+    assert report["tv_weight"]["lam"] > 0 and report["method_options"]["weight"] == "auto"

@@ -254,7 +254,7 @@ for command in ("reconstruct -i missing.npz -o x.nii.gz", "reconstruct -i meas.n
 #
 # Each command is one function call: `recon.pipeline.describe(path)`, `recon.pipeline.simulate_file(input, output,
 # task, ...)` and `recon.pipeline.reconstruct_file(input, output, method=..., ...)`. They return the dictionaries
-# printed above. `recon demo` runs the FBP and DPS half of this notebook in one command.
+# printed above. `recon demo` runs FBP and the recommended CT method (the TV hybrid) on this scan in one command.
 #
 # ## What this notebook does not show
 #

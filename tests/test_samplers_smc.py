@@ -59,13 +59,7 @@ SIGMA_Y = 0.1
 REPLICAS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is several times faster than two on a shared, loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny problems
 
 
 def matrix_physics(matrix: torch.Tensor, shape) -> LinearPhysics:

@@ -46,12 +46,7 @@ F64 = torch.float64
 SIGMA_Y = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny problems
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from torch import nn
 from recon.samplers.base import ReconstructionResult, check_finite, data_residual, operator_norm, record_step
 from recon.samplers.dps import (
     ancestral_step,
+    chains_result,
     finish_samples,
     image_template,
     per_item_norm,
@@ -565,10 +566,7 @@ class _Adapter:
         self.run.step(len(self.run.diagnostics), sigma, per_item_norm(self.y_rep - self.physics.A(x0)).mean())
 
     def result(self, x: torch.Tensor, options: dict) -> ReconstructionResult:
-        samples = x.reshape(self.p, self.b, *x.shape[1:])
-        xm, weights, std = finish_samples(samples)
-        return self.run.result(xm, samples=samples, weights=weights, std=std, steps=len(self.run.diagnostics),
-                               options=options)
+        return chains_result(self.run, x, steps=len(self.run.diagnostics), options=options)
 
 
 def _adapter(method: str, physics, y: torch.Tensor, prior, particles: int, data_range, generator, callback,

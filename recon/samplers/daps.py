@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from recon.priors.schedules import karras_sigmas
-from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm, record_step
-from recon.samplers.dps import image_template, per_item_norm, randn, repeat_batch, sampler_result, sigma_schedule
+from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm
+from recon.samplers.dps import (
+    chains_result,
+    per_item_norm,
+    randn,
+    start_chains,
+)
+from recon.samplers.loop import SamplerRun
 
 __all__ = ["langevin_x0", "ode_x0", "sample_daps"]
 
@@ -95,18 +100,16 @@ def sample_daps(
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
         ``std`` (``P > 1``), ``diagnostics``, ``info``.
     """
-    t0 = time.perf_counter()
     _check(sigma_y, particles, ode_steps, langevin_steps, lr, lr_min_ratio, tau)
-    p = int(particles)
-    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
-    n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
-    template = repeat_batch(image_template(physics, y), p)
+    c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
+    sig, n, x, y_rep = c.sig, c.n, c.x, c.y_rep
     t = float(sigma_y) if sigma_y > 0 else float(tau)
-    norm2 = operator_norm(physics, template[:1]) ** 2
-    diagnostics: list[dict] = []
+    norm2 = operator_norm(physics, c.template[:1]) ** 2
+    run = SamplerRun("daps", prior, generator, callback, steps=n, particles=c.p, options={
+        "ode_steps": int(ode_steps), "langevin_steps": int(langevin_steps), "lr": float(lr),
+        "lr_min_ratio": float(lr_min_ratio), "tau": t, "operator_norm": norm2**0.5, "sigma_max": float(sig[0]),
+        "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)})
     with torch.no_grad():
-        y_rep = repeat_batch(y, p).detach()
-        x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
         for i in range(n):
             s, s_next = float(sig[i]), float(sig[i + 1])
             x0hat = ode_x0(prior, x, s, ode_steps)
@@ -116,11 +119,8 @@ def sample_daps(
             x0 = langevin_x0(physics, x0hat, y_rep, s, t, eta, langevin_steps, generator)
             check_bounded(x0, "daps", i, 0.0, "reduce lr (the Langevin step, below 2)")
             x = x0 + s_next * randn(x0.shape, generator, x0.dtype, x0.device) if s_next > 0 else x0
-            record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, per_item_norm(y_rep - physics.A(x0)).mean())
-    options = {"ode_steps": int(ode_steps), "langevin_steps": int(langevin_steps), "lr": float(lr),
-               "lr_min_ratio": float(lr_min_ratio), "tau": t, "operator_norm": norm2**0.5,
-               "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)}
-    return sampler_result("daps", x0, p, diagnostics, t0, prior, nfe0, n, options)
+            run.step(i, s, per_item_norm(y_rep - physics.A(x0)).mean())
+    return chains_result(run, x0)
 
 
 def _check(sigma_y, particles, ode_steps, langevin_steps, lr, lr_min_ratio, tau) -> None:

@@ -13,13 +13,18 @@ The output is the data-consistent ``x̂0`` of the last level.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, record_step
-from recon.samplers.dps import image_template, per_item_norm, randn, repeat_batch, sampler_result, sigma_schedule
+from recon.samplers.base import ReconstructionResult, check_bounded, check_finite
+from recon.samplers.dps import (
+    chains_result,
+    per_item_norm,
+    randn,
+    start_chains,
+)
+from recon.samplers.loop import SamplerRun
 from recon.samplers.volume import normal_cg
 
 __all__ = ["proximal_data_step", "renoise", "sample_diffpir"]
@@ -87,17 +92,14 @@ def sample_diffpir(
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
         ``std`` (``P > 1``), ``diagnostics``, ``info``.
     """
-    t0 = time.perf_counter()
     _check(sigma_y, particles, lam, zeta, cg_iters)
-    p = int(particles)
-    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
-    n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
-    template = repeat_batch(image_template(physics, y), p)
-    diagnostics: list[dict] = []
+    c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
+    sig, n, x, y_rep = c.sig, c.n, c.x, c.y_rep
+    run = SamplerRun("diffpir", prior, generator, callback, steps=n, particles=c.p, options={
+        "lam": float(lam), "zeta": float(zeta), "cg_iters": int(cg_iters), "sigma_max": float(sig[0]),
+        "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)})
     with torch.no_grad():
-        y_rep = repeat_batch(y, p).detach()
         aty = physics.A_adjoint(y_rep)
-        x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
         for i in range(n):
             s, s_next = float(sig[i]), float(sig[i + 1])
             x0 = prior.denoise(x, s)
@@ -107,10 +109,8 @@ def sample_diffpir(
             x = renoise(x, x0, s, s_next, float(zeta), generator)
             check_bounded(x, "diffpir", i, s_next, "raise lam or sigma_y, or lower cg_iters")
             residual = per_item_norm(y_rep - physics.A(x0)).mean()
-            record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, residual, rho=rho_i)
-    options = {"lam": float(lam), "zeta": float(zeta), "cg_iters": int(cg_iters), "sigma_max": float(sig[0]),
-               "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)}
-    return sampler_result("diffpir", x0, p, diagnostics, t0, prior, nfe0, n, options)
+            run.step(i, s, residual, rho=rho_i)
+    return chains_result(run, x0)
 
 
 def _check(sigma_y, particles, lam, zeta, cg_iters) -> None:

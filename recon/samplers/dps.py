@@ -46,8 +46,8 @@ default here is 100 Karras-spaced levels (CPU-friendly; use ``steps=1000`` for t
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,8 @@ from recon.priors.schedules import karras_sigmas
 from recon.samplers.base import ReconstructionResult, operator_norm, weighted_moments
 from recon.samplers.loop import SamplerRun
 
-__all__ = ["ancestral_step", "noise_weight", "sample_dps", "sampler_result", "sigma_schedule", "tweedie_std"]
+__all__ = ["Chains", "ancestral_step", "chains_result", "noise_weight", "sample_dps", "sigma_schedule", "start_chains",
+           "tweedie_std"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,15 +154,35 @@ def tweedie_std(sigma: float, data_var: float = 1.0) -> float:
     return math.sqrt(float(data_var) * s2 / (float(data_var) + s2))
 
 
-def sampler_result(method: str, x0: torch.Tensor, p: int, diagnostics: list, t0: float, prior, nfe0: int,
-                   steps: int, options: dict) -> ReconstructionResult:
-    """The ``ReconstructionResult`` of ``P`` independent chains: ``x0`` is the ``(P·B, ...)`` batch of final
-    estimates (row ``p·B + b``); ``x`` their mean (``P > 1``) or the sample, uniform weights, ``std``."""
-    samples = x0.reshape(p, x0.shape[0] // p, *x0.shape[1:])
+@dataclass
+class Chains:
+    """``P`` independent chains per measurement as one ``P·B`` batch (row ``p·B + b``): the noise levels, the image
+    template, the repeated measurements and the starting state ``x = σ_max · n``."""
+
+    p: int
+    sig: torch.Tensor
+    n: int
+    template: torch.Tensor
+    y_rep: torch.Tensor
+    x: torch.Tensor
+
+
+def start_chains(physics, y: torch.Tensor, prior, generator: torch.Generator | None, steps: int, particles: int,
+                 sigma_min: float | None, sigma_max: float | None, rho: float, sigmas) -> Chains:
+    """The set-up every diffusion posterior sampler shares (the first draw of ``generator`` is the start)."""
+    p = int(particles)
+    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
+    template = repeat_batch(image_template(physics, y), p)
+    x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
+    return Chains(p, sig, sig.numel() - 1, template, repeat_batch(y, p).detach(), x)
+
+
+def chains_result(run: SamplerRun, x0: torch.Tensor, **info) -> ReconstructionResult:
+    """The result of ``run.particles`` independent chains: ``x0`` is the ``(P·B, ...)`` batch of final estimates
+    (row ``p·B + b``); ``x`` their mean (``P > 1``) or the sample, uniform weights, ``std``."""
+    samples = x0.reshape(run.particles, x0.shape[0] // run.particles, *x0.shape[1:])
     xm, weights, std = finish_samples(samples)
-    info = {"method": method, "steps": steps, "particles": p, "nfe": getattr(prior, "nfe", 0) - nfe0,
-            "seconds": time.perf_counter() - t0, "options": options}
-    return ReconstructionResult(x=xm, samples=samples, weights=weights, std=std, diagnostics=diagnostics, info=info)
+    return run.result(xm, samples=samples, weights=weights, std=std, **info)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,9 +265,7 @@ def sample_dps(
                 x_next = x_next - 2.0 * float(zeta) * factor / norm_a * weight * grad
         x = x_next.detach()
         run.step(i, s, per_item_norm(r.detach()).mean(), x=x, hint="reduce zeta (the guidance step) or use more steps")
-    samples = x0.reshape(p, y.shape[0], *x0.shape[1:])
-    xm, weights, std = finish_samples(samples)
-    return run.result(xm, samples=samples, weights=weights, std=std)
+    return chains_result(run, x0)
 
 
 def _noise_energy(y: torch.Tensor, sigma_y: float, on: bool) -> torch.Tensor | float:

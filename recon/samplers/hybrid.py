@@ -16,22 +16,19 @@ the data step's result at the last level. With ``σ_y = 0`` the anchor and TV va
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm, record_step
+from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm
 from recon.samplers.dps import (
-    image_template,
+    chains_result,
     per_item_norm,
-    randn,
-    repeat_batch,
-    sampler_result,
-    sigma_schedule,
+    start_chains,
     tweedie_std,
 )
-from recon.samplers.volume import RHO_PER_OPERATOR_NORM2, admm_tv, forward_difference
+from recon.samplers.loop import SamplerRun
+from recon.samplers.volume import RHO_PER_OPERATOR_NORM2, admm_tv, ddim_renoise, forward_difference
 
 __all__ = ["sample_hybrid", "tv_data_step"]
 
@@ -98,22 +95,20 @@ def sample_hybrid(
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
         ``std`` (``P > 1``), ``diagnostics``, ``info`` (``options``: the resolved ``tv_weight``).
     """
-    t0 = time.perf_counter()
     _check(sigma_y, particles, anchor, tv_weight, eta, admm_iters, cg_iters)
-    p, sy2 = int(particles), float(sigma_y) ** 2
-    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
-    n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
-    template = repeat_batch(image_template(physics, y), p)
+    sy2 = float(sigma_y) ** 2
+    c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
+    sig, n, x, y_rep, template = c.sig, c.n, c.x, c.y_rep, c.template
     norm_a = operator_norm(physics, template[:1])
     lam = (0.05 * norm_a / float(sigma_y) if sigma_y > 0 else 0.0) if tv_weight is None else float(tv_weight)
     axes = tuple(range(template.dim() - 2))
     step = {"tv_weight": sy2 * lam, "axes": axes, "admm_iters": int(admm_iters), "cg_iters": int(cg_iters)}
-    c_keep, c_fresh = math.sqrt(1.0 - float(eta) ** 2), float(eta)
-    diagnostics: list[dict] = []
+    run = SamplerRun("hybrid", prior, generator, callback, steps=n, particles=c.p, options={
+        "anchor": float(anchor), "tv_weight": lam, "eta": float(eta), "admm_iters": int(admm_iters),
+        "cg_iters": int(cg_iters), "tv_axes": list(axes), "operator_norm": norm_a, "sigma_max": float(sig[0]),
+        "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)})
     with torch.no_grad():
-        y_rep = repeat_batch(y, p).detach()
         aty = physics.A_adjoint(y_rep)
-        x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
         for i in range(n):
             s, s_next = float(sig[i]), float(sig[i + 1])
             x0 = prior.denoise(x, s)
@@ -121,16 +116,11 @@ def sample_hybrid(
             gamma = sy2 * float(anchor) / tweedie_std(s) ** 2
             admm_rho = gamma + RHO_PER_OPERATOR_NORM2 * norm_a**2  # the penalty follows the anchor's curvature
             x0dc, primal = tv_data_step(physics, x0, aty, gamma=gamma, admm_rho=admm_rho, **step)
-            if s_next > 0:
-                noise = randn(x.shape, generator, x.dtype, x.device)
-                x = x0dc + (s_next * c_keep / s) * (x - x0) + (s_next * c_fresh) * noise
+            x = ddim_renoise(x, x0, x0dc, s, s_next, float(eta), generator)
             check_bounded(x0dc, "hybrid", i, 0.0, "raise anchor or lower cg_iters")
             residual = per_item_norm(y_rep - physics.A(x0dc)).mean()
-            record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, residual, gamma=gamma, admm_residual=primal)
-    options = {"anchor": float(anchor), "tv_weight": lam, "eta": float(eta), "admm_iters": int(admm_iters),
-               "cg_iters": int(cg_iters), "tv_axes": list(axes), "operator_norm": norm_a,
-               "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)}
-    return sampler_result("hybrid", x0dc, p, diagnostics, t0, prior, nfe0, n, options)
+            run.step(i, s, residual, gamma=gamma, admm_residual=primal)
+    return chains_result(run, x0dc)
 
 
 def _check(sigma_y, particles, anchor, tv_weight, eta, admm_iters, cg_iters) -> None:

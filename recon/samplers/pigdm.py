@@ -15,22 +15,19 @@ For a Gaussian prior of variance ``v_d`` this guidance is the exact ``∇ log p(
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, record_step
+from recon.samplers.base import ReconstructionResult, check_bounded, check_finite
 from recon.samplers.dps import (
     ancestral_step,
-    image_template,
+    chains_result,
     per_item_norm,
-    randn,
-    repeat_batch,
-    sampler_result,
-    sigma_schedule,
+    start_chains,
     tweedie_std,
 )
+from recon.samplers.loop import SamplerRun
 
 __all__ = ["sample_pigdm", "solve_measurement_system"]
 
@@ -92,15 +89,12 @@ def sample_pigdm(
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
         ``std`` (``P > 1``), ``diagnostics``, ``info``.
     """
-    t0 = time.perf_counter()
     _check(sigma_y, particles, eta, data_var, guidance, cg_iters)
-    p = int(particles)
-    sig = sigma_schedule(prior, steps, sigma_min, sigma_max, rho, sigmas)
-    n, nfe0 = sig.numel() - 1, getattr(prior, "nfe", 0)
-    template = repeat_batch(image_template(physics, y), p)
-    y_rep = repeat_batch(y, p).detach()
-    x = float(sig[0]) * randn(template.shape, generator, template.dtype, template.device)
-    diagnostics: list[dict] = []
+    c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
+    sig, n, x, y_rep = c.sig, c.n, c.x, c.y_rep
+    run = SamplerRun("pigdm", prior, generator, callback, steps=n, particles=c.p, options={
+        "eta": float(eta), "data_var": float(data_var), "guidance": float(guidance), "cg_iters": int(cg_iters),
+        "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)})
     for i in range(n):
         s, s_next = float(sig[i]), float(sig[i + 1])
         x0 = _guided_x0(physics, prior, x, y_rep, s, float(sigma_y), float(data_var), float(guidance), cg_iters)
@@ -109,10 +103,8 @@ def sample_pigdm(
             x = ancestral_step(x, x0, s, s_next, generator, float(eta))
             check_bounded(x, "pigdm", i, s_next, "lower guidance or raise sigma_y")
             residual = per_item_norm(y_rep - physics.A(x0)).mean()
-        record_step(diagnostics, callback, t0, prior, nfe0, i, n, s, residual)
-    options = {"eta": float(eta), "data_var": float(data_var), "guidance": float(guidance), "cg_iters": int(cg_iters),
-               "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)}
-    return sampler_result("pigdm", x0, p, diagnostics, t0, prior, nfe0, n, options)
+        run.step(i, s, residual)
+    return chains_result(run, x0)
 
 
 def _guided_x0(physics, prior, x, y, s, sigma_y, data_var, guidance, cg_iters) -> torch.Tensor:

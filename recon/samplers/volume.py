@@ -33,6 +33,7 @@ __all__ = [
     "RHO_PER_OPERATOR_NORM2",
     "TV_THRESHOLD",
     "admm_tv",
+    "ddim_renoise",
     "forward_difference",
     "forward_difference_adjoint",
     "normal_cg",
@@ -508,7 +509,7 @@ def _dds_weights(physics, template: torch.Tensor, axes: tuple, rho, tv_weight, t
     return norm_a, rho_v, lam_v, gamma_v
 
 
-def _renoise(x: torch.Tensor, x0: torch.Tensor, x0dc: torch.Tensor, s: float, s_next: float, eta: float,
+def ddim_renoise(x: torch.Tensor, x0: torch.Tensor, x0dc: torch.Tensor, s: float, s_next: float, eta: float,
              generator) -> torch.Tensor:
     """DDIM re-noising of the data-consistent estimate to σ = ``s_next``: a share ``eta`` of fresh noise."""
     if s_next <= 0:
@@ -589,7 +590,7 @@ def sample_dds(
                                                boundary=tv_boundary)
                 check_finite(x0dc, method, i, hint)
                 residual = float(per_item_norm(y_rep - physics.A(x0dc)).mean())
-                xn = _renoise(x, x0, x0dc, s, s_next, float(eta), generator)
+                xn = ddim_renoise(x, x0, x0dc, s, s_next, float(eta), generator)
                 del x0, x0dc
                 check_finite(xn, method, i, hint)
                 x, z, u = xn, zn, un

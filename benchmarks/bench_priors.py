@@ -4,6 +4,7 @@
     python benchmarks/bench_priors.py --prior default-mri --json benchmarks/prior_mri.json
 
     python benchmarks/bench_priors.py --prior /path/to/prior-folder --label old --skip-throughput
+    python benchmarks/bench_priors.py --prior default-ct --patch-gmm patch-gmm-ct --json /tmp/prior_ct_gmm.json
 
 Quality: one Tweedie step ``prior.denoise(x + σ n, σ)`` on images the prior never saw, against
 Gaussian filtering and TV (Chambolle) with their parameter tuned per image and noise level on a grid (an
@@ -124,8 +125,10 @@ def classical(noisy, ref, sigma):
     return {"gaussian (oracle)": best_g, "TV (oracle)": best_tv, "BM3D": b}
 
 
-def quality(prior, images, hu_per_unit=None, seed=0):
-    """Mean PSNR/SSIM per method and σ (and, for CT, the brain-window PSNR/SSIM)."""
+def quality(prior, images, hu_per_unit=None, seed=0, extra=None, timing=None):
+    """Mean PSNR/SSIM per method and σ (and, for CT, the brain-window PSNR/SSIM); ``extra`` maps a column name to
+    another prior (one ``denoise`` step, after the others, so their noise draws do not change); ``timing``
+    collects its seconds per megapixel."""
     rows = []
     g = torch.Generator().manual_seed(seed)
     to_hu = None
@@ -139,6 +142,13 @@ def quality(prior, images, hu_per_unit=None, seed=0):
             with torch.no_grad():
                 den = prior.denoise(torch.from_numpy(noisy).float()[None, None], sigma)[0, 0].double().numpy()
             results = {"noisy": noisy, **classical(noisy, ref, sigma), "recon prior (1 step)": den}
+            for name, other in (extra or {}).items():
+                t = time.perf_counter()
+                with torch.no_grad():
+                    out = other.denoise(torch.from_numpy(noisy).float()[None, None], sigma)
+                results[name] = out[0, 0].double().numpy()
+                if timing is not None:
+                    timing.setdefault(name, []).append((time.perf_counter() - t) / noisy.size * 1e6)
             for name, im in results.items():
                 brain = brain_window_metrics(im, ref, to_hu) if to_hu else (float("nan"), float("nan"))
                 per_method.setdefault(name, []).append((psnr(im, ref), ssim(im, ref), *brain))
@@ -201,6 +211,7 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--patch-gmm", metavar="PRIOR", help="also the patch-GMM prior (e.g. patch-gmm-ct) as a column")
     args = parser.parse_args()
 
     from recon.priors import load_prior
@@ -220,8 +231,15 @@ def main():
         group = "phantoms (unseen seeds)" if name.startswith("phantom") else name.split(" axial")[0]
         groups.setdefault(group, []).append((name, img))
     result = {"prior": label, "modality": modality, "steps": steps, "quality": {}}
+    extra, timing = {}, {}
+    if args.patch_gmm:
+        torch.set_num_threads(args.threads)
+        gmm = load_prior(args.patch_gmm)
+        extra = {"patch GMM (1 step)": gmm}
+        result["patch_gmm"] = {k: gmm.card.get(k) for k in ("n_components", "patch_size", "stride", "remove_mean",
+                                                              "n_patches", "fit_seconds")}
     for group, members in groups.items():
-        rows = quality(prior, members, hu_per_unit)
+        rows = quality(prior, members, hu_per_unit, extra=extra, timing=timing)
         result["quality"][group] = rows
         print(f"## Denoising: {group} ({len(members)} image(s)), prior `{label}` ({steps} training steps)\n")
         print_table(rows)
@@ -230,6 +248,10 @@ def main():
             print(f"### Brain window [0, 80] HU: {group}\n")
             print_table(rows, ("psnr_brain", "ssim_brain"))
             print("\nPSNR (dB, data range 80 HU) / SSIM over the brain mask, both images clipped to [0, 80] HU.\n")
+    for name, per_mpix in timing.items():
+        result.setdefault("patch_gmm", {})["seconds_per_256x256"] = float(np.median(per_mpix)) * 256**2 / 1e6
+        print(f"{name}: {result['patch_gmm']['seconds_per_256x256']:.2f} s per 256² slice (median, "
+              f"{args.threads} thread(s))\n")
     result["images"] = [n for n, _ in images]
     result["seconds"] = time.perf_counter() - t0
     if not args.skip_throughput:

@@ -24,6 +24,7 @@ _LAZY = {
     "GaussianPrior": "gaussian",
     "GaussianMixturePosterior": "gaussian",
     "bimodal_inpainting_example": "gaussian",
+    "PatchGMMPrior": "patch_gmm",
     "load_prior": "io",
     "save_prior": "io",
     "TrainConfig": "train",

@@ -32,8 +32,10 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CARD = "model_card.json"
 
-# name -> folder inside the package (recon/priors/weights/<folder>)
-BUILTIN_PRIORS = {"default": "default-ct", "default-ct": "default-ct", "default-mri": "default-mri"}
+# name -> folder inside the package (recon/priors/weights/<folder>); "patch-gmm-ct" is the analytic patch
+# Gaussian-mixture baseline (recon.priors.patch_gmm, card format "recon-patch-gmm")
+BUILTIN_PRIORS = {"default": "default-ct", "default-ct": "default-ct", "default-mri": "default-mri",
+                  "patch-gmm-ct": "patch-gmm-ct"}
 
 
 def check_state_dict(module: torch.nn.Module, state: dict, source: str) -> None:
@@ -92,8 +94,11 @@ def _builtin_folder(name: str) -> Path:
 
 
 def load_prior(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPrior:
-    """Load a prior by built-in name (``"default"`` = ``"default-ct"``, ``"default-mri"``) or from a folder
-    in ``recon``'s format (``model.safetensors`` + ``model_card.json``). Nothing is ever downloaded.
+    """Load a prior by built-in name (``"default"`` = ``"default-ct"``, ``"default-mri"``, ``"patch-gmm-ct"``)
+    or from a folder in ``recon``'s format (``model.safetensors`` + ``model_card.json``). Nothing is ever
+    downloaded. A folder whose card has the format ``"recon-patch-gmm"`` gives a
+    :class:`recon.priors.patch_gmm.PatchGMMPrior` (same denoise/score contract; its parameters follow the
+    input's device).
     """
     from safetensors.torch import load_file
 
@@ -121,6 +126,10 @@ def load_prior(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         card = json.loads((folder / CARD).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder / CARD}: not valid JSON ({err})") from err
+    if card.get("format") == "recon-patch-gmm":
+        from recon.priors.patch_gmm import load_patch_gmm
+
+        return load_patch_gmm(folder)
     if card.get("format") != FORMAT:
         raise ValueError(
             f"{folder / CARD}: not a recon prior card (format {card.get('format')!r}, expected {FORMAT!r})"

@@ -15,6 +15,7 @@ from recon.samplers.base import (
     reconstruct,
 )
 from recon.samplers.registry import MethodSpec, OptionError, get_method, recommended_method
+from recon.samplers.tsmc import sample_tsmc
 
 __all__ = [
     "METHODS",
@@ -28,4 +29,5 @@ __all__ = [
     "get_method",
     "recommended_method",
     "reconstruct",
+    "sample_tsmc",
 ]

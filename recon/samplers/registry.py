@@ -226,6 +226,8 @@ METHODS: dict[str, MethodSpec] = dict([
           family="particles"),
     _spec("fps", "fps", "sample_fps", "Filtering Posterior Sampling: particle filter on noised measurements (linear A)",
           family="particles"),
+    _spec("tempered-smc", "tsmc", "sample_tsmc", "tempered SMC: prior samples, adaptive likelihood tempering, MALA",
+          family="particles"),
 ])
 
 

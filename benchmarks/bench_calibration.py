@@ -27,7 +27,8 @@ Exact posteriors (``--gmm``): ``GaussianMixturePrior`` problems with closed-form
 pixel mask, σ_y = 0.1), *mixture* (3 components, as
 ``tests/test_samplers_smc.py``) and *bimodal* (``bimodal_inpainting_example`` 6×6, σ_y = 0.1, mode weights
 0.3/0.7); P = 1024 particles/samples, 4 replicas: posterior-mean error in units of the posterior std against the
-floor of 1024 exact samples (target ≤ 1.5×), std ratio, mode-weight TV distance (target ≤ 0.05).
+floor of 1024 exact samples (target ≤ 1.5×), std ratio, mode-weight TV distance (target ≤ 0.05), network
+evaluations per particle. Methods: FPS, SMC (TDS), tempered SMC (``recon.samplers.tsmc``), an ensemble of DPS.
 
 One torch thread; the figures go to ``benchmarks/figures/calibration-<modality>.png``.
 """
@@ -297,11 +298,13 @@ def run_gmm(particles: int = 1024, replicas: int = 4) -> dict:
     from recon.samplers.ensemble import sample_ensemble
     from recon.samplers.fps import sample_fps
     from recon.samplers.smc import sample_smc
+    from recon.samplers.tsmc import sample_tsmc
 
     methods = {
         "FPS (50 steps)": (sample_fps, {"steps": 50}),
         "FPS (200 steps)": (sample_fps, {"steps": 200}),
         "SMC TDS (100 steps)": (sample_smc, {"steps": 100, "weighting": "tds"}),
+        "tempered SMC (100 prior steps)": (sample_tsmc, {"steps": 100}),
         "ensemble of DPS (50 steps)": (sample_ensemble, {"base": "dps", "steps": 50, "per_run": particles}),
     }
     rows = []
@@ -312,11 +315,12 @@ def run_gmm(particles: int = 1024, replicas: int = 4) -> dict:
                          for r in range(replicas)])
         yb = y.repeat(replicas, *([1] * (y.dim() - 1)))
         for label, (fn, kw) in methods.items():
-            t0 = time.perf_counter()
+            t0, nfe0 = time.perf_counter(), prior.nfe
             res = fn(physics, yb, prior, sigma_y=sy, particles=particles, generator=torch.Generator().manual_seed(3),
                      **kw)
             row = {"problem": name, "method": label, "particles": particles, "err_floor": float(floor),
                    **gmm_metrics(res, prior, physics, post, replicas), "seconds": time.perf_counter() - t0,
+                   "nfe_per_particle": (prior.nfe - nfe0) / (particles * replicas),
                    "ess_final": res.info.get("ess_final", res.info.get("final_ess"))}
             row["err_over_floor"] = row["err"] / row["err_floor"]
             rows.append(row)
@@ -356,11 +360,13 @@ def run_cost(size: int = 256, k: int = 4, steps: int = 2) -> dict:
 def markdown(result: dict) -> str:
     """The README tables of a result (real images: per case and method, mean over the reported draws)."""
     if "summary" not in result:
-        lines = ["| problem | method | err / floor | std ratio | mode TV | seconds |", "|---|---|---|---|---|---|"]
+        lines = ["| problem | method | err / floor | std ratio | mode TV | seconds | NFE / particle |",
+                 "|---|---|---|---|---|---|---|"]
         for r in result["rows"]:
             tv = f"{r['mode_tv']:.3f}" if "mode_tv" in r else ""
             lines.append(f"| {r['problem']} | {r['method']} | {r['err']:.3f} / {r['err_floor']:.3f} = "
-                         f"{r['err_over_floor']:.1f}× | {r['std_ratio']:.2f} | {tv} | {r['seconds']:.1f} |")
+                         f"{r['err_over_floor']:.1f}× | {r['std_ratio']:.2f} | {tv} | {r['seconds']:.1f} | "
+                         f"{r.get('nfe_per_particle', float('nan')):.0f} |")
         return "\n".join(lines)
     result["summary"] = summarise(result["rows"])
     lines = ["| case | method | PSNR | cov. 50 / 90 / 95 % (image) | cov. 50 / 90 / 95 % (body) | 90 % quantile "

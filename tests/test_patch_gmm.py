@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -115,10 +113,6 @@ def test_missing_file_is_a_one_line_error_naming_the_path(tmp_path):
     assert "\n" not in msg and str(tmp_path / "nowhere" / "model_card.json") in msg
 
 
-_BUILTIN = Path(__file__).parents[1] / "recon" / "priors" / "weights" / "patch-gmm-ct" / "model.safetensors"
-
-
-@pytest.mark.skipif(not _BUILTIN.is_file(), reason="the fitted CT model is not shipped yet")
 def test_builtin_ct_model_loads_and_denoises():
     from recon.priors import load_prior
 

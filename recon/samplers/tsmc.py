@@ -198,12 +198,14 @@ def _sorted_systematic(key: torch.Tensor) -> Callable:
     return resample
 
 
-def _distinct_ess(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """ESS ``(B,)`` with identical particles merged: duplicates left by resampling and rejected moves count once."""
+def _distinct_ess(x: torch.Tensor, w: torch.Tensor, tol: float) -> torch.Tensor:
+    """ESS ``(B,)`` with (nearly) identical particles merged: duplicates left by resampling, and copies that moves
+    only nudged (closer than ``tol`` in L2; a collapsed cloud gives a collapsed preconditioner), count once."""
     out = []
     for b in range(x.shape[1]):
-        _, inv = torch.unique(x[:, b], dim=0, return_inverse=True)
-        merged = torch.zeros(int(inv.max()) + 1, dtype=_F64, device=x.device).index_add_(0, inv, w[:, b])
+        close = torch.cdist(x[:, b], x[:, b]) <= tol  # (P, P)
+        first = close.to(torch.int8).argmax(1)  # each particle joins the first one close to it
+        merged = torch.zeros(x.shape[0], dtype=_F64, device=x.device).index_add_(0, first, w[:, b])
         out.append(1.0 / float((merged**2).sum()))
     return torch.tensor(out, dtype=_F64)
 
@@ -269,8 +271,8 @@ def sample_tsmc(
     Returns:
         ``ReconstructionResult``: ``samples (P, B, ...)``, normalised ``weights (P, B)``, ``x`` the weighted mean,
         ``std`` the weighted std; ``diagnostics`` per prior step and per tempering stage (``beta``, ``ess``,
-        ``ess_per_item``, ``acceptance``, ``step_size``, ``resampled``); ``info``: ``ess_final`` (per item, identical
-        particles merged), ``ess_weights``, ``degenerate``, ``warnings``, ``temperatures``, ``resamplings``,
+        ``ess_per_item``, ``acceptance``, ``step_size``, ``resampled``); ``info``: ``ess_final`` (per item, particles
+        closer than 10⁻³ σ·√d merged), ``ess_weights``, ``degenerate``, ``warnings``, ``temperatures``, ``resamplings``,
         ``acceptance``, ``ancestors`` (distinct prior samples behind the final particles), ``nfe``.
     """
     _check(sigma_y, steps, particles, moves, final_moves, cess, ess_threshold, precondition, sigma_target,
@@ -295,7 +297,7 @@ def sample_tsmc(
     wt = w.to(samples.dtype).reshape(p, b, *([1] * (samples.dim() - 2)))
     mean = (wt * samples).sum(0)
     std = (wt * (samples - mean) ** 2).sum(0).clamp_min(0).sqrt()
-    ess = _distinct_ess(st["x"], w)
+    ess = _distinct_ess(st["x"], w, 1e-3 * target.sigma * math.sqrt(d))  # a thousandth of the noise level
     degenerate, warnings = degeneracy_report(ess, p, degenerate_below, "tempered-smc")
     if min(tempering["acceptance"]) < 0.05:
         warnings.append(f"tempered-smc: the final MALA acceptance rate is {min(tempering['acceptance']):.3f}: the "

@@ -51,6 +51,7 @@ from recon.tasks import (
     save_measurement,
     simulate,
     to_domain,
+    weighted_problem,
 )
 from recon.utils import jsonable as _jsonable
 from recon.utils import resolve_device as _resolve_device
@@ -404,6 +405,7 @@ class _Run:
     b: float
     prior: object
     prior_name: str | None
+    weighting: dict | None = None
 
 
 def _run_method(meas, physics, method: str, s: Settings, dev, cache, callback) -> _Run:
@@ -414,6 +416,8 @@ def _run_method(meas, physics, method: str, s: Settings, dev, cache, callback) -
 
     with torch.no_grad():
         analytic_d = analytic_inverse(physics, meas.y)
+    if get_method(method).weighted_data:  # Beer–Lambert CT: each ray by its inverse variance (PWLS)
+        physics, meas = weighted_problem(meas, physics)
     prior_obj, prior_name = None, None
     if get_method(method).needs_prior:
         prior_obj, prior_name = _pick_prior(s.prior, meas, dev, cache)
@@ -426,7 +430,7 @@ def _run_method(meas, physics, method: str, s: Settings, dev, cache, callback) -
         y_n, sigma_n, a, b = meas.y, meas.sigma_y, 1.0, 0.0
     result = reconstruct(physics, y_n, prior_obj, method=method, sigma_y=sigma_n, seed=s.seed, steps=s.steps,
                          particles=s.particles, callback=callback, **s.options)
-    return _Run(result, analytic_d, a, b, prior_obj, prior_name)
+    return _Run(result, analytic_d, a, b, prior_obj, prior_name, meas.noise.get("weighting"))
 
 
 def _to_physical(spec, x_n: torch.Tensor, a: float, b: float) -> np.ndarray:
@@ -466,7 +470,7 @@ def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, 
     report["diagnostics_last"] = {k: v for k, v in (result.diagnostics[-1] if result.diagnostics else {}).items()
                                   if isinstance(v, (int, float, bool))}
     # the values the method chose from the noise model or a rule (σ_y used, TV's discrepancy weight, ...)
-    report["noise"] = _jsonable(meas.noise)
+    report["noise"] = _jsonable({**meas.noise, **({"weighting": run.weighting} if run.weighting else {})})
     report["method_options"] = _jsonable(result.info.get("options", {}))
     if "tv_weight" in result.info:
         report["tv_weight"] = _jsonable(result.info["tv_weight"])

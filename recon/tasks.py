@@ -26,7 +26,9 @@ range: for a linear ``A`` and an affine normalisation ``x_n = a d + b`` of domai
 ``A x_n = a y + b A(1)``, so ``normalised_problem`` maps ``y`` and ``σ_y`` exactly, without touching ``A``.
 
 Noise: ``photons`` (CT; Poisson counts, post-log) or ``noise`` (additive Gaussian, std relative to the RMS of
-the noiseless measurement); MRI noise is added to the acquired k-space samples only.
+the noiseless measurement); MRI noise is added to the acquired k-space samples only. Beer–Lambert noise is
+heteroscedastic (rays through dense tissue are noisier): ``weighted_problem`` whitens it, so every method weighs
+each ray by its inverse variance (penalised weighted least squares).
 
 Measurement files (``save_measurement`` / ``load_measurement``): one ``.npz`` holding ``y``, the masks or coil maps
 the operator needs, the image geometry (affine, modality, unit) and a JSON ``header`` (format, task spec, noise,
@@ -65,6 +67,7 @@ __all__ = [
     "save_measurement",
     "simulate",
     "to_domain",
+    "weighted_problem",
 ]
 
 MEASUREMENT_FORMAT = "recon-measurement"
@@ -384,6 +387,30 @@ def normalised_problem(meas: Measurement, physics, prior, analytic: torch.Tensor
     ones = torch.ones_like(physics.A_adjoint(meas.y))
     y_n = a * meas.y + b * physics.A(ones) if b else a * meas.y
     return y_n, abs(a) * meas.sigma_y, a, b
+
+
+def weighted_problem(meas: Measurement, physics):
+    """The measurement whitened by its noise model: ``(physics_w, meas_w)``, or the inputs unchanged.
+
+    Beer–Lambert CT data with a known photon count get per-ray weights ``w = σ̄ / sqrt(v)`` from the post-log
+    variance ``v`` of each reading (``recon.operators.post_log_variance``, from the measured counts), so that
+    ``w ⊙ y`` has white noise of std ``σ̄``: ``physics_w = WeightedPhysics(physics, w)``, ``meas_w.y = w ⊙ y``,
+    ``meas_w.sigma_y = σ̄``, and ``meas_w.noise["weighting"]`` records it. Any other noise is returned as is.
+    """
+    from dataclasses import replace
+
+    from recon.operators import WeightedPhysics, post_log_variance
+    from recon.operators.weighted import whitening_weights
+
+    photons = meas.noise.get("photons") if meas.noise.get("kind") == "poisson" else None
+    if not photons:
+        return physics, meas
+    w, sigma = whitening_weights(post_log_variance(meas.y, float(photons)))
+    record = {"rule": "inverse post-log variance (PWLS)", "sigma_y_white": sigma,
+              "weight_range": [float(w.min()), float(w.max())]}
+    meas_w = replace(meas, y=(w * meas.y).to(meas.y.dtype), sigma_y=sigma,
+                     noise={**meas.noise, "weighting": record})
+    return WeightedPhysics(physics, w), meas_w
 
 
 # --------------------------------------------------------------------------------------- measurement file

@@ -14,6 +14,8 @@ _LAZY = {
     "FanBeamCT": "ct",
     "ConeBeamCT": "ct",
     "TransmissionPoissonNoise": "noise",
+    "post_log_variance": "noise",
+    "WeightedPhysics": "weighted",
     "CartesianMRI": "mri",
     "MultiCoilMRI": "mri",
     "random_mask": "masks",

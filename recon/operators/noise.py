@@ -9,7 +9,7 @@ from __future__ import annotations
 import deepinv
 import torch
 
-__all__ = ["TransmissionPoissonNoise"]
+__all__ = ["TransmissionPoissonNoise", "post_log_variance"]
 
 
 class TransmissionPoissonNoise(deepinv.physics.NoiseModel):
@@ -82,9 +82,37 @@ class TransmissionPoissonNoise(deepinv.physics.NoiseModel):
         counts = counts.clamp(min=self.min_count)
         return (-torch.log(counts / self.I0) / mu).to(x.dtype)
 
+    def variance(self, y: torch.Tensor) -> torch.Tensor:
+        """The variance of each post-log reading ``y`` (this model's output), estimated from the data."""
+        return post_log_variance(y, self.I0, self.attenuation_per_unit, self.electronic_noise, self.min_count)
+
     def __repr__(self) -> str:
         extra = f", electronic_noise={self.electronic_noise:g}" if self.electronic_noise else ""
         return (
             f"TransmissionPoissonNoise(I0={self.I0:g}, attenuation_per_unit={self.attenuation_per_unit:g}"
             f"{extra}, min_count={self.min_count:g})"
         )
+
+
+def post_log_variance(y: torch.Tensor, I0: float, attenuation_per_unit: float = 1.0, electronic_noise: float = 0.0,
+                      min_count: float = 1.0) -> torch.Tensor:
+    """The variance of post-log readings ``y`` under Beer–Lambert noise, from the measured counts.
+
+    The delta method on ``p̂ = -log(N / I_0) / μ`` gives ``Var p̂ ≈ (N + σ_e²) / (μ N)²`` with the measured counts
+    ``N = I_0 e^{-μ p̂}`` in place of their mean (the plug-in of penalised weighted least squares).
+
+    Args:
+        y: post-log readings, as ``TransmissionPoissonNoise`` returns them.
+        I0: photons per detector element of an unattenuated ray. Positive.
+        attenuation_per_unit: mm⁻¹ per image unit (default 1).
+        electronic_noise: standard deviation of additive Gaussian noise in photon counts (default 0).
+        min_count: the floor on counts the model clamps to (default 1).
+
+    Returns:
+        A tensor shaped like ``y`` (float64), positive and finite.
+    """
+    if not (I0 > 0 and I0 < float("inf")):
+        raise ValueError(f"photons (I0) must be a positive finite number, got {I0!r}")
+    mu = float(attenuation_per_unit)
+    counts = (float(I0) * torch.exp(-mu * y.detach().double())).clamp(min=float(min_count))
+    return (counts + float(electronic_noise) ** 2) / (mu * counts) ** 2

@@ -61,6 +61,8 @@ class MethodSpec:
         implies: options the name sets (given options override them), e.g. ``dds3d``'s coupling.
         conditional: whether it uses the measurements (the unconditional baselines only borrow their shape).
         family: ``classical``, ``diffusion``, ``particles`` or ``deepinv`` (the README groups the table by it).
+        weighted_data: whether the pipeline whitens the data by its noise model where it has per-entry variances
+            (Beer–Lambert CT: each ray by its inverse post-log variance, ``recon.tasks.weighted_problem``).
     """
 
     name: str
@@ -74,6 +76,7 @@ class MethodSpec:
     implies: Mapping[str, object] = field(default_factory=dict)
     conditional: bool = True
     family: str = "diffusion"
+    weighted_data: bool = True
 
     @cached_property
     def sampler(self) -> Callable:
@@ -200,9 +203,10 @@ METHODS: dict[str, MethodSpec] = dict([
     _spec("smc", "smc", "sample_smc", "weighted particles (TDS twisting or AFDPS weights), ESS-triggered resampling",
           family="particles"),
     _spec("analytic", "baselines", "sample_analytic", "FBP / FDK for CT, zero-filled for MRI, else the pseudo-inverse",
-          needs_prior=False, complex_data=True, family="classical"),
+          needs_prior=False, complex_data=True, family="classical", weighted_data=False),
+    # tv stays unweighted: on whitened low-dose CT its discrepancy rule picks λ 4× below the oracle (docs/methods/tv.md)
     _spec("tv", "baselines", "sample_tv", "least squares with a total-variation penalty (Chambolle–Pock)",
-          needs_prior=False, complex_data=True, family="classical"),
+          needs_prior=False, complex_data=True, family="classical", weighted_data=False),
     _spec("ddpm", "baselines", "sample_unconditional_ddpm", "the prior alone, ancestral sampling (a baseline)",
           conditional=False),
     _spec("ddim", "baselines", "sample_unconditional_ddim", "the prior alone, DDIM (a baseline)", conditional=False),

@@ -89,7 +89,7 @@ def methods_for(modality: str, steps: int, tsmc: dict | None = None) -> dict:
                                                                           "particles": K, "per_run": K})
     if tsmc is not None:
         label = (f"tempered SMC ({K} particles, {steps} prior steps, cess {tsmc['cess']:g}, "
-                 f"≤ {tsmc['max_temperatures']} stages)")
+                 f"≤ {tsmc['max_temperatures']} stages, σ {tsmc['sigma_target']:g})")
         out[label] = ("tempered-smc", {"steps": steps, "particles": K, **tsmc})
     return out
 
@@ -428,6 +428,7 @@ def main() -> None:
                         help="add tempered SMC (16 particles, at most STAGES tempering stages; use --only tempered)")
     parser.add_argument("--tsmc-cess", type=float, default=0.5, help="tempered SMC's conditional-ESS fraction")
     parser.add_argument("--tsmc-moves", type=int, default=1, help="tempered SMC's MALA moves per stage")
+    parser.add_argument("--tsmc-sigma", type=float, default=0.01, help="tempered SMC's sigma_target")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--markdown", nargs="+", metavar="JSON", help="print the README tables of saved results")
@@ -445,7 +446,8 @@ def main() -> None:
     else:
         partial = Path(args.json).with_suffix(".partial.json") if args.json else None
         tsmc = None if args.tsmc is None else {"max_temperatures": args.tsmc, "cess": args.tsmc_cess,
-                                               "moves": args.tsmc_moves, "final_moves": 5, "quadrature": 0}
+                                               "moves": args.tsmc_moves, "final_moves": 5, "quadrature": 0,
+                                               "sigma_target": args.tsmc_sigma}
         result = run_real(args.modality, args.steps, args.only, tuple(args.draws), partial, args.cases, tsmc)
         if tsmc is None:  # the shipped figure shows the shipped rows
             figure(result, HERE / "figures" / f"calibration-{args.modality}.png")

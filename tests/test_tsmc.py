@@ -94,6 +94,11 @@ def test_ess_reported_and_degeneracy_flagged():
                       final_moves=0, generator=torch.Generator().manual_seed(0))
     assert bad.info["degenerate"] is True and min(bad.info["ess_final"]) < 12.8
     assert "degenerated" in bad.info["warnings"][0]
+    # moves that diversify a collapsed cloud keep the distinct-particle ESS up; the genealogy still shows it
+    one = sample_tsmc(physics, y, prior, sigma_y=1e-4, particles=16, steps=20, max_temperatures=1, moves=0,
+                      final_moves=5, generator=torch.Generator().manual_seed(0))
+    assert min(one.info["ancestors"]) == 1 and one.info["degenerate"] is True
+    assert any("one prior sample" in w for w in one.info["warnings"])
 
 
 def test_seeded_and_dispatch():

@@ -299,6 +299,10 @@ def sample_tsmc(
     std = (wt * (samples - mean) ** 2).sum(0).clamp_min(0).sqrt()
     ess = _distinct_ess(st["x"], w, 1e-3 * target.sigma * math.sqrt(d))  # a thousandth of the noise level
     degenerate, warnings = degeneracy_report(ess, p, degenerate_below, "tempered-smc")
+    if p > 1 and min(tempering["ancestors"]) < 2:  # moves that do not mix can hide this from the ESS
+        degenerate = True
+        warnings.append("tempered-smc: every particle descends from one prior sample (the weights collapsed while "
+                        "tempering); the spread is the moves' jitter around it, not the posterior's")
     if min(tempering["acceptance"]) < 0.05:
         warnings.append(f"tempered-smc: the final MALA acceptance rate is {min(tempering['acceptance']):.3f}: the "
                         "moves barely mix (use more moves or final_moves)")

@@ -84,6 +84,9 @@ def methods_for(modality: str, steps: int, tsmc: dict | None = None) -> dict:
                                                                "per_run": K}),
         f"FPS ({K} particles, {steps} steps)": ("fps", {"steps": steps, "particles": K, "cg_iters": 20}),
     }
+    if modality == "ct":  # the recommended CT method (recon.samplers.RECOMMENDED), at its default 50 steps
+        out[f"ensemble of hybrid (K={K}, 50 steps)"] = ("ensemble", {"base": "hybrid", "steps": 50, "particles": K,
+                                                                    "per_run": K})
     if modality == "mri":
         out[f"ensemble of DPS (K={K}, {2 * steps} steps)"] = ("ensemble", {"base": "dps", "steps": 2 * steps,
                                                                           "particles": K, "per_run": K})

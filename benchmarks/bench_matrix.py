@@ -263,6 +263,8 @@ def run_case(image_name: str, task: str, size: int, methods: list[str], priors: 
         if method not in CLASSICAL and method not in AVAILABLE:
             print(f"{case}: method {method!r} not in recon's method table, skipped", flush=True)
             continue
+        if method.endswith("-pwls") and "weighting" not in ctx["meas_w"].noise:
+            continue  # Gaussian noise: the whitened problem is the problem
         if method in done:
             if method in stored and "error" not in done[method]:
                 out.append((method, stored[method], done[method]))
@@ -368,12 +370,14 @@ def summary(rows: list[dict]) -> str:
     def cell(r: dict, k: str) -> str:
         return f"{r['psnr' + k]:.2f} / {r['ssim' + k]:.3f}"
 
-    lines = ["| case | TV auto: full, window, noise | TV oracle: full, window, noise | best diffusion | full | "
+    lines = ["| case | TV auto: full, window, noise | best TV: full, window, noise | default | full | "
              "window | noise | Δ PSNR full / window vs oracle TV |", "|---|---|---|---|---|---|---|---|"]
     for case in dict.fromkeys(r["case"] for r in rows):
         cr = {r["method"]: r for r in rows if r["case"] == case and "error" not in r}
         diff = [r for m, r in cr.items() if m not in CLASSICAL]
-        oracles = [cr[m] for m in ORACLES if m in cr]
+        # TV's best: the oracles' warm-started searches do not always converge further than the automatic rule's
+        # solves (e.g. at 0.2 % Gaussian noise), so the best TV result on each range is the baseline
+        oracles = [cr[m] for m in (*ORACLES, "tv-auto") if m in cr]
         if not oracles or not diff or "tv-auto" not in cr:
             continue
         first = next(iter(cr.values()))

@@ -1,0 +1,48 @@
+"""Seconds per 256² slice of the default CT methods, as `recon reconstruct` runs them (whitened data, the shipped
+prior): ``hybrid`` on 60-view sparse-view CT and ``pigdm`` on 90° limited angle, the 693 head CT resized to 256².
+
+    python benchmarks/bench_default_time.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from pydicom.data import get_testdata_file
+from skimage.transform import resize
+
+import recon
+from recon.datasets.slices import read_slices
+from recon.priors import load_prior
+from recon.tasks import make_task, normalised_problem, simulate, weighted_problem
+
+CASES = {"hybrid": ("sparse-view-ct", {"views": 60}), "pigdm": ("limited-angle-ct", {"views": 60, "arc": 90.0})}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = get_testdata_file("693_UNCR.dcm", download=False)
+    if path is None:
+        raise SystemExit("693_UNCR.dcm not found: pip install pydicom-data")
+    hu = resize(next(read_slices(path)).astype(np.float64), (256, 256), anti_aliasing=True, preserve_range=True)
+    prior = load_prior("default-ct")
+    for method in args.methods:
+        task, params = CASES[method]
+        spec = make_task(task, (1, 256, 256), (1.0, 0.96, 0.96), **params)
+        meas = simulate(spec, torch.from_numpy(hu).float(), "HU", photons=1e5, seed=0)
+        physics, meas_w = weighted_problem(meas, meas.physics())
+        y_n, sigma_n, _, _ = normalised_problem(meas_w, physics, prior)
+        t0 = time.perf_counter()
+        res = recon.reconstruct(physics, y_n, prior, method=method, sigma_y=sigma_n, seed=0)
+        print(f"{method} {task} 256²: {time.perf_counter() - t0:.1f} s, {res.nfe} NFE, {args.threads} thread(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ range: for a linear ``A`` and an affine normalisation ``x_n = a d + b`` of domai
 
 Noise: ``photons`` (CT; Poisson counts, post-log) or ``noise`` (additive Gaussian, std relative to the RMS of
 the noiseless measurement); MRI noise is added to the acquired k-space samples only. Beer–Lambert noise is
-heteroscedastic (rays through dense tissue are noisier): ``weighted_problem`` whitens it, so every method weighs
+heteroscedastic (rays through dense tissue are noisier): ``weighted_problem`` whitens it, so a method run on it weighs
 each ray by its inverse variance (penalised weighted least squares).
 
 Measurement files (``save_measurement`` / ``load_measurement``): one ``.npz`` holding ``y``, the masks or coil maps

@@ -3,6 +3,8 @@ adjoint, and the problem ``recon.tasks.weighted_problem`` hands to the samplers.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,3 +66,21 @@ def test_weighted_problem_whitens_beer_lambert_and_leaves_gaussian_alone():
     assert "weighting" not in meas.noise  # the input is never modified
     gauss = simulate(spec, image, "HU", noise=0.01, seed=0)
     assert weighted_problem(gauss, physics) == (physics, gauss)
+
+
+def test_the_pipeline_whitens_for_the_diffusion_methods_and_reports_it(tmp_path, capsys, one_thread):
+    from pydicom.data import get_testdata_file
+
+    from recon.cli import main
+
+    ct_small = get_testdata_file("CT_small.dcm", download=False)
+    reports = {}
+    for method, extra in (("dds", ["--steps", "2"]), ("tv", ["--set", "options.lam=0.001"])):
+        out = tmp_path / f"{method}.nii.gz"
+        assert main(["reconstruct", "-i", ct_small, "-o", str(out), "--task", "sparse-view-ct", "--views", "30",
+                     "--photons", "1e4", "--method", method, *extra, "--json", "-q"]) == 0
+        reports[method] = json.loads(capsys.readouterr().out)
+    weighting = reports["dds"]["noise"]["weighting"]
+    assert weighting["rule"].startswith("inverse post-log variance")
+    assert 0 < weighting["sigma_y_white"] <= reports["dds"]["noise"]["sigma_y"]
+    assert "weighting" not in reports["tv"]["noise"]  # tv's registry entry keeps the raw data

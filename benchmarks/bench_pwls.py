@@ -11,8 +11,8 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
+from bench_hybrid_tuning import slice_128
 
 import recon
 from recon.datasets import read_image
@@ -45,7 +45,7 @@ def main() -> None:
     volume = read_image(args.slab).array
     rows = []
     for index in args.slices:
-        hu = torch.nn.functional.avg_pool2d(torch.from_numpy(volume[index].astype(np.float64))[None, None], 2)[0, 0]
+        hu = torch.from_numpy(slice_128(volume, index))
         for task in args.tasks:
             views, photons = TASKS[task]
             spec = make_task("sparse-view-ct", (1, *hu.shape), (1.0, 1.0, 1.0), views=views)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,10 +51,13 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
         raise PipelineError(f"{out}: exists (use --overwrite to replace it)")
     if not 0 < coverage < 1:
         raise PipelineError(f"coverage must be in (0, 1), got {coverage!r}")
-    stds, errors, masks, names, t0 = [], [], [], [], time.perf_counter()
+    if s.uncertainty is None:  # as `recon reconstruct --uncertainty`: no method named runs the recommended ensemble
+        s = replace(s, uncertainty=coverage)
+    stds, errors, masks, names, tasks, t0 = [], [], [], [], set(), time.perf_counter()
     cache: dict = {}
     for study in discover_studies(input):
-        truth, result, _ = reconstruct_in_memory(study.input, Settings.from_mapping(study.options, s), cache)
+        study_settings = Settings.from_mapping(study.options, s)
+        truth, result, _ = reconstruct_in_memory(study.input, study_settings, cache)
         if result.std is None:
             raise PipelineError(f"method {result.info.get('method')!r} gives no spread to calibrate: use a sampler "
                                 "with several particles (e.g. --particles 8)")
@@ -61,15 +65,16 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
         errors.append((result.x - truth).detach().double().cpu().abs())
         masks.append(body_mask(truth.detach().cpu()).reshape(truth.shape))
         names.append(study.name)
+        tasks.add(study_settings.task)
         log.info("calibration study %s: done", study.name)
     factor = conformal_factor(stds, errors, masks, coverage=coverage)
     n_scores = int(sum(int(m.sum()) for m in masks))
     covered = [_covered(sd, e, m, factor) for sd, e, m in zip(stds, errors, masks, strict=True)]
     meta = {"coverage_on_references": sum(c for c, _ in covered) / max(1, sum(n for _, n in covered)),
-            "method": result.info.get("method"),
-            "task": s.task, "task_params": s.task_params, "photons": s.photons,
-            "noise": s.noise, "steps": s.steps, "particles": s.particles, "studies": len(names),
-            "seconds": time.perf_counter() - t0}
+            "method": result.info.get("method"), "base": result.info.get("base"),
+            "particles": result.info.get("particles"), "prior_sha256": result.info.get("prior_sha256"),
+            "task": s.task, "tasks": sorted(tasks), "task_params": s.task_params, "photons": s.photons,
+            "noise": s.noise, "steps": s.steps, "studies": len(names), "seconds": time.perf_counter() - t0}
     save_calibration(out, factor, coverage, n_scores=n_scores, **meta)
     return {"output": str(out), "factor": factor, "coverage": coverage, "n_scores": n_scores, **meta}
 

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +98,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _prior_checksum(prior) -> str | None:
-    folder = (getattr(prior, "card", None) or {}).get("path")
-    weights = Path(folder) / "model.safetensors" if folder else None
-    return sha256_files([weights]) if weights and weights.is_file() else None
+    from recon.priors.io import weights_sha256
+
+    return weights_sha256(prior)
 
 
 def describe(path: str | os.PathLike, series: str | int | None = None, on_irregular: str = "error") -> dict:
@@ -320,6 +320,7 @@ def reconstruct_file(
     physics = _physics(problem.meas, dev, cache)
     problem.meas.y = problem.meas.y.to(dev)
     method = _resolve_method(s.method, s.options, physics, problem.complex_input, in_path, problem.meas.spec.task)
+    method, s = _with_spread(method, s)
     t0 = time.perf_counter()
     run = _run_method(problem.meas, physics, method, s, dev, cache, callback)
     timings["reconstruct"] = time.perf_counter() - t0
@@ -335,6 +336,20 @@ def reconstruct_file(
 
 
 _MAPS = ("std", "lower", "upper", "null_space")  # the maps a reconstruction may write next to the image
+
+
+def _with_spread(method: str, s: Settings) -> tuple[str, Settings]:
+    """Uncertainty maps asked for without a method: the recommended method's ensemble of
+    ``UNCERTAINTY_SAMPLES`` runs (``recon.samplers.registry.spread_method``), so that the maps have a spread."""
+    from recon.samplers.registry import UNCERTAINTY_SAMPLES, spread_method
+
+    if s.uncertainty is None or s.method is not None:
+        return method, s
+    name, options = spread_method(method)
+    if name == method:
+        return method, s
+    return name, replace(s, method=name, options={**options, **s.options},
+                         particles=s.particles or UNCERTAINTY_SAMPLES)
 
 
 def _calibration(s: Settings) -> dict | None:
@@ -462,6 +477,8 @@ def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, 
     report: dict = {"method": method, "task": spec.task, "prior": _prior_label(run.prior_name),
                     "data_residual": residual, "nfe": result.nfe, "seconds": result.seconds,
                     "steps": result.info.get("steps"), "particles": result.info.get("particles"), "seed": seed}
+    if result.info.get("base"):  # an ensemble: the sampler it repeats
+        report["base"] = result.info["base"]
     if problem.ref_image is not None:
         ref = problem.ref_image.array
         report.update(metrics(rec, ref, spec.is_ct))
@@ -500,7 +517,9 @@ def reconstruct_in_memory(input: str | os.PathLike, settings: Settings, cache: d
     problem.meas.y = problem.meas.y.to(dev)
     method = _resolve_method(settings.method, settings.options, physics, problem.complex_input, Path(input),
                              problem.meas.spec.task)
+    method, settings = _with_spread(method, settings)
     run = _run_method(problem.meas, physics, method, settings, dev, cache, None)
+    run.result.info["prior_sha256"] = _prior_checksum(run.prior) if run.prior else None
     spec = problem.meas.spec
     truth = to_domain(spec, _image_tensor(problem.ref_image).reshape(run.result.x.shape[2:]),
                       "HU" if spec.is_ct else problem.ref_image.unit)
@@ -528,9 +547,13 @@ def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, le
                      calibration: dict | None) -> None:
     """Std, interval bounds and null-space maps in physical units, their preview panels and their summary in the
     report (over the image and inside the body), with the sampler's ESS warnings."""
-    from recon.samplers.uncertainty import body_mask, summarise_maps, uncertainty_maps
+    from recon.samplers.uncertainty import body_mask, builtin_calibration, summarise_maps, uncertainty_maps
 
     spec = problem.meas.spec
+    if calibration is not None:
+        calibration_source = "the calibration file given"
+    else:
+        calibration, calibration_source = builtin_calibration(run.prior, run.result.info, spec.task)
     maps = uncertainty_maps(physics, _domain_result(run), level=level, calibration=calibration)
     phys = {"null_space": _difference_map(spec, maps["null_space"])}
     if "std" in maps:
@@ -550,7 +573,8 @@ def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, le
         intervals = "weighted sample quantiles" if run.result.samples is not None else "x ± z·std"
     written.report["uncertainty"] = {
         "level": level, "unit": written.image.unit, "intervals": intervals,
-        "calibration_factor": calibration["factor"] if calibration else None, "body_pixels": int(mask.sum()), **summary,
+        "calibration_factor": calibration["factor"] if calibration else None, "calibration": calibration_source,
+        "body_pixels": int(mask.sum()), **summary,
         "ess_final": info.get("ess_final"), "degenerate": info.get("degenerate"), "warnings": info.get("warnings")}
     if "std" not in maps:
         written.report["uncertainty"]["note"] = f"{info.get('method')} returns one estimate: no spread, no intervals"

@@ -4,8 +4,11 @@ reconstruction at the missing pixels and zero at the measured ones; calibrated i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from importlib.resources import files
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +18,8 @@ from pydicom.data import get_testdata_file
 
 from recon.cli import main
 from recon.datasets import read_image
+from recon.samplers import recommended_method
+from recon.samplers.uncertainty import BUILTIN_CALIBRATION, builtin_calibration, save_calibration
 from recon.tasks import build_physics, make_task
 
 CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
@@ -105,3 +110,67 @@ def test_the_report_records_the_noise_model_and_the_chosen_weights(tmp_path, cap
     report = json.loads(capsys.readouterr().out)
     assert report["noise"]["kind"] == "poisson" and report["noise"]["sigma_y"] > 0
     assert report["tv_weight"]["lam"] > 0 and report["method_options"]["weight"] == "auto"
+
+
+def _refs(tmp_path):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    image = pydicom.dcmread(CT_SMALL)
+    hu = image.pixel_array * float(image.RescaleSlope) + float(image.RescaleIntercept)
+    for k, arr in enumerate((hu[:64, :64], hu[64:, 64:])):
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.T[:, :, None]).astype(np.float32), np.eye(4)),
+                 refs / f"ref{k}.nii.gz")
+    return refs
+
+
+def test_uncertainty_without_a_method_runs_an_ensemble_of_the_recommended_one(tmp_path, capsys):
+    out = tmp_path / "rec.nii.gz"
+    assert main(["reconstruct", "-i", CT_SMALL, "-o", str(out), "--task", "inpainting", "--steps", "2",
+                 "--particles", "3", "--uncertainty", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "ensemble" and report["base"] == recommended_method("image", "inpainting")
+    assert report["particles"] == 3 and report["uncertainty"]["intervals"] == "weighted sample quantiles"
+    assert _load(tmp_path / "rec.std.nii.gz").max() > 0
+    assert report["uncertainty"]["calibration"] == "the prior ships no calibration"
+
+
+def test_a_prior_ships_its_calibration_and_it_applies_only_to_the_runs_it_was_fitted_for(tmp_path, capsys):
+    prior = tmp_path / "prior"
+    shutil.copytree(files("recon.priors") / "weights" / "default-ct", prior)
+    refs = _refs(tmp_path)
+    common = ["--task", "inpainting", "--prior", str(prior), "--steps", "2", "-q"]
+    assert main(["calibrate", "-i", str(refs), "-o", str(prior / BUILTIN_CALIBRATION), "--particles", "3",
+                 *common]) == 0
+    capsys.readouterr()
+    doc = json.loads((prior / BUILTIN_CALIBRATION).read_text())
+    assert (doc["method"], doc["base"], doc["particles"], doc["tasks"]) == ("ensemble", "dps", 3, ["inpainting"])
+    assert doc["prior_sha256"] == hashlib.sha256((prior / "model.safetensors").read_bytes()).hexdigest()
+    out = tmp_path / "r.nii.gz"
+    assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(out), "--particles", "3", *common,
+                 "--uncertainty", "--json"]) == 0
+    u = json.loads(capsys.readouterr().out)["uncertainty"]
+    assert u["calibration_factor"] == doc["factor"] and u["calibration"].startswith("built into the prior")
+    rec, std, lower = _load(out), _load(tmp_path / "r.std.nii.gz"), _load(tmp_path / "r.lower.nii.gz")
+    np.testing.assert_allclose(lower, rec - doc["factor"] * std, atol=1e-2)
+    # another number of samples: the factor does not hold, the intervals stay uncalibrated and the report says why
+    assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(out), "--particles", "2", *common,
+                 "--uncertainty", "--json", "--overwrite"]) == 0
+    u = json.loads(capsys.readouterr().out)["uncertainty"]
+    assert u["calibration_factor"] is None and "with 3 samples, not ensemble of dps with 2 samples" in u["calibration"]
+
+
+def test_a_shipped_calibration_is_not_used_for_other_weights_or_tasks(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    prior = SimpleNamespace(card={"path": str(tmp_path)})
+    info = {"method": "ensemble", "base": "hybrid", "particles": 16}
+    save_calibration(tmp_path / BUILTIN_CALIBRATION, 5.0, 0.9, **info, tasks=["sparse-view-ct"],
+                     prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=6)
+    doc, why = builtin_calibration(prior, info, "sparse-view-ct")
+    assert doc["factor"] == 5.0 and why.startswith("built into the prior: fitted on 6")
+    assert builtin_calibration(prior, info, "limited-angle-ct")[0] is None
+    assert builtin_calibration(prior, {**info, "base": "dps"}, "sparse-view-ct")[0] is None
+    weights.write_bytes(b"retrained")
+    doc, why = builtin_calibration(prior, info, "sparse-view-ct")
+    assert doc is None and why == "the prior's calibration was fitted on other weights"
+    assert builtin_calibration(None, info, "sparse-view-ct") == (None, "the prior ships no calibration")

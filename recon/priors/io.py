@@ -13,6 +13,7 @@ or shapes do not fit the architecture is refused with the first mismatches liste
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib import resources
@@ -25,7 +26,7 @@ from recon.priors.base import DiffusionPrior, intensity_from_config
 from recon.priors.networks import build_network
 from recon.priors.schedules import schedule_from_config
 
-__all__ = ["BUILTIN_PRIORS", "check_state_dict", "load_prior", "save_prior"]
+__all__ = ["BUILTIN_PRIORS", "check_state_dict", "load_prior", "save_prior", "weights_sha256"]
 
 FORMAT = "recon-prior"
 FORMAT_VERSION = 1
@@ -36,6 +37,20 @@ CARD = "model_card.json"
 # Gaussian-mixture baseline (recon.priors.patch_gmm, card format "recon-patch-gmm")
 BUILTIN_PRIORS = {"default": "default-ct", "default-ct": "default-ct", "default-mri": "default-mri",
                   "patch-gmm-ct": "patch-gmm-ct"}
+
+
+def weights_sha256(prior) -> str | None:
+    """SHA-256 of the weights file a prior was loaded from (``card["path"]/model.safetensors``), or None (a prior
+    built in memory, or one without that file)."""
+    folder = (getattr(prior, "card", None) or {}).get("path")
+    weights = Path(folder) / WEIGHTS if folder else None
+    if weights is None or not weights.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_state_dict(module: torch.nn.Module, state: dict, source: str) -> None:

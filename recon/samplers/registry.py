@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-__all__ = ["COMMON_ARGUMENTS", "METHODS", "RECOMMENDED", "RECOMMENDED_BY_TASK", "MethodSpec", "OptionError",
-           "OptionSpec", "get_method", "markdown_table", "recommended_method"]
+__all__ = ["COMMON_ARGUMENTS", "METHODS", "RECOMMENDED", "RECOMMENDED_BY_TASK", "UNCERTAINTY_SAMPLES", "MethodSpec",
+           "OptionError", "OptionSpec", "get_method", "markdown_table", "recommended_method", "spread_method"]
 
 # every sampler takes these; they are ``reconstruct``'s own arguments, not method options
 COMMON_ARGUMENTS = ("physics", "y", "prior", "sigma_y", "steps", "particles", "generator", "callback")
@@ -259,6 +259,21 @@ def recommended_method(modality: str | None = None, task: str | None = None) -> 
     if task in RECOMMENDED_BY_TASK:
         return RECOMMENDED_BY_TASK[task]
     return RECOMMENDED.get(str(modality).lower(), RECOMMENDED["ct"])
+
+
+# samples per case when uncertainty maps are asked for and no method is named: the recommended method's ensemble
+# of this size (the calibration benchmark's budget, benchmarks/README.md "Calibration")
+UNCERTAINTY_SAMPLES = 16
+
+
+def spread_method(name: str) -> tuple[str, dict]:
+    """The method to run for uncertainty maps instead of ``name``, and its options: ``name`` itself if it returns a
+    spread (a particle method) or has no prior to sample from (TV, analytic: no spread at all), else an
+    ``ensemble`` of independent runs of ``name``."""
+    spec = get_method(name)
+    if spec.family == "particles" or not spec.needs_prior:
+        return name, {}
+    return "ensemble", {"base": name}
 
 
 def markdown_table() -> str:

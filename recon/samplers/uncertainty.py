@@ -44,8 +44,10 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BUILTIN_CALIBRATION",
     "CALIBRATION_KIND",
     "body_mask",
+    "builtin_calibration",
     "calibration_curve",
     "conformal_factor",
     "coverage",
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 CALIBRATION_KIND = "recon-conformal-calibration"
+BUILTIN_CALIBRATION = "calibration.json"  # a ``recon calibrate`` file shipped in a prior's folder
 _F64 = torch.float64
 
 
@@ -381,6 +384,37 @@ def load_calibration(path: str | os.PathLike) -> dict:
     if not isinstance(factor, (int, float)) or not factor > 0 or not isinstance(cov, (int, float)) or not 0 < cov < 1:
         raise ValueError(f"{path}: calibration needs factor > 0 and coverage in (0, 1)")
     return doc
+
+
+def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | None, str]:
+    """The calibration shipped in ``prior``'s folder (``calibration.json``, written by ``recon calibrate``) if it
+    was fitted for this run, else None; and a one-line reason either way, for the report.
+
+    It applies when it was fitted on these weights (``prior_sha256``) for the same method, base sampler and
+    number of samples (``info``: the sampler's ``method``, ``base``, ``particles``) and lists ``task`` among its
+    tasks. A file that exists but does not match is not used: intervals stay the uncalibrated ones.
+    """
+    from recon.priors.io import weights_sha256
+
+    folder = (getattr(prior, "card", None) or {}).get("path") if prior is not None else None
+    path = Path(folder) / BUILTIN_CALIBRATION if folder else None
+    if path is None or not path.is_file():
+        return None, "the prior ships no calibration"
+    doc = load_calibration(path)
+    run = {"method": info.get("method"), "base": info.get("base"), "particles": info.get("particles")}
+    fitted = {k: doc.get(k) for k in run}
+    if run != fitted:
+        return None, f"the prior's calibration was fitted for {_describe_run(fitted)}, not {_describe_run(run)}"
+    if task not in (doc.get("tasks") or []):
+        return None, f"the prior's calibration was fitted on {', '.join(doc.get('tasks') or [])}, not {task}"
+    if doc.get("prior_sha256") != weights_sha256(prior):
+        return None, "the prior's calibration was fitted on other weights"
+    return doc, f"built into the prior: fitted on {doc.get('studies')} reference studies ({doc.get('fitted_on', '')})"
+
+
+def _describe_run(run: dict) -> str:
+    base = f" of {run['base']}" if run.get("base") else ""
+    return f"{run.get('method')}{base} with {run.get('particles')} samples"
 
 
 def _calibrated_factor(calibration, level: float) -> float:

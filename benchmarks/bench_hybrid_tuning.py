@@ -7,12 +7,16 @@ Rule, fixed before the run: the setting with the highest mean of (full-range PSN
 tuning cases; ``anchor`` ≥ 0.3 only (0.1 fits the noise on the exact σ_y = 2 check of ``docs/methods/hybrid.md``).
 ``--grid penalty`` holds ``anchor`` and the TV factor at the shipped values and varies the ADMM penalty
 (``admm_penalty``) instead, on the same rule; ``--tasks`` adds the well-measured cases (120 views at 1e5 photons,
-180 views at 1e5).
+180 views at 1e5); ``--fields crop`` adds the central 128² of each slice at its own 0.957 mm pixels (the brain
+filling the field, like ``bench_matrix.py``'s cropped head); ``--grid anchor-factor-2`` is the smaller grid re-run
+after the penalty changed.
 
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --json benchmarks/hybrid_tuning.json
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --grid penalty --tasks sv30 sv60 ld1e4 sv120 ld1e5 --json benchmarks/hybrid_tuning_penalty.json
+    python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
+        --grid anchor-factor-2 --fields full crop --json benchmarks/hybrid_tuning_2.json
 """
 
 from __future__ import annotations
@@ -33,12 +37,23 @@ from recon.tasks import from_domain, make_task, normalised_problem, simulate, we
 
 TASKS = {"sv30": (30, 1e5), "sv60": (60, 1e5), "ld1e4": (180, 1e4), "sv120": (120, 1e5), "ld1e5": (180, 1e5)}
 GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.025, 0.05, 0.1, 0.2)],
+         "anchor-factor-2": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.05, 0.1, 0.2)],
          "penalty": [{"admm_penalty": p} for p in (0.0025, 0.005, 0.01, 0.025)]}
 
 
 def slice_128(volume: np.ndarray, index: int) -> np.ndarray:
     t = torch.from_numpy(volume[index].astype(np.float64))[None, None]
     return torch.nn.functional.avg_pool2d(t, 2)[0, 0].numpy() if t.shape[-1] >= 256 else t[0, 0].numpy()
+
+
+def crop_128(volume: np.ndarray, index: int) -> np.ndarray:
+    """The central 128² of a slice at its own pixel size (the brain, as ``bench_matrix.py``'s ``ct-head-crop``)."""
+    sl = volume[index].astype(np.float64)
+    h, w = sl.shape
+    return sl[(h - 128) // 2:(h + 128) // 2, (w - 128) // 2:(w + 128) // 2]
+
+
+FIELDS = {"full": slice_128, "crop": crop_128}
 
 
 def run_case(hu: np.ndarray, task: str, prior, label: dict, grid: list[dict]) -> list[dict]:
@@ -88,14 +103,16 @@ def main() -> None:
     parser.add_argument("--slices", type=int, nargs="+", default=[6, 18])
     parser.add_argument("--tasks", nargs="+", default=["sv30", "sv60", "ld1e4"], choices=list(TASKS))
     parser.add_argument("--grid", choices=list(GRIDS), default="anchor-factor")
+    parser.add_argument("--fields", nargs="+", choices=list(FIELDS), default=["full"],
+                        help="whole slices averaged to 128² (full) and/or their central 128² (crop)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     prior = load_prior("default-ct")
     volume = read_image(args.slab).array
     grid = GRIDS[args.grid]
-    rows = [r for i in args.slices for t in args.tasks
-            for r in run_case(slice_128(volume, i), t, prior, {"slice": i}, grid)]
+    rows = [r for f in args.fields for i in args.slices for t in args.tasks
+            for r in run_case(FIELDS[f](volume, i), t, prior, {"slice": i, "field": f}, grid)]
     chosen = choose(rows, grid)
     print(chosen, flush=True)
     if args.json:

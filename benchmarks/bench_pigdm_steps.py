@@ -1,4 +1,4 @@
-"""ΠGDM's step count for limited-angle CT, the task it is the default for: quality against steps on tuning slices.
+"""ΠGDM's step count and CG iterations for limited-angle CT, the task it is the default for, on tuning slices.
 
 The 60 s budget per 256² slice on the 2-core CPU (issue 16) sets an upper bound on the steps (one network
 evaluation and one backward pass each; ``bench_default_time.py`` measures the seconds). This script measures what
@@ -34,19 +34,19 @@ from recon.tasks import from_domain, make_task, normalised_problem, simulate, we
 TASKS = {"la90": (60, 90.0), "la120": (80, 120.0)}
 
 
-def run_case(hu: np.ndarray, task: str, prior, label: dict, steps: list[int]) -> list[dict]:
+def run_case(hu: np.ndarray, task: str, prior, label: dict, settings: list[tuple[int, int]]) -> list[dict]:
     views, arc = TASKS[task]
     spec = make_task("limited-angle-ct", (1, *hu.shape), (1.0, 1.0, 1.0), views=views, arc=arc)
     meas = simulate(spec, torch.from_numpy(hu).float(), "HU", photons=1e5, seed=0)
     physics, meas_w = weighted_problem(meas, meas.physics())
     y_n, sigma_n, a, b = normalised_problem(meas_w, physics, prior)
     rows = []
-    for n in steps:
+    for n, cg in settings:
         t0 = time.perf_counter()
-        res = recon.reconstruct(physics, y_n, prior, method="pigdm", sigma_y=sigma_n, seed=0, steps=n)
+        res = recon.reconstruct(physics, y_n, prior, method="pigdm", sigma_y=sigma_n, seed=0, steps=n, cg_iters=cg)
         rec = from_domain(spec, (res.x.double() - b) / a)[0, 0].numpy()[None]
         m = metrics(rec, hu[None], True)
-        rows.append({**label, "task": task, "steps": n, "psnr": m["psnr"], "ssim": m["ssim"],
+        rows.append({**label, "task": task, "steps": n, "cg_iters": cg, "psnr": m["psnr"], "ssim": m["ssim"],
                      "brain_psnr": m["brain"]["psnr"], "brain_ssim": m["brain"]["ssim"],
                      "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
@@ -58,15 +58,18 @@ def main() -> None:
     parser.add_argument("--slab", required=True)
     parser.add_argument("--slices", type=int, nargs="+", default=[6, 18])
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 60, 100])
+    parser.add_argument("--cg-iters", type=int, nargs="+", default=[50])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     prior = load_prior("default-ct")
     volume = read_image(args.slab).array
+    settings = [(n, cg) for n in args.steps for cg in args.cg_iters]
     rows = [r for i in args.slices for t in TASKS
-            for r in run_case(slice_128(volume, i), t, prior, {"slice": i}, args.steps)]
-    means = {n: float(np.mean([(r["psnr"] + r["brain_psnr"]) / 2 for r in rows if r["steps"] == n]))
-             for n in args.steps}
+            for r in run_case(slice_128(volume, i), t, prior, {"slice": i}, settings)]
+    means = {f"steps={n}/cg_iters={cg}": float(np.mean([(r["psnr"] + r["brain_psnr"]) / 2 for r in rows
+                                                       if (r["steps"], r["cg_iters"]) == (n, cg)]))
+             for n, cg in settings}
     print({"mean (full + window) / 2 PSNR": means}, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"means": means, "rows": rows}, indent=1))

@@ -156,20 +156,21 @@ def test_a_prior_ships_its_calibration_and_it_applies_only_to_the_runs_it_was_fi
     assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(out), "--particles", "2", *common,
                  "--uncertainty", "--json", "--overwrite"]) == 0
     u = json.loads(capsys.readouterr().out)["uncertainty"]
-    assert u["calibration_factor"] is None and "with 3 samples, not ensemble of dps with 2 samples" in u["calibration"]
+    assert u["calibration_factor"] is None and "with 3 samples of 2 steps, not ensemble of dps with 2 samples" in u["calibration"]
 
 
 def test_a_shipped_calibration_is_not_used_for_other_weights_or_tasks(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights")
     prior = SimpleNamespace(card={"path": str(tmp_path)})
-    info = {"method": "ensemble", "base": "hybrid", "particles": 16}
+    info = {"method": "ensemble", "base": "hybrid", "particles": 16, "steps": 50}
     save_calibration(tmp_path / BUILTIN_CALIBRATION, 5.0, 0.9, **info, tasks=["sparse-view-ct"],
                      prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=6)
     doc, why = builtin_calibration(prior, info, "sparse-view-ct")
     assert doc["factor"] == 5.0 and why.startswith("built into the prior: fitted on 6")
     assert builtin_calibration(prior, info, "limited-angle-ct")[0] is None
     assert builtin_calibration(prior, {**info, "base": "dps"}, "sparse-view-ct")[0] is None
+    assert builtin_calibration(prior, {**info, "steps": 20}, "sparse-view-ct")[0] is None
     weights.write_bytes(b"retrained")
     doc, why = builtin_calibration(prior, info, "sparse-view-ct")
     assert doc is None and why == "the prior's calibration was fitted on other weights"

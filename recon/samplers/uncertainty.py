@@ -390,9 +390,9 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
     """The calibration shipped in ``prior``'s folder (``calibration.json``, written by ``recon calibrate``) if it
     was fitted for this run, else None; and a one-line reason either way, for the report.
 
-    It applies when it was fitted on these weights (``prior_sha256``) for the same method, base sampler and
-    number of samples (``info``: the sampler's ``method``, ``base``, ``particles``) and lists ``task`` among its
-    tasks. A file that exists but does not match is not used: intervals stay the uncalibrated ones.
+    It applies when it was fitted on these weights (``prior_sha256``) for the same method, base sampler, number
+    of samples and steps (``info``: the sampler's ``method``, ``base``, ``particles``, ``steps``) and lists ``task``
+    among its tasks. A file that exists but does not match is not used: intervals stay the uncalibrated ones.
     """
     from recon.priors.io import weights_sha256
 
@@ -401,7 +401,8 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
     if path is None or not path.is_file():
         return None, "the prior ships no calibration"
     doc = load_calibration(path)
-    run = {"method": info.get("method"), "base": info.get("base"), "particles": info.get("particles")}
+    run = {"method": info.get("method"), "base": info.get("base"), "particles": info.get("particles"),
+           "steps": info.get("steps")}
     fitted = {k: doc.get(k) for k in run}
     if run != fitted:
         return None, f"the prior's calibration was fitted for {_describe_run(fitted)}, not {_describe_run(run)}"
@@ -414,7 +415,7 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
 
 def _describe_run(run: dict) -> str:
     base = f" of {run['base']}" if run.get("base") else ""
-    return f"{run.get('method')}{base} with {run.get('particles')} samples"
+    return f"{run.get('method')}{base} with {run.get('particles')} samples of {run.get('steps')} steps"
 
 
 def _calibrated_factor(calibration, level: float) -> float:

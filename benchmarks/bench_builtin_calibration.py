@@ -11,12 +11,12 @@ them), averaged to 128² (1.91 mm pixels), written as NIfTI with a CSV manifest 
 (1e5 photons) and low dose (180 views, 1e4 photons), one noise draw each (seed 0).
 
 Report: the held-out head CT ``693_UNCR.dcm`` (full field of view averaged to 128², as ``bench_matrix.py``'s
-``ct-head-full``; its −3024 HU padding outside the scan circle set to air, −1024) through the same three configurations and three that the fit never saw (45 and 120 views at
-1e5 photons, 180 views at 1e5), noise draws ``--seeds`` (default 1), each reconstructed exactly as
-``recon reconstruct --uncertainty`` does (``recon.pipeline.reconstruct_in_memory``). Per case: coverage of the
-nominal 90 % intervals over the image and inside the body (``body_mask``), uncalibrated (Student-t intervals of the
-16 samples) and with the shipped factor; Spearman(std, |error|) inside the body; RMSE and mean std inside the body
-in HU; network evaluations and seconds.
+``ct-head-full``; its −3024 HU padding outside the scan circle set to air, −1024) through the same three
+configurations and three that the fit never saw (45 and 120 views at 1e5 photons, 180 views at 1e5), noise draws
+``--seeds`` (default 1), each reconstructed exactly as ``recon reconstruct --uncertainty`` does
+(``recon.pipeline.reconstruct_in_memory``). Per case: coverage of the nominal 90 % intervals over the image and
+inside the body (``body_mask``), uncalibrated (Student-t intervals of the 16 samples) and with the shipped factor;
+Spearman(std, |error|) inside the body; RMSE and mean std inside the body in HU; network evaluations and seconds.
 
     python benchmarks/bench_builtin_calibration.py --fit --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz
     python benchmarks/bench_builtin_calibration.py --json benchmarks/calibration_builtin_ct.json

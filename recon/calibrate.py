@@ -74,7 +74,8 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
             "method": result.info.get("method"), "base": result.info.get("base"),
             "particles": result.info.get("particles"), "prior_sha256": result.info.get("prior_sha256"),
             "task": s.task, "tasks": sorted(tasks), "task_params": s.task_params, "photons": s.photons,
-            "noise": s.noise, "steps": result.info.get("steps"), "studies": len(names), "seconds": time.perf_counter() - t0}
+            "noise": s.noise, "steps": result.info.get("steps"), "studies": len(names),
+            "seconds": time.perf_counter() - t0}
     save_calibration(out, factor, coverage, n_scores=n_scores, **meta)
     return {"output": str(out), "factor": factor, "coverage": coverage, "n_scores": n_scores, **meta}
 

@@ -185,3 +185,12 @@ def test_the_recommended_method_can_depend_on_the_task():
     for task, method in RECOMMENDED_BY_TASK.items():
         assert recommended_method("ct", task) == method in METHODS
     assert recommended_method("ct", "sparse-view-ct") == RECOMMENDED["ct"]
+
+
+def test_uncertainty_without_a_method_wraps_only_methods_that_sample_from_a_prior():
+    from recon.samplers.registry import spread_method
+
+    assert spread_method("hybrid") == ("ensemble", {"base": "hybrid"})
+    assert spread_method("pigdm") == ("ensemble", {"base": "pigdm"})
+    for name in ("tv", "analytic", "fps", "tempered-smc", "ensemble"):  # nothing to sample, or a spread already
+        assert spread_method(name) == (name, {})

@@ -156,7 +156,8 @@ def test_a_prior_ships_its_calibration_and_it_applies_only_to_the_runs_it_was_fi
     assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(out), "--particles", "2", *common,
                  "--uncertainty", "--json", "--overwrite"]) == 0
     u = json.loads(capsys.readouterr().out)["uncertainty"]
-    assert u["calibration_factor"] is None and "with 3 samples of 2 steps, not ensemble of dps with 2 samples" in u["calibration"]
+    assert u["calibration_factor"] is None
+    assert "with 3 samples of 2 steps, not ensemble of dps with 2 samples" in u["calibration"]
 
 
 def test_a_shipped_calibration_is_not_used_for_other_weights_or_tasks(tmp_path):

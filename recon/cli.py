@@ -533,7 +533,8 @@ def _add_calibrate(sub, METHODS: dict) -> None:
     cal.add_argument("-o", "--output", required=True, help="calibration file (.json)")
     cal.add_argument("--coverage", type=float, default=0.9, help="nominal coverage of the intervals (default 0.9)")
     cal.add_argument("--method", choices=list(METHODS), default=None, metavar="METHOD",
-                     help="a method with a spread (several particles or samples)")
+                     help="a method with a spread (several particles or samples); default: 16 runs of the "
+                     "recommended method, as `recon reconstruct --uncertainty` runs it")
     cal.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
     cal.add_argument("--steps", type=int, default=None)
     cal.add_argument("--particles", type=int, default=None)

@@ -131,12 +131,14 @@ def test_uncertainty_without_a_method_runs_an_ensemble_of_the_recommended_one(tm
     assert report["method"] == "ensemble" and report["base"] == recommended_method("image", "inpainting")
     assert report["particles"] == 3 and report["uncertainty"]["intervals"] == "weighted sample quantiles"
     assert _load(tmp_path / "rec.std.nii.gz").max() > 0
-    assert report["uncertainty"]["calibration"] == "the prior ships no calibration"
+    u = report["uncertainty"]  # default-ct's shipped calibration is for 16 hybrid runs, not these: not applied
+    assert u["calibration_factor"] is None and "not ensemble of dps with 3 samples" in u["calibration"]
 
 
 def test_a_prior_ships_its_calibration_and_it_applies_only_to_the_runs_it_was_fitted_for(tmp_path, capsys):
     prior = tmp_path / "prior"
-    shutil.copytree(files("recon.priors") / "weights" / "default-ct", prior)
+    shutil.copytree(files("recon.priors") / "weights" / "default-ct", prior,
+                    ignore=shutil.ignore_patterns(BUILTIN_CALIBRATION))
     refs = _refs(tmp_path)
     common = ["--task", "inpainting", "--prior", str(prior), "--steps", "2", "-q"]
     assert main(["calibrate", "-i", str(refs), "-o", str(prior / BUILTIN_CALIBRATION), "--particles", "3",

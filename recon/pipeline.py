@@ -552,6 +552,8 @@ def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, le
     spec = problem.meas.spec
     if calibration is not None:
         calibration_source = "the calibration file given"
+    elif run.result.std is None and run.result.samples is None:
+        calibration_source = None  # one estimate: no intervals to calibrate
     else:
         calibration, calibration_source = builtin_calibration(run.prior, run.result.info, spec.task)
     maps = uncertainty_maps(physics, _domain_result(run), level=level, calibration=calibration)

@@ -60,6 +60,7 @@ def test_a_method_without_spread_gets_the_null_space_and_says_so(tmp_path, capsy
     report = json.loads(capsys.readouterr().out)
     assert (tmp_path / "tv.null_space.nii.gz").is_file() and not (tmp_path / "tv.std.nii.gz").exists()
     assert report["uncertainty"]["intervals"] is None and "no spread" in report["uncertainty"]["note"]
+    assert report["uncertainty"]["calibration"] is None
 
 
 def test_maps_as_derived_dicom_series(tmp_path, capsys):

@@ -56,20 +56,31 @@ def crop_128(volume: np.ndarray, index: int) -> np.ndarray:
 FIELDS = {"full": slice_128, "crop": crop_128}
 
 
-def run_case(hu: np.ndarray, task: str, prior, label: dict, grid: list[dict]) -> list[dict]:
-    views, photons = TASKS[task]
-    spec = make_task("sparse-view-ct", (1, *hu.shape), (1.0, 1.0, 1.0), views=views)
+def tuning_problem(hu: np.ndarray, prior, task: str = "sparse-view-ct", photons: float = 1e5, **params):
+    """``hu`` measured by ``task`` (seed 0) as ``recon reconstruct`` sees it: ``(spec, meas, physics_w, y_n,
+    sigma_n, a, b)``, the whitened problem in the prior's normalised range."""
+    spec = make_task(task, (1, *hu.shape), (1.0, 1.0, 1.0), **params)
     meas = simulate(spec, torch.from_numpy(hu).float(), "HU", photons=photons, seed=0)
     physics, meas_w = weighted_problem(meas, meas.physics())
-    y_n, sigma_n, a, b = normalised_problem(meas_w, physics, prior)
+    return spec, meas, physics, *normalised_problem(meas_w, physics, prior)
+
+
+def tuning_scores(spec, x_n: torch.Tensor, a: float, b: float, hu: np.ndarray) -> dict:
+    """PSNR / SSIM of a normalised reconstruction on the full range and in the brain window."""
+    rec = from_domain(spec, (x_n.double() - b) / a)[0, 0].numpy()[None]
+    m = metrics(rec, hu[None], True)
+    return {"psnr": m["psnr"], "ssim": m["ssim"], "brain_psnr": m["brain"]["psnr"], "brain_ssim": m["brain"]["ssim"]}
+
+
+def run_case(hu: np.ndarray, task: str, prior, label: dict, grid: list[dict]) -> list[dict]:
+    views, photons = TASKS[task]
+    spec, meas, physics, y_n, sigma_n, a, b = tuning_problem(hu, prior, photons=photons, views=views)
     norm = float(operator_norm(physics, torch.zeros(1, 1, *hu.shape)))
     rows = []
 
     def score(method: str, x_n: torch.Tensor, seconds: float, **extra) -> None:
-        rec = from_domain(spec, (x_n.double() - b) / a)[0, 0].numpy()[None]
-        m = metrics(rec, hu[None], True)
-        rows.append({**label, "task": task, "method": method, "psnr": m["psnr"], "ssim": m["ssim"],
-                     "brain_psnr": m["brain"]["psnr"], "brain_ssim": m["brain"]["ssim"], "seconds": seconds, **extra})
+        rows.append({**label, "task": task, "method": method, **tuning_scores(spec, x_n, a, b, hu),
+                     "seconds": seconds, **extra})
         print(rows[-1], flush=True)
 
     t0 = time.perf_counter()

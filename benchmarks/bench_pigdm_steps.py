@@ -23,31 +23,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hybrid_tuning import slice_128
+from bench_hybrid_tuning import slice_128, tuning_problem, tuning_scores
 
 import recon
 from recon.datasets import read_image
-from recon.outputs import metrics
 from recon.priors import load_prior
-from recon.tasks import from_domain, make_task, normalised_problem, simulate, weighted_problem
 
 TASKS = {"la90": (60, 90.0), "la120": (80, 120.0)}
 
 
 def run_case(hu: np.ndarray, task: str, prior, label: dict, settings: list[tuple[int, int]]) -> list[dict]:
     views, arc = TASKS[task]
-    spec = make_task("limited-angle-ct", (1, *hu.shape), (1.0, 1.0, 1.0), views=views, arc=arc)
-    meas = simulate(spec, torch.from_numpy(hu).float(), "HU", photons=1e5, seed=0)
-    physics, meas_w = weighted_problem(meas, meas.physics())
-    y_n, sigma_n, a, b = normalised_problem(meas_w, physics, prior)
+    spec, _, physics, y_n, sigma_n, a, b = tuning_problem(hu, prior, "limited-angle-ct", views=views, arc=arc)
     rows = []
     for n, cg in settings:
         t0 = time.perf_counter()
         res = recon.reconstruct(physics, y_n, prior, method="pigdm", sigma_y=sigma_n, seed=0, steps=n, cg_iters=cg)
-        rec = from_domain(spec, (res.x.double() - b) / a)[0, 0].numpy()[None]
-        m = metrics(rec, hu[None], True)
-        rows.append({**label, "task": task, "steps": n, "cg_iters": cg, "psnr": m["psnr"], "ssim": m["ssim"],
-                     "brain_psnr": m["brain"]["psnr"], "brain_ssim": m["brain"]["ssim"],
+        rows.append({**label, "task": task, "steps": n, "cg_iters": cg, **tuning_scores(spec, res.x, a, b, hu),
                      "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
     return rows

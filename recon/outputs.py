@@ -8,7 +8,6 @@ next to an anonymised output the written configuration is redacted too (``recon.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from recon.datasets.io import MedicalImage, atomic_write_bytes, redact_config, write_image, write_png
+from recon.utils import sha256_files
 
 __all__ = [
     "CLINICAL_WINDOWS",
@@ -45,16 +45,6 @@ _SUFFIXES = (".nii.gz", ".nii", ".npy", ".png")
 
 class OutputError(ValueError):
     """An output that cannot be written (unknown format, missing or unwritable folder, exists)."""
-
-
-def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
-    """SHA-256 of the files' bytes, in sorted path order."""
-    h = hashlib.sha256()
-    for p in sorted(str(p) for p in paths):
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def input_files(path: Path) -> list[Path]:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["jsonable", "resolve_device", "seeded_generator"]
+__all__ = ["jsonable", "resolve_device", "seeded_generator", "sha256_files"]
+
+
+def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 of the files' bytes, in sorted path order."""
+    h = hashlib.sha256()
+    for p in sorted(str(p) for p in paths):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve_device(device: str) -> torch.device:

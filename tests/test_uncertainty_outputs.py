@@ -80,7 +80,8 @@ def test_maps_as_derived_dicom_series(tmp_path, capsys):
     assert len({d.StudyInstanceUID for d in series.values()}) == 1
 
 
-def test_calibration_from_reference_studies_is_applied_to_later_runs(tmp_path, capsys):
+def _refs(tmp_path):
+    """Two 64² reference studies (NIfTI) cut from CT_small, in HU."""
     refs = tmp_path / "refs"
     refs.mkdir()
     image = pydicom.dcmread(CT_SMALL)
@@ -88,6 +89,11 @@ def test_calibration_from_reference_studies_is_applied_to_later_runs(tmp_path, c
     for k, arr in enumerate((hu[:64, :64], hu[64:, 64:])):
         nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.T[:, :, None]).astype(np.float32), np.eye(4)),
                  refs / f"ref{k}.nii.gz")
+    return refs
+
+
+def test_calibration_from_reference_studies_is_applied_to_later_runs(tmp_path, capsys):
+    refs = _refs(tmp_path)
     calib = tmp_path / "calib.json"
     common = ["--task", "inpainting", "--method", "dps", "--steps", "2", "--particles", "3", "-q"]
     assert main(["calibrate", "-i", str(refs), "-o", str(calib), "--coverage", "0.8", *common, "--json"]) == 0
@@ -111,17 +117,6 @@ def test_the_report_records_the_noise_model_and_the_chosen_weights(tmp_path, cap
     report = json.loads(capsys.readouterr().out)
     assert report["noise"]["kind"] == "poisson" and report["noise"]["sigma_y"] > 0
     assert report["tv_weight"]["lam"] > 0 and report["method_options"]["weight"] == "auto"
-
-
-def _refs(tmp_path):
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    image = pydicom.dcmread(CT_SMALL)
-    hu = image.pixel_array * float(image.RescaleSlope) + float(image.RescaleIntercept)
-    for k, arr in enumerate((hu[:64, :64], hu[64:, 64:])):
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr.T[:, :, None]).astype(np.float32), np.eye(4)),
-                 refs / f"ref{k}.nii.gz")
-    return refs
 
 
 def test_uncertainty_without_a_method_runs_an_ensemble_of_the_recommended_one(tmp_path, capsys):

@@ -13,7 +13,6 @@ or shapes do not fit the architecture is refused with the first mismatches liste
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from importlib import resources
@@ -25,6 +24,7 @@ from recon.datasets.io import atomic_write_bytes
 from recon.priors.base import DiffusionPrior, intensity_from_config
 from recon.priors.networks import build_network
 from recon.priors.schedules import schedule_from_config
+from recon.utils import sha256_files
 
 __all__ = ["BUILTIN_PRIORS", "check_state_dict", "load_prior", "save_prior", "weights_sha256"]
 
@@ -44,13 +44,7 @@ def weights_sha256(prior) -> str | None:
     built in memory, or one without that file)."""
     folder = (getattr(prior, "card", None) or {}).get("path")
     weights = Path(folder) / WEIGHTS if folder else None
-    if weights is None or not weights.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_files([weights]) if weights is not None and weights.is_file() else None
 
 
 def check_state_dict(module: torch.nn.Module, state: dict, source: str) -> None:

@@ -5,8 +5,9 @@ sparse-view CT (30 and 60 views, 1e5 photons) and low dose (180 views, 1e4 photo
 
 Rule, fixed before the run: the setting with the highest mean of (full-range PSNR + brain-window PSNR) / 2 over all
 tuning cases; ``anchor`` ≥ 0.3 only (0.1 fits the noise on the exact σ_y = 2 check of ``docs/methods/hybrid.md``).
-``--grid penalty`` holds ``anchor`` and the TV factor at the shipped values and varies the ADMM penalty
-(``admm_penalty``) instead, on the same rule; ``--tasks`` adds the well-measured cases (120 views at 1e5 photons,
+``--grid penalty`` holds ``anchor`` and the TV factor at the shipped values and varies the ADMM penalty as a fixed
+share of ``‖A‖²`` instead (the rule before 2026-12-06), ``--grid penalty-rule`` as a multiple of ``σ_y‖A‖`` (the
+hybrid's ``admm_penalty`` now), on the same rule; ``--tasks`` adds the well-measured cases (120 views at 1e5 photons,
 180 views at 1e5); ``--fields crop`` adds the central 128² of each slice at its own 0.957 mm pixels (the brain
 filling the field, like ``bench_matrix.py``'s cropped head); ``--grid anchor-factor-2`` is the smaller grid re-run
 after the penalty changed.
@@ -17,6 +18,12 @@ after the penalty changed.
         --grid penalty --tasks sv30 sv60 ld1e4 sv120 ld1e5 --json benchmarks/hybrid_tuning_penalty.json
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --grid anchor-factor-2 --fields full crop --json benchmarks/hybrid_tuning_2.json
+    python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
+        --grid penalty-rule --tasks sv30 sv60 ld1e4 sv120 ld1e5 --fields full crop \
+        --json benchmarks/hybrid_tuning_penalty_rule.json
+
+``--slices`` splits a run over processes; ``--merge A.json B.json --grid G --json OUT`` pools them and applies the
+rule.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from recon.tasks import from_domain, make_task, normalised_problem, simulate, we
 TASKS = {"sv30": (30, 1e5), "sv60": (60, 1e5), "ld1e4": (180, 1e4), "sv120": (120, 1e5), "ld1e5": (180, 1e5)}
 GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.025, 0.05, 0.1, 0.2)],
          "anchor-factor-2": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.05, 0.1, 0.2)],
-         "penalty": [{"admm_penalty": p} for p in (0.0025, 0.005, 0.01, 0.025)]}
+         "penalty": [{"penalty_share": p} for p in (0.0025, 0.005, 0.01, 0.025)],
+         "penalty-rule": [{"admm_penalty": c} for c in (1.5, 3.0, 6.0)]}
 
 
 def slice_128(volume: np.ndarray, index: int) -> np.ndarray:
@@ -91,6 +99,8 @@ def run_case(hu: np.ndarray, task: str, prior, label: dict, grid: list[dict]) ->
         options = dict(setting)
         if "tv_factor" in options:
             options["tv_weight"] = options.pop("tv_factor") * norm / sigma_n
+        if "penalty_share" in options:  # γ + share·‖A‖² = γ + (share·‖A‖/σ_y)·σ_y‖A‖
+            options["admm_penalty"] = options.pop("penalty_share") * norm / sigma_n
         t0 = time.perf_counter()
         res = recon.reconstruct(physics, y_n, prior, method="hybrid", sigma_y=sigma_n, seed=0, **options)
         score("hybrid", res.x, time.perf_counter() - t0, **setting)
@@ -117,18 +127,26 @@ def main() -> None:
     parser.add_argument("--fields", nargs="+", choices=list(FIELDS), default=["full"],
                         help="whole slices averaged to 128² (full) and/or their central 128² (crop)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--merge", nargs="+", help="pool the rows of these JSON files, apply the rule; no runs")
     args = parser.parse_args()
+    if args.merge:
+        rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
+        return write(args.json, args.grid, rows)
     torch.set_num_threads(1)
     prior = load_prior("default-ct")
     volume = read_image(args.slab).array
     grid = GRIDS[args.grid]
     rows = [r for f in args.fields for i in args.slices for t in args.tasks
             for r in run_case(FIELDS[f](volume, i), t, prior, {"slice": i, "field": f}, grid)]
-    chosen = choose(rows, grid)
+    write(args.json, args.grid, rows)
+
+
+def write(path: str | None, grid: str, rows: list[dict]) -> None:
+    chosen = choose(rows, GRIDS[grid])
     print(chosen, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rule": "max mean (full + brain-window PSNR) / 2", "grid": args.grid, "chosen": chosen,
+    if path:
+        with open(path, "w") as f:
+            json.dump({"rule": "max mean (full + brain-window PSNR) / 2", "grid": grid, "chosen": chosen,
                        "rows": rows}, f, indent=1)
 
 

@@ -15,7 +15,7 @@ DiffPIR (λ = 1, ζ = 1)      0.043       0.124       0.085                0.347
 DAPS (defaults)             0.053       0.137       0.203                0.392
 ΠGDM (defaults)             0.081       0.174       0.040                0.036
 hybrid, no TV               0.048       0.106       0.422                0.524
-hybrid (defaults, TV)       0.133       0.266       0.395                0.509
+hybrid (defaults, TV)       0.089       0.182       0.386                0.509
 DDS, noise-aware γ          0.044       0.108       0.412                0.527
 DDS, γ = 0 (before)         0.051       0.106       2.735                5.178
 DPS, discrepancy weight     0.021       0.061       0.469                0.508
@@ -82,14 +82,14 @@ MEASURED: dict[tuple[str, str, float], float] = {
     ("DAPS (defaults)", "inpainting", SIGMA_Y): 0.0533,
     ("ΠGDM (defaults)", "inpainting", SIGMA_Y): 0.0806,
     ("hybrid, no TV", "inpainting", SIGMA_Y): 0.0481,
-    ("hybrid (defaults, TV)", "inpainting", SIGMA_Y): 0.1334,
+    ("hybrid (defaults, TV)", "inpainting", SIGMA_Y): 0.0888,
     ("DDS, noise-aware γ", "inpainting", SIGMA_Y): 0.0436,
     ("DiffPIR (λ = 7, ζ = 0.3)", "projection", SIGMA_Y): 0.3296,
     ("DiffPIR (λ = 1, ζ = 1)", "projection", SIGMA_Y): 0.1242,
     ("DAPS (defaults)", "projection", SIGMA_Y): 0.1371,
     ("ΠGDM (defaults)", "projection", SIGMA_Y): 0.1736,
     ("hybrid, no TV", "projection", SIGMA_Y): 0.1058,
-    ("hybrid (defaults, TV)", "projection", SIGMA_Y): 0.2660,
+    ("hybrid (defaults, TV)", "projection", SIGMA_Y): 0.1818,
     ("DDS, noise-aware γ", "projection", SIGMA_Y): 0.1077,
     ("DPS, discrepancy weight", "inpainting", SIGMA_Y): 0.0206,
     ("DPS, discrepancy weight", "projection", SIGMA_Y): 0.0606,

@@ -9,7 +9,7 @@ Per level ``σ_i → σ_{i+1}`` (derivation and tuning: ``docs/methods/hybrid.md
 TV is anisotropic, in-plane (plus along ``z`` for volumes). Multiplied by ``σ_y²`` the data step is
 ``recon.samplers.volume.admm_tv``'s problem ``½‖Ax − y‖² + γ/2‖x − x̂0‖² + λ′ Σ_a ‖D_a x‖₁`` with ``γ = σ_y² ρ_i``
 and ``λ′ = σ_y² λ``, solved by ``admm_iters`` ADMM iterations from ``x̂0`` (``z = D x̂0``, ``u = 0``; penalty
-``γ + admm_penalty·‖A‖²``, the anchor's curvature plus a fraction of the data's). The output is
+``γ + admm_penalty·σ_y‖A‖``, the anchor's curvature plus a multiple of the data's noise scale). The output is
 the data step's result at the last level. With ``σ_y = 0`` the anchor and TV vanish and the step is DDS's CG.
 """
 
@@ -66,7 +66,7 @@ def sample_hybrid(
     sigma_max: float | None = None,
     rho: float = 7.0,
     sigmas: Sequence[float] | None = None,
-    admm_penalty: float = 0.005,
+    admm_penalty: float = 3.0,
 ) -> ReconstructionResult:
     """Diffusion with a TV-regularised, σ_y-weighted data step around the Tweedie estimate (module docstring).
 
@@ -91,9 +91,10 @@ def sample_hybrid(
         sigma_max: highest noise level of the Karras schedule.
         rho: Karras schedule exponent.
         sigmas: explicit decreasing noise levels (override the schedule).
-        admm_penalty: the ADMM penalty's share of ``‖A‖²`` (penalty ``γ + admm_penalty·‖A‖²``): with a few
-            iterations it decides how far the data step gets, not where it converges (default 0.005; DDS's 0.025
-            stops short of the data on well-measured scans, ``docs/methods/hybrid.md``).
+        admm_penalty: the ADMM penalty in units of ``σ_y‖A‖`` (penalty ``γ + admm_penalty·σ_y‖A‖``, 60× the
+            default TV weight ``λ′``): with a few iterations it decides how far the data step gets, not where it
+            converges (default 3; a fixed share of ``‖A‖²`` stops short of well-measured data or overfits noisy
+            data, ``docs/methods/hybrid.md``).
 
     Returns:
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
@@ -119,7 +120,7 @@ def sample_hybrid(
             x0 = prior.denoise(x, s)
             check_finite(x0, "hybrid", i, "the prior's denoiser returned non-finite values")
             gamma = sy2 * float(anchor) / tweedie_std(s) ** 2
-            admm_rho = gamma + float(admm_penalty) * norm_a**2  # the penalty follows the anchor's curvature
+            admm_rho = gamma + float(admm_penalty) * float(sigma_y) * norm_a  # follows the anchor and the noise
             x0dc, primal = tv_data_step(physics, x0, aty, gamma=gamma, admm_rho=admm_rho, **step)
             x = ddim_renoise(x, x0, x0dc, s, s_next, float(eta), generator)
             check_bounded(x0dc, "hybrid", i, 0.0, "raise anchor or lower cg_iters")

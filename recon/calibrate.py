@@ -43,6 +43,7 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
     Returns:
         The calibration written (factor, coverage, studies, scores, method, task).
     """
+    from recon.samplers.registry import sampler_settings
     from recon.samplers.uncertainty import body_mask, conformal_factor, save_calibration
 
     s = Settings.from_mapping(overrides, settings)
@@ -74,7 +75,8 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
             "method": result.info.get("method"), "base": result.info.get("base"),
             "particles": result.info.get("particles"), "prior_sha256": result.info.get("prior_sha256"),
             "task": s.task, "tasks": sorted(tasks), "task_params": s.task_params, "photons": s.photons,
-            "noise": s.noise, "steps": result.info.get("steps"), "studies": len(names),
+            "noise": s.noise, "steps": result.info.get("steps"), "sampler_options": sampler_settings(result.info),
+            "studies": len(names),
             "seconds": time.perf_counter() - t0}
     save_calibration(out, factor, coverage, n_scores=n_scores, **meta)
     return {"output": str(out), "factor": factor, "coverage": coverage, "n_scores": n_scores, **meta}

@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 from recon.cli import main
 from recon.datasets import read_image
 from recon.samplers import recommended_method
+from recon.samplers.registry import sampler_settings
 from recon.samplers.uncertainty import BUILTIN_CALIBRATION, builtin_calibration, save_calibration
 from recon.tasks import build_physics, make_task
 
@@ -162,14 +163,20 @@ def test_a_shipped_calibration_is_not_used_for_other_weights_or_tasks(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights")
     prior = SimpleNamespace(card={"path": str(tmp_path)})
-    info = {"method": "ensemble", "base": "hybrid", "particles": 16, "steps": 50}
+    info = {"method": "ensemble", "base": "hybrid", "particles": 16, "steps": 50, "options": {"base": "hybrid"}}
     save_calibration(tmp_path / BUILTIN_CALIBRATION, 5.0, 0.9, **info, tasks=["sparse-view-ct"],
-                     prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=6)
+                     prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=6,
+                     sampler_options=sampler_settings(info))
     doc, why = builtin_calibration(prior, info, "sparse-view-ct")
     assert doc["factor"] == 5.0 and why.startswith("built into the prior: fitted on 6")
     assert builtin_calibration(prior, info, "limited-angle-ct")[0] is None
     assert builtin_calibration(prior, {**info, "base": "dps"}, "sparse-view-ct")[0] is None
     assert builtin_calibration(prior, {**info, "steps": 20}, "sparse-view-ct")[0] is None
+    # the same sampler with another option (or default) than the one it was fitted for: not applied, and why
+    fitted = sampler_settings(info)["admm_penalty"]
+    doc, why = builtin_calibration(prior, {**info, "options": {"base": "hybrid", "admm_penalty": 2 * fitted}},
+                                   "sparse-view-ct")
+    assert doc is None and f"admm_penalty: {fitted!r} there, {2 * fitted!r} here" in why
     weights.write_bytes(b"retrained")
     doc, why = builtin_calibration(prior, info, "sparse-view-ct")
     assert doc is None and why == "the prior's calibration was fitted on other weights"

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 __all__ = ["COMMON_ARGUMENTS", "METHODS", "RECOMMENDED", "RECOMMENDED_BY_TASK", "UNCERTAINTY_SAMPLES", "MethodSpec",
-           "OptionError", "OptionSpec", "get_method", "markdown_table", "recommended_method", "spread_method"]
+           "OptionError", "OptionSpec", "get_method", "markdown_table", "recommended_method", "sampler_settings",
+           "spread_method"]
 
 # every sampler takes these; they are ``reconstruct``'s own arguments, not method options
 COMMON_ARGUMENTS = ("physics", "y", "prior", "sigma_y", "steps", "particles", "generator", "callback")
@@ -274,6 +275,19 @@ def spread_method(name: str) -> tuple[str, dict]:
     if spec.family == "particles" or not spec.needs_prior:
         return name, {}
     return "ensemble", {"base": name}
+
+
+def sampler_settings(info: Mapping[str, object]) -> dict[str, object]:
+    """What decides a run's output besides the data: the sampler's scalar options with a default, at the values the
+    run used (``info["options"]``, else the default), for the base method of an ensemble. A calibration records
+    them and is applied only to runs with the same (``recon.samplers.uncertainty.builtin_calibration``), so that a
+    changed default (say, the hybrid's ADMM penalty) does not inherit intervals fitted for the old one."""
+    used = dict(info.get("options") or {})
+    name = str(info.get("base") or info.get("method"))
+    if name not in METHODS:
+        return {}
+    return {k: used.get(k, o.default) for k, o in get_method(name).options.items()
+            if k != "base" and isinstance(o.default, (bool, int, float, str))}
 
 
 def markdown_table() -> str:

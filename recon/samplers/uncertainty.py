@@ -391,10 +391,12 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
     was fitted for this run, else None; and a one-line reason either way, for the report.
 
     It applies when it was fitted on these weights (``prior_sha256``) for the same method, base sampler, number
-    of samples and steps (``info``: the sampler's ``method``, ``base``, ``particles``, ``steps``) and lists ``task``
-    among its tasks. A file that exists but does not match is not used: intervals stay the uncalibrated ones.
+    of samples and steps (``info``: the sampler's ``method``, ``base``, ``particles``, ``steps``), with the same
+    sampler options (``recon.samplers.registry.sampler_settings``) and lists ``task`` among its tasks. A file that
+    exists but does not match is not used: intervals stay the uncalibrated ones.
     """
     from recon.priors.io import weights_sha256
+    from recon.samplers.registry import sampler_settings
 
     folder = (getattr(prior, "card", None) or {}).get("path") if prior is not None else None
     path = Path(folder) / BUILTIN_CALIBRATION if folder else None
@@ -408,6 +410,12 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
         return None, f"the prior's calibration was fitted for {_describe_run(fitted)}, not {_describe_run(run)}"
     if task not in (doc.get("tasks") or []):
         return None, f"the prior's calibration was fitted on {', '.join(doc.get('tasks') or [])}, not {task}"
+    settings = sampler_settings(info)
+    if doc.get("sampler_options") != settings:
+        fitted = doc.get("sampler_options") or {}
+        changed = sorted(k for k in set(fitted) | set(settings) if fitted.get(k) != settings.get(k))
+        return None, ("the prior's calibration was fitted with other sampler options ("
+                      + ", ".join(f"{k}: {fitted.get(k)!r} there, {settings.get(k)!r} here" for k in changed) + ")")
     if doc.get("prior_sha256") != weights_sha256(prior):
         return None, "the prior's calibration was fitted on other weights"
     return doc, f"built into the prior: fitted on {doc.get('studies')} reference studies ({doc.get('fitted_on', '')})"

@@ -8,9 +8,10 @@ tuning cases; ``anchor`` ≥ 0.3 only (0.1 fits the noise on the exact σ_y = 2 
 ``--grid penalty`` holds ``anchor`` and the TV factor at the shipped values and varies the ADMM penalty as a fixed
 share of ``‖A‖²`` instead (the rule before 2026-12-06), ``--grid penalty-rule`` as a multiple of ``σ_y‖A‖`` (the
 hybrid's ``admm_penalty`` now), on the same rule; ``--tasks`` adds the well-measured cases (120 views at 1e5 photons,
-180 views at 1e5); ``--fields crop`` adds the central 128² of each slice at its own 0.957 mm pixels (the brain
-filling the field, like ``bench_matrix.py``'s cropped head); ``--grid anchor-factor-2`` is the smaller grid re-run
-after the penalty changed.
+180 views at 1e5) and Gaussian noise (``g0.2``, ``g2``: 0.2 / 2 % of the sinogram's peak, 60 views); ``--fields
+crop`` adds the central 128² of each slice at its own 0.957 mm pixels (the brain filling the field, like
+``bench_matrix.py``'s cropped head); ``--grid anchor-factor-2`` is the smaller grid re-run after the penalty
+changed.
 
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --json benchmarks/hybrid_tuning.json
@@ -19,7 +20,7 @@ after the penalty changed.
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --grid anchor-factor-2 --fields full crop --json benchmarks/hybrid_tuning_2.json
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
-        --grid penalty-rule --tasks sv30 sv60 ld1e4 sv120 ld1e5 --fields full crop \
+        --grid penalty-rule --tasks sv30 sv60 ld1e4 sv120 ld1e5 g0.2 g2 --fields full crop \
         --json benchmarks/hybrid_tuning_penalty_rule.json
 
 ``--slices`` splits a run over processes; ``--merge A.json B.json --grid G --json OUT`` pools them and applies the
@@ -42,7 +43,9 @@ from recon.priors import load_prior
 from recon.samplers.base import operator_norm
 from recon.tasks import from_domain, make_task, normalised_problem, simulate, weighted_problem
 
-TASKS = {"sv30": (30, 1e5), "sv60": (60, 1e5), "ld1e4": (180, 1e4), "sv120": (120, 1e5), "ld1e5": (180, 1e5)}
+# name -> (views, photons) for Beer–Lambert noise, or (views, Gaussian noise std relative to the sinogram's peak)
+TASKS = {"sv30": (30, 1e5), "sv60": (60, 1e5), "ld1e4": (180, 1e4), "sv120": (120, 1e5), "ld1e5": (180, 1e5),
+         "g0.2": (60, 0.002), "g2": (60, 0.02)}
 GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.025, 0.05, 0.1, 0.2)],
          "anchor-factor-2": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.05, 0.1, 0.2)],
          "penalty": [{"penalty_share": p} for p in (0.0025, 0.005, 0.01, 0.025)],
@@ -64,11 +67,18 @@ def crop_128(volume: np.ndarray, index: int) -> np.ndarray:
 FIELDS = {"full": slice_128, "crop": crop_128}
 
 
-def tuning_problem(hu: np.ndarray, prior, task: str = "sparse-view-ct", photons: float = 1e5, **params):
+def tuning_problem(hu: np.ndarray, prior, task: str = "sparse-view-ct", photons: float | None = 1e5,
+                   peak: float | None = None, **params):
     """``hu`` measured by ``task`` (seed 0) as ``recon reconstruct`` sees it: ``(spec, meas, physics_w, y_n,
-    sigma_n, a, b)``, the whitened problem in the prior's normalised range."""
+    sigma_n, a, b)``, the whitened problem in the prior's normalised range. ``peak``: Gaussian noise of that
+    fraction of the noiseless sinogram's peak instead of ``photons`` (as ``bench_matrix.py``'s ``g*`` tasks)."""
     spec = make_task(task, (1, *hu.shape), (1.0, 1.0, 1.0), **params)
-    meas = simulate(spec, torch.from_numpy(hu).float(), "HU", photons=photons, seed=0)
+    image = torch.from_numpy(hu).float()
+    noise = None
+    if peak is not None:
+        clean = simulate(spec, image, "HU", seed=0).y
+        noise, photons = peak * float(clean.abs().max()) / float(clean.pow(2).mean().sqrt()), None
+    meas = simulate(spec, image, "HU", photons=photons, noise=noise, seed=0)
     physics, meas_w = weighted_problem(meas, meas.physics())
     return spec, meas, physics, *normalised_problem(meas_w, physics, prior)
 
@@ -81,8 +91,9 @@ def tuning_scores(spec, x_n: torch.Tensor, a: float, b: float, hu: np.ndarray) -
 
 
 def run_case(hu: np.ndarray, task: str, prior, label: dict, grid: list[dict]) -> list[dict]:
-    views, photons = TASKS[task]
-    spec, meas, physics, y_n, sigma_n, a, b = tuning_problem(hu, prior, photons=photons, views=views)
+    views, level = TASKS[task]
+    noise = {"peak": level} if task.startswith("g") else {"photons": level}
+    spec, meas, physics, y_n, sigma_n, a, b = tuning_problem(hu, prior, views=views, **noise)
     norm = float(operator_norm(physics, torch.zeros(1, 1, *hu.shape)))
     rows = []
 

@@ -2,8 +2,9 @@
 
 ``recon reconstruct --uncertainty`` without ``--method`` runs an ensemble of 16 runs of the recommended method
 (``recon.samplers.registry.spread_method``) and, when the prior's folder holds a ``calibration.json`` fitted for
-that run (same weights, method, base sampler, number of samples, steps and task), scales its intervals by the shipped
-conformal factor (``recon.samplers.uncertainty.builtin_calibration``). This script makes that file and checks it.
+that run (same weights, method, base sampler, its options, number of samples, steps and task), scales its intervals
+by the shipped conformal factor (``recon.samplers.uncertainty.builtin_calibration``). This script makes that file
+and checks it. ``--fit`` writes the file through ``recon calibrate``, which records the sampler's options.
 
 Fit (``--fit``): slices of the held-out InVesalius slab (``recon prepare-prior-data``; no reported benchmark uses
 them), averaged to 128² (1.91 mm pixels), written as NIfTI with a CSV manifest of tasks, and ``recon calibrate``

@@ -194,3 +194,19 @@ def test_uncertainty_without_a_method_wraps_only_methods_that_sample_from_a_prio
     assert spread_method("pigdm") == ("ensemble", {"base": "pigdm"})
     for name in ("tv", "analytic", "fps", "tempered-smc", "ensemble"):  # nothing to sample, or a spread already
         assert spread_method(name) == (name, {})
+
+
+def test_sampler_settings_are_the_base_samplers_options_as_the_run_used_them():
+    from recon.samplers.hybrid import sample_hybrid
+    from recon.samplers.registry import sampler_settings
+
+    defaults = {k: p.default for k, p in inspect.signature(sample_hybrid).parameters.items()
+                if isinstance(p.default, (bool, int, float, str)) and k not in COMMON_ARGUMENTS}
+    ensemble = {"method": "ensemble", "base": "hybrid", "options": {"base": "hybrid"}}
+    assert sampler_settings(ensemble) == defaults  # an ensemble is described by its base sampler's options
+    given = {**ensemble, "options": {"base": "hybrid", "admm_penalty": 6.0}}
+    assert sampler_settings(given) == {**defaults, "admm_penalty": 6.0}
+    # a run's own record (resolved per-case values such as the operator norm are not options) gives the same
+    run = {"method": "hybrid", "options": {**defaults, "operator_norm": 3.2, "tv_weight": 12.0, "sigma_y": 0.1}}
+    assert sampler_settings(run) == defaults
+    assert sampler_settings({"method": "not-a-method"}) == {}

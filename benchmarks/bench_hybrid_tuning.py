@@ -31,10 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_matrix import peak_noise
 
 import recon
 from recon.datasets import read_image
@@ -76,8 +82,7 @@ def tuning_problem(hu: np.ndarray, prior, task: str = "sparse-view-ct", photons:
     image = torch.from_numpy(hu).float()
     noise = None
     if peak is not None:
-        clean = simulate(spec, image, "HU", seed=0).y
-        noise, photons = peak * float(clean.abs().max()) / float(clean.pow(2).mean().sqrt()), None
+        noise, photons = peak_noise(spec, image, "HU", peak), None
     meas = simulate(spec, image, "HU", photons=photons, noise=noise, seed=0)
     physics, meas_w = weighted_problem(meas, meas.physics())
     return spec, meas, physics, *normalised_problem(meas_w, physics, prior)
@@ -141,7 +146,7 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", help="pool the rows of these JSON files, apply the rule; no runs")
     args = parser.parse_args()
     if args.merge:
-        rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
+        rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["rows"]]
         return write(args.json, args.grid, rows)
     torch.set_num_threads(1)
     prior = load_prior("default-ct")

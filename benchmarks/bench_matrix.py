@@ -56,7 +56,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-__all__ = ["IMAGES", "METHODS", "TASKS", "flat_region", "load_image", "main", "run_case", "score"]
+__all__ = ["IMAGES", "METHODS", "TASKS", "flat_region", "load_image", "main", "peak_noise", "run_case", "score"]
 
 BRAIN_WINDOW = (0.0, 80.0)  # HU
 CT_FULL = (-1000.0, 1000.0)  # HU, the full-range metric window of `recon reconstruct`
@@ -174,6 +174,15 @@ def score(rec: np.ndarray, ref: np.ndarray, modality: str, roi: tuple[slice, sli
 
 
 # ------------------------------------------------------------------------------------------------ methods
+def peak_noise(spec, image: torch.Tensor, unit: str | None, peak: float, seed: int = 0) -> float:
+    """``simulate``'s Gaussian ``noise`` (relative to the noiseless measurement's RMS) for a std of ``peak`` times
+    the noiseless measurement's peak (the ``g*`` tasks)."""
+    from recon.tasks import simulate
+
+    clean = simulate(spec, image, unit, seed=seed).y
+    return peak * float(clean.abs().max()) / float(clean.pow(2).mean().sqrt())
+
+
 def _simulate(task: str, image: np.ndarray, spacing: tuple, modality: str, seed: int):
     from recon.tasks import make_task, simulate
 
@@ -183,8 +192,7 @@ def _simulate(task: str, image: np.ndarray, spacing: tuple, modality: str, seed:
     img = torch.from_numpy(image).float()
     kw = dict(noise)
     if "peak" in kw:  # Gaussian noise relative to the measurement peak → simulate's RMS-relative level
-        clean = simulate(spec, img, unit, seed=seed).y
-        kw = {"noise": kw.pop("peak") * float(clean.abs().max()) / float(clean.pow(2).mean().sqrt())}
+        kw = {"noise": peak_noise(spec, img, unit, kw.pop("peak"), seed)}
     return spec, simulate(spec, img, unit, seed=seed, **kw)
 
 

@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_builtin_calibration import write_slice
 from bench_matrix import load_image
 
 from recon.pipeline import reconstruct_in_memory
@@ -40,8 +39,7 @@ def run_case(name: str, acceleration: int, seed: int) -> dict:
     image, spacing, _ = load_image(name, 128)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.nii.gz"
-        affine = np.diag([spacing[1], spacing[0], 1.0, 1.0])
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(image.T[:, :, None]).astype(np.float32), affine), path)
+        write_slice(path, image, spacing[0])  # load_image's pixels are square
         s = Settings(task="mri", task_params={"acceleration": acceleration}, noise=0.01, seed=seed, uncertainty=0.9,
                      prior="default-mri", method="ensemble", options={"base": "hybrid"}, particles=16)
         t0 = time.perf_counter()

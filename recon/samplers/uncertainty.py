@@ -410,12 +410,12 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
         return None, f"the prior's calibration was fitted for {_describe_run(fitted)}, not {_describe_run(run)}"
     if task not in (doc.get("tasks") or []):
         return None, f"the prior's calibration was fitted on {', '.join(doc.get('tasks') or [])}, not {task}"
-    settings = sampler_settings(info)
-    if doc.get("sampler_options") != settings:
-        fitted = doc.get("sampler_options") or {}
-        changed = sorted(k for k in set(fitted) | set(settings) if fitted.get(k) != settings.get(k))
+    used = sampler_settings(info)
+    if doc.get("sampler_options") != used:
+        there = doc.get("sampler_options") or {}
+        changed = sorted(k for k in set(there) | set(used) if there.get(k) != used.get(k))
         return None, ("the prior's calibration was fitted with other sampler options ("
-                      + ", ".join(f"{k}: {fitted.get(k)!r} there, {settings.get(k)!r} here" for k in changed) + ")")
+                      + ", ".join(f"{k}: {there.get(k)!r} there, {used.get(k)!r} here" for k in changed) + ")")
     if doc.get("prior_sha256") != weights_sha256(prior):
         return None, "the prior's calibration was fitted on other weights"
     return doc, f"built into the prior: fitted on {doc.get('studies')} reference studies ({doc.get('fitted_on', '')})"

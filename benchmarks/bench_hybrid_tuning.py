@@ -11,7 +11,9 @@ hybrid's ``admm_penalty`` now), on the same rule; ``--tasks`` adds the well-meas
 180 views at 1e5) and Gaussian noise (``g0.2``, ``g2``: 0.2 / 2 % of the sinogram's peak, 60 views); ``--fields
 crop`` adds the central 128² of each slice at its own 0.957 mm pixels (the brain filling the field, like
 ``bench_matrix.py``'s cropped head); ``--grid anchor-factor-2`` is the smaller grid re-run after the penalty
-changed.
+changed. ``--grid eta`` varies the re-noising η (``eta-1``: only η = 1, to add to an earlier run by ``--merge``);
+``--grid budget`` spends 50 network evaluations as 1 × 50, 2 × 25 or 4 × 12 averaged chains at η = 1
+(``budget-2`` without the first), ``--grid chains`` averages 2 or 3 chains of 50 steps.
 
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --json benchmarks/hybrid_tuning.json
@@ -22,6 +24,9 @@ changed.
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --grid penalty-rule --tasks sv30 sv60 ld1e4 sv120 ld1e5 g0.2 g2 --fields full crop \
         --json benchmarks/hybrid_tuning_penalty_rule.json
+    python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
+        --grid eta --tasks sv30 sv60 ld1e4 sv120 ld1e5 g0.2 g2 --fields full crop \
+        --json benchmarks/hybrid_tuning_eta.json
 
 ``--slices`` splits a run over processes; ``--merge A.json B.json --grid G --json OUT`` pools them and applies the
 rule.
@@ -55,7 +60,12 @@ TASKS = {"sv30": (30, 1e5), "sv60": (60, 1e5), "ld1e4": (180, 1e4), "sv120": (12
 GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.025, 0.05, 0.1, 0.2)],
          "anchor-factor-2": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.05, 0.1, 0.2)],
          "penalty": [{"penalty_share": p} for p in (0.0025, 0.005, 0.01, 0.025)],
-         "penalty-rule": [{"admm_penalty": c} for c in (1.5, 3.0, 6.0)]}
+         "penalty-rule": [{"admm_penalty": c} for c in (1.5, 3.0, 6.0)],
+         "eta": [{"eta": e} for e in (0.0, 0.5, 0.85, 1.0)],
+         "eta-1": [{"eta": 1.0}],
+         "budget": [{"steps": s, "particles": p, "eta": 1.0} for s, p in ((50, 1), (25, 2), (12, 4))],
+         "budget-2": [{"steps": s, "particles": p, "eta": 1.0} for s, p in ((25, 2), (12, 4))],
+         "chains": [{"steps": 50, "particles": p, "eta": 1.0} for p in (2, 3)]}
 
 
 def slice_128(volume: np.ndarray, index: int) -> np.ndarray:

@@ -197,7 +197,7 @@ def test_mismatched_or_missing_weights_are_refused(tmp_path):
 
     prior = _small_prior()
     save_prior(prior, tmp_path / "p", ARCH)
-    state = {k: v for k, v in prior.network.state_dict().items()}
+    state = {k: v.contiguous() for k, v in prior.network.state_dict().items()}  # NHWC weights: safetensors wants packed
     state["unet.conv_in.conv.weight"] = torch.zeros(3, 1, 3, 3)
     state["extra.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / "p" / "model.safetensors"))

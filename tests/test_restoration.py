@@ -355,7 +355,7 @@ def test_restorer_io_round_trip_and_refusals(tiny_restorer, tmp_path, monkeypatc
     a, _ = r.restore(y, steps=3, generator=torch.Generator().manual_seed(0))
     b, _ = r2.restore(y, steps=3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    state = dict(r.network.state_dict())
+    state = {k: v.contiguous() for k, v in r.network.state_dict().items()}  # NHWC weights: safetensors wants packed
     state["unet.conv_in.conv.weight"] = torch.zeros(8, 3, 3, 3)
     state["extra.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / "copy" / "model.safetensors"))

@@ -215,11 +215,11 @@ plt.show()
 # **How far to trust these maps** (`benchmarks/README.md`, "Calibration" and "The calibration `default-ct` ships":
 # held-out head CT and MRI, 16 samples):
 #
-# - *The std map ranks the error on sparse-view CT* (Spearman 0.63–0.69 inside the head): where it is bright, the
+# - *The std map ranks the error on sparse-view CT* (Spearman 0.64–0.70 inside the head): where it is bright, the
 #   error tends to be large. It does not on undersampled MRI (≈ 0): there it says little.
 # - *Its raw scale is far too small*: the 16 runs agree with each other more than with the truth (uncalibrated 90 %
-#   intervals cover 34–42 % of the head's pixels). The shipped factor (c = 8.20 sample stds) brings the held-out
-#   head CT to 86–92 % inside the head. It holds for the run it was fitted for (ensemble of 16 hybrid runs of 50 steps,
+#   intervals cover 32–36 % of the head's pixels). The shipped factor (c = 8.53 sample stds) brings the held-out
+#   head CT to 88–92 % inside the head. It holds for the run it was fitted for (ensemble of 16 hybrid runs of 50 steps,
 #   sparse-view CT, these weights) *and for images like the head CT it was fitted on*: this slice is a spine, and
 #   the printed coverage above is below nominal. For other anatomy, tasks or settings fit your own on reference
 #   studies like yours: `recon calibrate -i REFERENCES -o calib.json --task …`, then `--calibration calib.json`.

@@ -59,7 +59,7 @@ def sample_hybrid(
     callback: Callable[[dict], None] | None = None,
     anchor: float = 0.3,
     tv_weight: float | None = None,
-    eta: float = 0.85,
+    eta: float = 1.0,
     admm_iters: int = 5,
     cg_iters: int = 5,
     sigma_min: float | None = None,
@@ -84,7 +84,8 @@ def sample_hybrid(
             ``docs/methods/hybrid.md``).
         tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``0.05 ‖A‖/σ_y`` (a sixth of
             ``sample_tv``'s default ROF weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest); 0: no TV.
-        eta: fraction of fresh noise in the re-noising (DDS's convention, default 0.85 as DDS).
+        eta: fraction of fresh noise in the re-noising (DDS's convention; default 1: each level re-noises the
+            data-consistent estimate afresh, chosen on tuning slices over DDS's 0.85, ``docs/methods/hybrid.md``).
         admm_iters: ADMM iterations per data step.
         cg_iters: CG iterations per ADMM iteration.
         sigma_min: lowest noise level of the Karras schedule (clipped to the prior's range).

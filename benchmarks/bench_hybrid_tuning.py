@@ -11,9 +11,8 @@ hybrid's ``admm_penalty`` now), on the same rule; ``--tasks`` adds the well-meas
 180 views at 1e5) and Gaussian noise (``g0.2``, ``g2``: 0.2 / 2 % of the sinogram's peak, 60 views); ``--fields
 crop`` adds the central 128² of each slice at its own 0.957 mm pixels (the brain filling the field, like
 ``bench_matrix.py``'s cropped head); ``--grid anchor-factor-2`` is the smaller grid re-run after the penalty
-changed. ``--grid eta`` varies the re-noising η (``eta-1``: only η = 1, to add to an earlier run by ``--merge``);
-``--grid budget`` spends 50 network evaluations as 1 × 50, 2 × 25 or 4 × 12 averaged chains at η = 1
-(``budget-2`` without the first), ``--grid chains`` averages 2 or 3 chains of 50 steps.
+changed. ``--grid eta`` varies the re-noising η; ``--grid budget`` spends 50 network evaluations as 1 × 50, 2 × 25
+or 4 × 12 averaged chains at η = 1, ``--grid chains`` averages 2 or 3 chains of 50 steps.
 
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --json benchmarks/hybrid_tuning.json
@@ -28,8 +27,8 @@ changed. ``--grid eta`` varies the re-noising η (``eta-1``: only η = 1, to add
         --grid eta --tasks sv30 sv60 ld1e4 sv120 ld1e5 g0.2 g2 --fields full crop \
         --json benchmarks/hybrid_tuning_eta.json
 
-``--slices`` splits a run over processes; ``--merge A.json B.json --grid G --json OUT`` pools them and applies the
-rule.
+``--slices`` splits a run over processes, ``--settings`` runs only some of the grid's entries (by index; e.g. to
+add an entry to an earlier run); ``--merge A.json B.json --grid G --json OUT`` pools them and applies the rule.
 """
 
 from __future__ import annotations
@@ -62,9 +61,7 @@ GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for
          "penalty": [{"penalty_share": p} for p in (0.0025, 0.005, 0.01, 0.025)],
          "penalty-rule": [{"admm_penalty": c} for c in (1.5, 3.0, 6.0)],
          "eta": [{"eta": e} for e in (0.0, 0.5, 0.85, 1.0)],
-         "eta-1": [{"eta": 1.0}],
          "budget": [{"steps": s, "particles": p, "eta": 1.0} for s, p in ((50, 1), (25, 2), (12, 4))],
-         "budget-2": [{"steps": s, "particles": p, "eta": 1.0} for s, p in ((25, 2), (12, 4))],
          "chains": [{"steps": 50, "particles": p, "eta": 1.0} for p in (2, 3)]}
 
 
@@ -134,14 +131,15 @@ def run_case(hu: np.ndarray, task: str, prior, label: dict, grid: list[dict]) ->
 
 
 def choose(rows: list[dict], grid: list[dict]) -> dict:
-    """The rule of the module docstring: the best mean (full + window) / 2 PSNR over the tuning cases."""
-    means = {}
+    """The rule of the module docstring: the best mean (full + window) / 2 PSNR over the tuning cases (settings
+    without rows, e.g. left out by ``--settings``, are skipped)."""
+    scored = []
     for setting in grid:
         rr = [r for r in rows if r["method"] == "hybrid" and all(r.get(k) == v for k, v in setting.items())]
-        means["/".join(f"{k}={v}" for k, v in setting.items())] = float(
-            np.mean([(r["psnr"] + r["brain_psnr"]) / 2 for r in rr]))
-    best = max(means, key=means.get)
-    return {**grid[list(means).index(best)], "means": means}
+        if rr:
+            scored.append((setting, float(np.mean([(r["psnr"] + r["brain_psnr"]) / 2 for r in rr]))))
+    best = max(scored, key=lambda sm: sm[1])[0]
+    return {**best, "means": {"/".join(f"{k}={v}" for k, v in st.items()): m for st, m in scored}}
 
 
 def main() -> None:
@@ -154,6 +152,7 @@ def main() -> None:
                         help="whole slices averaged to 128² (full) and/or their central 128² (crop)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--merge", nargs="+", help="pool the rows of these JSON files, apply the rule; no runs")
+    parser.add_argument("--settings", type=int, nargs="+", help="run only these entries of the grid (0-based)")
     args = parser.parse_args()
     if args.merge:
         rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["rows"]]
@@ -161,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(1)
     prior = load_prior("default-ct")
     volume = read_image(args.slab).array
-    grid = GRIDS[args.grid]
+    grid = GRIDS[args.grid] if args.settings is None else [GRIDS[args.grid][i] for i in args.settings]
     rows = [r for f in args.fields for i in args.slices for t in args.tasks
             for r in run_case(FIELDS[f](volume, i), t, prior, {"slice": i, "field": f}, grid)]
     write(args.json, args.grid, rows)

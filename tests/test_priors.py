@@ -192,6 +192,24 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert load_prior(tmp_path / "p" / "model.safetensors").parameterization == "edm"  # a file inside works too
 
 
+def test_the_2d_network_runs_in_nhwc_and_computes_what_the_packed_layout_does():
+    """ConditionedUNet keeps 2D convolution weights channels_last (faster on CPU); the same weights packed give the
+    same output up to float32 rounding, and a 3D network keeps the default layout."""
+    torch.manual_seed(0)
+    net = ConditionedUNet(channels=(8, 16), norm_num_groups=8).eval()
+    convs = [p for p in net.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # single-channel / 1×1 kernels are the same in both layouts
+    packed = ConditionedUNet(channels=(8, 16), norm_num_groups=8).eval().to(memory_format=torch.contiguous_format)
+    packed.load_state_dict(net.state_dict())
+    assert all(p.is_contiguous() for p in packed.parameters())
+    x, cond = torch.randn(2, 1, 20, 24), torch.tensor([0.3, -1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, cond), packed(x, cond), rtol=1e-5, atol=1e-5)
+    net3d = ConditionedUNet(spatial_dims=3, channels=(8, 16), norm_num_groups=8)
+    assert all(p.is_contiguous() for p in net3d.parameters())
+
+
 def test_mismatched_or_missing_weights_are_refused(tmp_path):
     from safetensors.torch import save_file
 

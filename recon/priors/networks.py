@@ -63,7 +63,7 @@ class ConditionedUNet(nn.Module):
             norm_num_groups=norm_num_groups,
             num_head_channels=channels[-1],
         )
-        if spatial_dims == 2:  # NHWC convolutions: about 1.3× faster on CPU (benchmarks/README.md, "Built-in priors")
+        if spatial_dims == 2:  # NHWC convolutions: 1.25× faster on CPU (benchmarks/README.md, "Built-in priors")
             self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

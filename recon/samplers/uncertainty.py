@@ -365,10 +365,10 @@ def save_calibration(path: str | os.PathLike, factor: float, coverage: float, *,
     z = interval_multiplier(coverage, method="gaussian")
     doc = {"kind": CALIBRATION_KIND, "version": 1, "coverage": float(coverage), "factor": float(factor),
            "gaussian_z": z, "inflation": float(factor) / z, "n_scores": n_scores, **meta}
+    from recon.datasets.io import atomic_write_bytes
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_bytes((json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), path, overwrite=True)
     return path
 
 

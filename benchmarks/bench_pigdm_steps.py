@@ -32,15 +32,16 @@ from recon.priors import load_prior
 TASKS = {"la90": (60, 90.0), "la120": (80, 120.0)}
 
 
-def run_case(hu: np.ndarray, task: str, prior, label: dict, settings: list[tuple[int, int]]) -> list[dict]:
+def run_case(hu: np.ndarray, task: str, prior, label: dict, settings: list[tuple[int, int, bool]]) -> list[dict]:
     views, arc = TASKS[task]
     spec, _, physics, y_n, sigma_n, a, b = tuning_problem(hu, prior, "limited-angle-ct", views=views, arc=arc)
     rows = []
-    for n, cg in settings:
+    for n, cg, warm in settings:
         t0 = time.perf_counter()
-        res = recon.reconstruct(physics, y_n, prior, method="pigdm", sigma_y=sigma_n, seed=0, steps=n, cg_iters=cg)
-        rows.append({**label, "task": task, "steps": n, "cg_iters": cg, **tuning_scores(spec, res.x, a, b, hu),
-                     "seconds": time.perf_counter() - t0})
+        res = recon.reconstruct(physics, y_n, prior, method="pigdm", sigma_y=sigma_n, seed=0, steps=n, cg_iters=cg,
+                                cg_warm_start=warm)
+        rows.append({**label, "task": task, "steps": n, "cg_iters": cg, "cg_warm_start": warm,
+                     **tuning_scores(spec, res.x, a, b, hu), "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
     return rows
 
@@ -51,17 +52,21 @@ def main() -> None:
     parser.add_argument("--slices", type=int, nargs="+", default=[6, 18])
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 60, 100])
     parser.add_argument("--cg-iters", type=int, nargs="+", default=[50])
+    parser.add_argument("--warm-start", type=int, nargs="+", default=[0], choices=[0, 1],
+                        help="CG from the previous level's solution (1) or from 0 (0)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     prior = load_prior("default-ct")
     volume = read_image(args.slab).array
-    settings = [(n, cg) for n in args.steps for cg in args.cg_iters]
+    settings = [(n, cg, bool(w)) for n in args.steps for cg in args.cg_iters for w in args.warm_start]
     rows = [r for i in args.slices for t in TASKS
             for r in run_case(slice_128(volume, i), t, prior, {"slice": i}, settings)]
-    means = {f"steps={n}/cg_iters={cg}": float(np.mean([(r["psnr"] + r["brain_psnr"]) / 2 for r in rows
-                                                       if (r["steps"], r["cg_iters"]) == (n, cg)]))
-             for n, cg in settings}
+    means = {}
+    for n, cg, w in settings:
+        scores = [(r["psnr"] + r["brain_psnr"]) / 2 for r in rows
+                  if (r["steps"], r["cg_iters"], r["cg_warm_start"]) == (n, cg, w)]
+        means[f"steps={n}/cg_iters={cg}" + ("/warm" if w else "")] = float(np.mean(scores))
     print({"mean (full + window) / 2 PSNR": means}, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"means": means, "rows": rows}, indent=1))

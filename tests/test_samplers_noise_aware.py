@@ -206,6 +206,17 @@ def test_data_steps_solve_their_problems():
     v = solve_measurement_system(proj, yp, r2, nv, 100)
     ref = torch.linalg.solve(r2 * a @ a.T + nv * torch.eye(24, dtype=F64), yp[0])
     torch.testing.assert_close(v[0], ref, rtol=1e-8, atol=1e-10)
+    warm = solve_measurement_system(proj, yp, r2, nv, 100, init=torch.randn(yp.shape, generator=gen(2), dtype=F64))
+    torch.testing.assert_close(warm[0], ref, rtol=1e-8, atol=1e-10)
+
+
+def test_pigdm_warm_start_changes_where_cg_starts_not_what_it_solves():
+    """With CG run to convergence, starting each level from the previous level's solution gives the cold result."""
+    prior, physics, y = make_problem("projection")
+    runs = [sample_pigdm(physics, y, prior, sigma_y=SIGMA_Y, steps=10, particles=4, generator=gen(0), cg_iters=100,
+                         cg_warm_start=warm) for warm in (False, True)]
+    assert [r.info["options"]["cg_warm_start"] for r in runs] == [False, True]
+    torch.testing.assert_close(runs[1].x, runs[0].x, rtol=1e-7, atol=1e-9)
 
 
 def test_hybrid_tv_smooths_and_couples_slices():

@@ -32,18 +32,20 @@ from recon.samplers.loop import SamplerRun
 __all__ = ["sample_pigdm", "solve_measurement_system"]
 
 
-def solve_measurement_system(physics, r: torch.Tensor, r2: float, noise_var: float, iters: int) -> torch.Tensor:
+def solve_measurement_system(
+    physics, r: torch.Tensor, r2: float, noise_var: float, iters: int, init: torch.Tensor | None = None
+) -> torch.Tensor:
     """``v = (r2 A Aᵀ + noise_var I)⁻¹ r`` by at most ``iters`` CG iterations per batch row (deepinv's
-    ``conjugate_gradient``, ``parallel_dim=0``), from 0. CG needs no explicit ``AAᵀ``: for a mask or a
-    Fourier sampling ``AAᵀ`` has two eigenvalues and CG is exact in two iterations; for CT it is the iterative
-    solve the paper's SVD cannot give."""
+    ``conjugate_gradient``, ``parallel_dim=0``), from ``init`` (default 0). CG needs no explicit ``AAᵀ``: for a
+    mask or a Fourier sampling ``AAᵀ`` has two eigenvalues and CG is exact in two iterations; for CT it is the
+    iterative solve the paper's SVD cannot give."""
     from deepinv.optim.utils import conjugate_gradient
 
     def op(u: torch.Tensor) -> torch.Tensor:
         return r2 * physics.A(physics.A_adjoint(u)) + noise_var * u
 
     fin = torch.finfo(r.dtype)
-    return conjugate_gradient(op, r, max_iter=int(iters), tol=100 * fin.eps, eps=fin.tiny, parallel_dim=0)
+    return conjugate_gradient(op, r, max_iter=int(iters), tol=100 * fin.eps, eps=fin.tiny, parallel_dim=0, init=init)
 
 
 def sample_pigdm(
@@ -59,7 +61,8 @@ def sample_pigdm(
     eta: float = 1.0,
     data_var: float = 1.0,
     guidance: float = 1.0,
-    cg_iters: int = 50,
+    cg_iters: int = 20,
+    cg_warm_start: bool = True,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float = 7.0,
@@ -80,6 +83,7 @@ def sample_pigdm(
         data_var: per-pixel variance of the data in the prior's units (``r_i² = v σ²/(v + σ²)``; 1: the paper's).
         guidance: weight ``w`` of the guidance term (1: the paper's).
         cg_iters: CG iterations for ``(r_i² AAᵀ + σ_y² I)⁻¹`` (stops earlier when solved to rounding).
+        cg_warm_start: start each level's CG from the previous level's solution (False: from 0, the paper's).
         sigma_min: lowest noise level of the Karras schedule (clipped to the prior's range).
         sigma_max: highest noise level of the Karras schedule.
         rho: Karras schedule exponent.
@@ -94,10 +98,13 @@ def sample_pigdm(
     sig, n, x, y_rep = c.sig, c.n, c.x, c.y_rep
     run = SamplerRun("pigdm", prior, generator, callback, steps=n, particles=c.p, options={
         "eta": float(eta), "data_var": float(data_var), "guidance": float(guidance), "cg_iters": int(cg_iters),
-        "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)})
+        "cg_warm_start": bool(cg_warm_start), "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]),
+        "sigma_y": float(sigma_y)})
+    v = None
     for i in range(n):
         s, s_next = float(sig[i]), float(sig[i + 1])
-        x0 = _guided_x0(physics, prior, x, y_rep, s, float(sigma_y), float(data_var), float(guidance), cg_iters)
+        x0, v = _guided_x0(physics, prior, x, y_rep, s, float(sigma_y), float(data_var), float(guidance), cg_iters,
+                           v if cg_warm_start else None)
         check_finite(x0, "pigdm", i, "the guidance diverged: raise sigma_y or lower guidance")
         with torch.no_grad():
             x = ancestral_step(x, x0, s, s_next, generator, float(eta))
@@ -107,17 +114,17 @@ def sample_pigdm(
     return chains_result(run, x0)
 
 
-def _guided_x0(physics, prior, x, y, s, sigma_y, data_var, guidance, cg_iters) -> torch.Tensor:
-    """``x̂0 + w σ² (∂x̂0/∂x)ᵀ Aᵀ (r² AAᵀ + σ_y² I)⁻¹ (y − A x̂0)``, detached."""
+def _guided_x0(physics, prior, x, y, s, sigma_y, data_var, guidance, cg_iters, v0):
+    """``x̂0 + w σ² (∂x̂0/∂x)ᵀ Aᵀ v`` with ``v = (r² AAᵀ + σ_y² I)⁻¹ (y − A x̂0)`` (CG from ``v0``), both detached."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         x0 = prior.denoise(x, s)
     with torch.no_grad():
         v = solve_measurement_system(physics, y - physics.A(x0.detach()), tweedie_std(s, data_var) ** 2,
-                                     sigma_y**2, cg_iters)
+                                     sigma_y**2, cg_iters, init=v0)
         direction = physics.A_adjoint(v)
     (g,) = torch.autograd.grad(x0, x, grad_outputs=direction)
-    return (x0.detach() + (guidance * s * s) * g).detach()
+    return (x0.detach() + (guidance * s * s) * g).detach(), v
 
 
 def _check(sigma_y, particles, eta, data_var, guidance, cg_iters) -> None:

@@ -62,7 +62,8 @@ GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for
          "penalty-rule": [{"admm_penalty": c} for c in (1.5, 3.0, 6.0)],
          "eta": [{"eta": e} for e in (0.0, 0.5, 0.85, 1.0)],
          "budget": [{"steps": s, "particles": p, "eta": 1.0} for s, p in ((50, 1), (25, 2), (12, 4))],
-         "chains": [{"steps": 50, "particles": p, "eta": 1.0} for p in (2, 3)]}
+         "chains": [{"steps": 50, "particles": p, "eta": 1.0} for p in (2, 3)],
+         "sigma-min": [{"sigma_min": s} for s in (0.002, 0.01, 0.03, 0.1)]}
 
 
 def slice_128(volume: np.ndarray, index: int) -> np.ndarray:

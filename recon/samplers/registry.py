@@ -249,9 +249,10 @@ def get_method(name: str) -> MethodSpec:
 # method comes near TV with the built-in MRI prior, so TV (discrepancy-principle weight) it is; the other tasks
 # (blur, inpainting, super-resolution) were not in the matrix and keep DPS
 RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "tv", "image": "dps"}
-# tasks whose matrix rows rank another method first: limited angle (ΠGDM beats oracle TV on all four numbers on
-# the full head and is the best diffusion method on the cropped one)
-RECOMMENDED_BY_TASK: dict[str, str] = {"limited-angle-ct": "pigdm"}
+# tasks whose matrix rows rank another method first (none at present: ΠGDM led limited angle at 128² until its
+# 256² rows showed it failing there, 12–16 dB, while the hybrid beats TV on every limited-angle number;
+# benchmarks/README.md, "Limited angle at 256²")
+RECOMMENDED_BY_TASK: dict[str, str] = {}
 
 
 def recommended_method(modality: str | None = None, task: str | None = None) -> str:

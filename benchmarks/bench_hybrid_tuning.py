@@ -96,6 +96,11 @@ def tuning_problem(hu: np.ndarray, prior, task: str = "sparse-view-ct", photons:
     return spec, meas, physics, *normalised_problem(meas_w, physics, prior)
 
 
+def tuning_mean(rows: list[dict]) -> float:
+    """The tuning rule's score: mean (full + brain-window PSNR) / 2 over ``rows``."""
+    return float(np.mean([(r["psnr"] + r["brain_psnr"]) / 2 for r in rows]))
+
+
 def tuning_scores(spec, x_n: torch.Tensor, a: float, b: float, hu: np.ndarray) -> dict:
     """PSNR / SSIM of a normalised reconstruction on the full range and in the brain window."""
     rec = from_domain(spec, (x_n.double() - b) / a)[0, 0].numpy()[None]
@@ -138,7 +143,7 @@ def choose(rows: list[dict], grid: list[dict]) -> dict:
     for setting in grid:
         rr = [r for r in rows if r["method"] == "hybrid" and all(r.get(k) == v for k, v in setting.items())]
         if rr:
-            scored.append((setting, float(np.mean([(r["psnr"] + r["brain_psnr"]) / 2 for r in rr]))))
+            scored.append((setting, tuning_mean(rr)))
     best = max(scored, key=lambda sm: sm[1])[0]
     return {**best, "means": {"/".join(f"{k}={v}" for k, v in st.items()): m for st, m in scored}}
 

@@ -1,6 +1,6 @@
-"""ΠGDM's step count and CG iterations for limited-angle CT, the task it is the default for, on tuning slices.
+"""ΠGDM's step count and CG iterations for limited-angle CT (its default task until 2026-12-06), on tuning slices.
 
-The 60 s budget per 256² slice on the 2-core CPU (issue 16) sets an upper bound on the steps (one network
+The 60 s budget per 256² slice on the 2-core CPU (issue 16) set an upper bound on the steps (one network
 evaluation and one backward pass each; ``bench_default_time.py`` measures the seconds). This script measures what
 fewer steps cost in quality on images no reported benchmark uses: slices of the held-out InVesalius slab averaged
 to 128², limited angle 90° (60 views) and 120° (80 views) at 1e5 photons, on the whitened problem as ``recon
@@ -8,6 +8,8 @@ reconstruct`` runs it. Scores: PSNR on the full range and in the brain window, a
 
     python benchmarks/bench_pigdm_steps.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \\
         --json benchmarks/pigdm_steps.json
+    python benchmarks/bench_pigdm_steps.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
+        --steps 100 --cg-iters 20 30 --warm-start 1 --json benchmarks/pigdm_warm.json   # CG from the last level
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hybrid_tuning import slice_128, tuning_problem, tuning_scores
+from bench_hybrid_tuning import slice_128, tuning_mean, tuning_problem, tuning_scores
 
 import recon
 from recon.datasets import read_image
@@ -62,11 +64,9 @@ def main() -> None:
     settings = [(n, cg, bool(w)) for n in args.steps for cg in args.cg_iters for w in args.warm_start]
     rows = [r for i in args.slices for t in TASKS
             for r in run_case(slice_128(volume, i), t, prior, {"slice": i}, settings)]
-    means = {}
-    for n, cg, w in settings:
-        scores = [(r["psnr"] + r["brain_psnr"]) / 2 for r in rows
-                  if (r["steps"], r["cg_iters"], r["cg_warm_start"]) == (n, cg, w)]
-        means[f"steps={n}/cg_iters={cg}" + ("/warm" if w else "")] = float(np.mean(scores))
+    means = {f"steps={n}/cg_iters={cg}" + ("/warm" if w else ""):
+             tuning_mean([r for r in rows if (r["steps"], r["cg_iters"], r["cg_warm_start"]) == (n, cg, w)])
+             for n, cg, w in settings}
     print({"mean (full + window) / 2 PSNR": means}, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"means": means, "rows": rows}, indent=1))

@@ -208,6 +208,9 @@ def test_data_steps_solve_their_problems():
     torch.testing.assert_close(v[0], ref, rtol=1e-8, atol=1e-10)
     warm = solve_measurement_system(proj, yp, r2, nv, 100, init=torch.randn(yp.shape, generator=gen(2), dtype=F64))
     torch.testing.assert_close(warm[0], ref, rtol=1e-8, atol=1e-10)
+    # the start is used: one iteration from the solution stays there, one from 0 does not get there
+    torch.testing.assert_close(solve_measurement_system(proj, yp, r2, nv, 1, init=ref[None])[0], ref)
+    assert not torch.allclose(solve_measurement_system(proj, yp, r2, nv, 1)[0], ref, rtol=1e-3)
 
 
 def test_pigdm_warm_start_changes_where_cg_starts_not_what_it_solves():
@@ -217,6 +220,10 @@ def test_pigdm_warm_start_changes_where_cg_starts_not_what_it_solves():
                          cg_warm_start=warm) for warm in (False, True)]
     assert [r.info["options"]["cg_warm_start"] for r in runs] == [False, True]
     torch.testing.assert_close(runs[1].x, runs[0].x, rtol=1e-7, atol=1e-9)
+    # truncated CG (2 iterations of a 24-dimensional system): where CG starts now changes the result
+    short = [sample_pigdm(physics, y, prior, sigma_y=SIGMA_Y, steps=10, particles=4, generator=gen(0), cg_iters=2,
+                          cg_warm_start=warm).x for warm in (False, True)]
+    assert not torch.allclose(short[0], short[1], rtol=1e-4, atol=1e-6)
 
 
 def test_hybrid_tv_smooths_and_couples_slices():

@@ -250,7 +250,7 @@ def get_method(name: str) -> MethodSpec:
 # (blur, inpainting, super-resolution) were not in the matrix and keep DPS
 RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "tv", "image": "dps"}
 # tasks whose matrix rows rank another method first (none at present: ΠGDM led limited angle at 128² until its
-# 256² rows showed it failing there, 12–16 dB, while the hybrid beats TV on every limited-angle number;
+# 256² rows showed it failing there, 12–21 dB, while the hybrid beats TV on every limited-angle number;
 # benchmarks/README.md, "Limited angle at 256²")
 RECOMMENDED_BY_TASK: dict[str, str] = {}
 

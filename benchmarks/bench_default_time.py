@@ -29,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--particles", type=int, nargs="+", default=[1],
+                        help="chains averaged per run (the hybrid's and ΠGDM's particles), one timing each")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = get_testdata_file("693_UNCR.dcm", download=False)
@@ -42,9 +44,11 @@ def main() -> None:
         meas = simulate(spec, torch.from_numpy(hu).float(), "HU", photons=1e5, seed=0)
         physics, meas_w = weighted_problem(meas, meas.physics())
         y_n, sigma_n, _, _ = normalised_problem(meas_w, physics, prior)
-        t0 = time.perf_counter()
-        res = recon.reconstruct(physics, y_n, prior, method=method, sigma_y=sigma_n, seed=0)
-        print(f"{method} {task} 256²: {time.perf_counter() - t0:.1f} s, {res.nfe} NFE, {args.threads} thread(s)")
+        for p in args.particles:
+            t0 = time.perf_counter()
+            res = recon.reconstruct(physics, y_n, prior, method=method, sigma_y=sigma_n, seed=0, particles=p)
+            print(f"{method} {task} 256², {p} chain(s): {time.perf_counter() - t0:.1f} s, {res.nfe} NFE, "
+                  f"{args.threads} thread(s)", flush=True)
 
 
 if __name__ == "__main__":

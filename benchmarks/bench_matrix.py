@@ -27,7 +27,8 @@ full-range MSE against the truth; an upper bound for TV), ``tv-oracle-w`` (the s
 window: TV's upper bound there; for MRI the same as ``tv-oracle``), ``tv-oracle-pwls`` / ``tv-oracle-w-pwls`` (the
 same on the whitened problem of ``recon.tasks.weighted_problem``: penalised weighted least squares), recon's
 ``dps``, ``red-diff``, ``dds``, ``hybrid-mean16`` (the mean of 16 hybrid runs: the image ``recon reconstruct
---uncertainty`` writes; only when named) and whichever
+--uncertainty`` writes; only when named), ``hybrid-pK`` (the hybrid with ``particles=K``: the mean of K chains run
+as one batch; only when named) and whichever
 of ``diffpir``, ``daps``, ``pigdm``, ``hybrid`` the method table has, and deepinv's ``deepinv-diffpir`` /
 ``deepinv-dps`` with the same prior; every diffusion method at its defaults (no tuning on these images), on the
 whitened problem as ``recon reconstruct`` runs it (Beer–Lambert CT: each ray by its inverse variance).
@@ -233,11 +234,19 @@ def _run_method(method: str, ctx: dict) -> tuple[np.ndarray, dict]:
         name, kw = method, {}
         if method == "hybrid-mean16":  # what `recon reconstruct --uncertainty` returns: the mean of 16 hybrid runs
             name, kw = "ensemble", {"base": "hybrid", "particles": 16}
+        elif _chains(method):  # hybrid-pK: K chains in one batch, their mean
+            name, kw = "hybrid", {"particles": _chains(method)}
         res = reconstruct(ctx["physics_w"], y_n, prior, name, sigma_y=sigma_n, seed=ctx["seed"], **kw)
         x_d, nfe, seconds = (res.x - b) / a, res.nfe, res.seconds
         extra = {"steps": res.info.get("steps"), "sigma_y_normalised": sigma_n}
     rec = from_domain(spec, x_d.detach().double().cpu())[0, 0].numpy()
     return rec, {"seconds": seconds, "nfe": nfe, **extra}
+
+
+def _chains(method: str) -> int:
+    """K of a ``hybrid-pK`` method name, else 0."""
+    head, _, k = method.rpartition("-p")
+    return int(k) if head == "hybrid" and k.isdigit() and int(k) > 0 else 0
 
 
 def _context(image_name: str, task: str, size: int, seed: int, priors: dict) -> dict:
@@ -272,7 +281,7 @@ def run_case(image_name: str, task: str, size: int, methods: list[str], priors: 
     stored = dict(np.load(cache)) if cache.exists() else {}
     out = []
     for method in methods:
-        if method not in CLASSICAL and method not in AVAILABLE and method != "hybrid-mean16":
+        if method not in CLASSICAL and method not in AVAILABLE and method != "hybrid-mean16" and not _chains(method):
             print(f"{case}: method {method!r} not in recon's method table, skipped", flush=True)
             continue
         if method.endswith("-pwls") and "weighting" not in ctx["meas_w"].noise:

@@ -325,7 +325,8 @@ def reconstruct_file(
     run = _run_method(problem.meas, physics, method, s, dev, cache, callback)
     timings["reconstruct"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    written = _reconstruction_outputs(problem, run, physics, method, s.seed, s.reference, in_path, dev)
+    written = _reconstruction_outputs(problem, run, physics, method, s.seed, s.reference, in_path, dev,
+                                      spread=_spread_asked(method, s))
     if s.uncertainty is not None:
         _add_uncertainty(written, problem, run, physics, s.uncertainty, calibration)
     fmt = "dicom" if (s.format == "dicom" or not paths["image"].suffix) else None
@@ -350,6 +351,14 @@ def _with_spread(method: str, s: Settings) -> tuple[str, Settings]:
         return method, s
     return name, replace(s, method=name, options={**options, **s.options},
                          particles=s.particles or UNCERTAINTY_SAMPLES)
+
+
+def _spread_asked(method: str, s: Settings) -> bool:
+    """Whether the run's std map is wanted: uncertainty maps asked for, a particle method, or ``particles`` set. A
+    method that averages a few chains by default (the hybrid's two) returns a std that is not written."""
+    from recon.samplers import get_method
+
+    return s.uncertainty is not None or s.particles is not None or get_method(method).family == "particles"
 
 
 def _calibration(s: Settings) -> dict | None:
@@ -456,8 +465,9 @@ def _to_physical(spec, x_n: torch.Tensor, a: float, b: float) -> np.ndarray:
 
 
 def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, seed: int, reference,
-                            in_path: Path, dev) -> Written:
-    """The image, the std map, the preview panels, the report and the provenance of a reconstruction."""
+                            in_path: Path, dev, spread: bool = True) -> Written:
+    """The image, the std map (when ``spread``), the preview panels, the report and the provenance of a
+    reconstruction."""
     meas, spec, result = problem.meas, problem.meas.spec, run.result
     rec = _to_physical(spec, result.x, run.a, run.b)
     analytic = _to_physical(spec, run.analytic_d * run.a + run.b, run.a, run.b)
@@ -470,7 +480,7 @@ def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, 
     if problem.headers_from is not None and problem.headers_from.dicom_headers is not None:
         image.dicom_headers = problem.headers_from.dicom_headers
     maps = {}
-    if result.std is not None:
+    if result.std is not None and spread:
         std = result.std.detach().double().cpu()[0, 0].numpy() / abs(run.a) * domain_scale(spec)
         maps["std"] = std[None] if std.ndim == 2 else std
     panels = [("analytic", analytic), ("reconstruction", rec)]
@@ -479,6 +489,9 @@ def _reconstruction_outputs(problem: _Problem, run: _Run, physics, method: str, 
                     "steps": result.info.get("steps"), "particles": result.info.get("particles"), "seed": seed}
     if result.info.get("base"):  # an ensemble: the sampler it repeats
         report["base"] = result.info["base"]
+    if result.std is not None and not spread:
+        report["std_map"] = (f"not written: the image is the mean of {result.info.get('particles')} chains, too few "
+                             f"for a spread; --uncertainty 0.9 writes calibrated maps")
     if problem.ref_image is not None:
         ref = problem.ref_image.array
         report.update(metrics(rec, ref, spec.is_ct))

@@ -50,7 +50,7 @@ from recon.samplers.baselines import analytic_inverse
 from recon.samplers.daps import sample_daps
 from recon.samplers.diffpir import proximal_data_step, sample_diffpir
 from recon.samplers.dps import tweedie_std
-from recon.samplers.hybrid import sample_hybrid, tv_data_step
+from recon.samplers.hybrid import IMAGE_CHAINS, sample_hybrid, tv_data_step
 from recon.samplers.pigdm import sample_pigdm, solve_measurement_system
 from recon.samplers.volume import forward_difference, sample_dds
 
@@ -239,6 +239,19 @@ def test_hybrid_tv_smooths_and_couples_slices():
     assert res.info["options"]["tv_axes"] == [0, 1, 2] and res.info["options"]["tv_weight"] > 0
 
 
+def test_hybrid_averages_two_chains_on_images_and_runs_one_on_volumes():
+    """By default the hybrid's image is the mean of ``IMAGE_CHAINS`` chains, exactly the mean of the samples it
+    returns; a volume runs one chain."""
+    prior, physics, y = make_problem("projection")
+    res = sample_hybrid(physics, y, prior, sigma_y=SIGMA_Y, steps=4, generator=gen(0))
+    assert IMAGE_CHAINS == 2 and res.info["particles"] == 2 and res.samples.shape[0] == 2
+    torch.testing.assert_close(res.x, res.samples.mean(0))
+    assert not torch.equal(res.samples[0], res.samples[1])
+    vol_prior, vol_physics, vol_y = volume_problem()
+    vol = sample_hybrid(vol_physics, vol_y, vol_prior, sigma_y=SIGMA_Y, steps=2, generator=gen(0))
+    assert vol.info["particles"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # DDS's noise-aware γ
 # ---------------------------------------------------------------------------------------------------------
@@ -252,7 +265,7 @@ def test_dds_noise_aware_gamma():
         assert d["gamma"] == pytest.approx(SIGMA_Y**2 / tweedie_std(d["sigma"]) ** 2, rel=1e-12)
         assert d["gamma"] == pytest.approx(SIGMA_Y**2 * (1 + d["sigma"] ** 2) / d["sigma"] ** 2, rel=1e-12)
     hybrid = sample_hybrid(physics, y, prior, sigma_y=SIGMA_Y, steps=6, generator=gen(0), tv_weight=0.0, anchor=1.0,
-                           eta=0.85)
+                           eta=0.85, particles=1)
     assert torch.equal(hybrid.x, res.x)  # without TV, with anchor 1 and DDS's η the hybrid is the noise-aware DDS
     a = sample_dds(physics, y, prior, sigma_y=0.0, steps=6, generator=gen(0))
     b = sample_dds(physics, y, prior, sigma_y=0.0, steps=6, generator=gen(0), gamma=0.0)

@@ -181,3 +181,17 @@ def test_a_shipped_calibration_is_not_used_for_other_weights_or_tasks(tmp_path):
     doc, why = builtin_calibration(prior, info, "sparse-view-ct")
     assert doc is None and why == "the prior's calibration was fitted on other weights"
     assert builtin_calibration(None, info, "sparse-view-ct") == (None, "the prior ships no calibration")
+
+
+def test_the_hybrids_averaged_chains_give_no_std_map_unless_a_spread_is_asked_for(tmp_path, capsys):
+    """The default CT method averages two chains: the image is their mean, and two samples are too few for a std
+    map, so none is written (the report says why); setting ``--particles`` asks for the spread and writes it."""
+    base = ["reconstruct", "-i", CT_SMALL, "--task", "sparse-view-ct", "--views", "30", "--steps", "3", "--json", "-q"]
+    assert main([*base, "-o", str(tmp_path / "d.nii.gz")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == recommended_method("ct") == "hybrid" and report["particles"] == 2
+    assert report["nfe"] == 2 * 3 and "std" not in report["outputs"] and not (tmp_path / "d.std.nii.gz").exists()
+    assert "mean of 2 chains" in report["std_map"]
+    assert main([*base, "-o", str(tmp_path / "p.nii.gz"), "--particles", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "std_map" not in report and _load(tmp_path / "p.std.nii.gz").max() > 0

@@ -20,7 +20,13 @@ from recon.cli import main
 from recon.datasets import read_image
 from recon.samplers import recommended_method
 from recon.samplers.registry import sampler_settings
-from recon.samplers.uncertainty import BUILTIN_CALIBRATION, builtin_calibration, save_calibration
+from recon.samplers.uncertainty import (
+    BUILTIN_CALIBRATION,
+    BUILTIN_TASK_CALIBRATION,
+    builtin_calibration,
+    builtin_calibration_path,
+    save_calibration,
+)
 from recon.tasks import build_physics, make_task
 
 CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
@@ -181,6 +187,23 @@ def test_a_shipped_calibration_is_not_used_for_other_weights_or_tasks(tmp_path):
     doc, why = builtin_calibration(prior, info, "sparse-view-ct")
     assert doc is None and why == "the prior's calibration was fitted on other weights"
     assert builtin_calibration(None, info, "sparse-view-ct") == (None, "the prior ships no calibration")
+
+
+def test_a_task_calibration_file_comes_before_the_general_one(tmp_path):
+    """``calibration-<task>.json`` holds the factor for that task; other tasks fall back to ``calibration.json``."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    prior = SimpleNamespace(card={"path": str(tmp_path)})
+    info = {"method": "ensemble", "base": "hybrid", "particles": 16, "steps": 50, "options": {"base": "hybrid"}}
+    meta = dict(**info, prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=4,
+                sampler_options=sampler_settings(info))
+    save_calibration(tmp_path / BUILTIN_CALIBRATION, 5.0, 0.9, **meta, tasks=["sparse-view-ct"])
+    save_calibration(tmp_path / BUILTIN_TASK_CALIBRATION.format(task="limited-angle-ct"), 3.0, 0.9, **meta,
+                     tasks=["limited-angle-ct"])
+    assert builtin_calibration(prior, info, "limited-angle-ct")[0]["factor"] == 3.0
+    assert builtin_calibration(prior, info, "sparse-view-ct")[0]["factor"] == 5.0
+    assert builtin_calibration_path(tmp_path, "mri") == tmp_path / BUILTIN_CALIBRATION
+    assert builtin_calibration(prior, info, "mri")[0] is None  # the general file does not list MRI
+    assert builtin_calibration_path(tmp_path / "nowhere", "mri") is None
 
 
 def test_the_hybrids_averaged_chains_give_no_std_map_unless_a_spread_is_asked_for(tmp_path, capsys):

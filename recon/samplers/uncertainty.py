@@ -45,9 +45,11 @@ import torch
 
 __all__ = [
     "BUILTIN_CALIBRATION",
+    "BUILTIN_TASK_CALIBRATION",
     "CALIBRATION_KIND",
     "body_mask",
     "builtin_calibration",
+    "builtin_calibration_path",
     "calibration_curve",
     "conformal_factor",
     "coverage",
@@ -65,6 +67,8 @@ __all__ = [
 
 CALIBRATION_KIND = "recon-conformal-calibration"
 BUILTIN_CALIBRATION = "calibration.json"  # a ``recon calibrate`` file shipped in a prior's folder
+# a calibration for one task only, shipped next to it (``calibration-limited-angle-ct.json``); it comes first
+BUILTIN_TASK_CALIBRATION = "calibration-{task}.json"
 _F64 = torch.float64
 
 
@@ -386,9 +390,20 @@ def load_calibration(path: str | os.PathLike) -> dict:
     return doc
 
 
+def builtin_calibration_path(folder: str | os.PathLike | None, task: str | None) -> Path | None:
+    """The calibration file a prior's ``folder`` ships for ``task``: ``calibration-<task>.json`` if there is one,
+    else ``calibration.json``; None if neither exists."""
+    if not folder:
+        return None
+    for name in ([BUILTIN_TASK_CALIBRATION.format(task=task)] if task else []) + [BUILTIN_CALIBRATION]:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
 def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | None, str]:
-    """The calibration shipped in ``prior``'s folder (``calibration.json``, written by ``recon calibrate``) if it
-    was fitted for this run, else None; and a one-line reason either way, for the report.
+    """The calibration shipped in ``prior``'s folder for ``task`` (``builtin_calibration_path``, written by
+    ``recon calibrate``) if it was fitted for this run, else None; and a one-line reason either way, for the report.
 
     It applies when it was fitted on these weights (``prior_sha256``) for the same method, base sampler, number
     of samples and steps (``info``: the sampler's ``method``, ``base``, ``particles``, ``steps``), with the same
@@ -399,8 +414,8 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
     from recon.samplers.registry import sampler_settings
 
     folder = (getattr(prior, "card", None) or {}).get("path") if prior is not None else None
-    path = Path(folder) / BUILTIN_CALIBRATION if folder else None
-    if path is None or not path.is_file():
+    path = builtin_calibration_path(folder, task)
+    if path is None:
         return None, "the prior ships no calibration"
     doc = load_calibration(path)
     run = {"method": info.get("method"), "base": info.get("base"), "particles": info.get("particles"),

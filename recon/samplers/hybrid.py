@@ -10,7 +10,8 @@ TV is anisotropic, in-plane (plus along ``z`` for volumes). Multiplied by ``σ_y
 ``recon.samplers.volume.admm_tv``'s problem ``½‖Ax − y‖² + γ/2‖x − x̂0‖² + λ′ Σ_a ‖D_a x‖₁`` with ``γ = σ_y² ρ_i``
 and ``λ′ = σ_y² λ``, solved by ``admm_iters`` ADMM iterations from ``x̂0`` (``z = D x̂0``, ``u = 0``; penalty
 ``γ + admm_penalty·σ_y‖A‖``, the anchor's curvature plus a multiple of the data's noise scale). The output is
-the data step's result at the last level. With ``σ_y = 0`` the anchor and TV vanish and the step is DDS's CG.
+the data step's result at the last level, averaged over the chains (two on images by default). With ``σ_y = 0``
+the anchor and TV vanish and the step is DDS's CG.
 """
 
 from __future__ import annotations

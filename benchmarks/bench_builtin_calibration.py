@@ -6,25 +6,29 @@ that run (same weights, method, base sampler, its options, number of samples, st
 by the shipped conformal factor (``recon.samplers.uncertainty.builtin_calibration``). This script makes that file
 and checks it. ``--fit`` writes the file through ``recon calibrate``, which records the sampler's options.
 
-Fit (``--fit``): slices of the held-out InVesalius slab (``recon prepare-prior-data``; no reported benchmark uses
-them), averaged to 128² (1.91 mm pixels), written as NIfTI with a CSV manifest of tasks, and ``recon calibrate``
-(``recon.calibrate.calibrate_studies``, no method, coverage 0.9) on them, one noise draw each (seed 0). ``--task
-sparse-view-ct`` (``calibration.json``): sparse view at 30 and 60 views (1e5 photons) and low dose (180 views, 1e4
-photons), slices 6 and 18. ``--task limited-angle-ct`` (``calibration-limited-angle-ct.json``): 60 views over 90°
-and 80 views over 120° (1e5 photons), slices 6, 12 and 18.
+Fit (``--fit``): tuning slices no reported benchmark uses, written as NIfTI with a CSV manifest of tasks, and
+``recon calibrate`` (``recon.calibrate.calibrate_studies``, no method, coverage 0.9) on them, one noise draw each
+(seed 0). CT: slices of the held-out InVesalius slab (``recon prepare-prior-data``) averaged to 128² (1.91 mm
+pixels); ``--task sparse-view-ct`` (``calibration.json``): sparse view at 30 and 60 views (1e5 photons) and low dose
+(180 views, 1e4 photons), slices 6 and 18; ``--task limited-angle-ct`` (``calibration-limited-angle-ct.json``): 60
+views over 90° and 80 views over 120° (1e5 photons), slices 6, 12 and 18. MRI, ``--task mri`` (``default-mri``'s
+``calibration.json``): frames 0, 4 and 9 of the held-out ``emri_small`` (64², interpolated to 128²), single-coil
+MRI at 4× and 8× with 1 % noise.
 
-Report: the held-out head CT ``693_UNCR.dcm`` (full field of view averaged to 128², as ``bench_matrix.py``'s
-``ct-head-full``; its −3024 HU padding outside the scan circle set to air, −1024) through the same three
-configurations and those the fit never saw (sparse view: 45 and 120 views at 1e5 photons, 180 views at 1e5;
-limited angle: 70 views over 105°, 100 views over 150°), noise draws
-``--seeds`` (default 1), each reconstructed exactly as ``recon reconstruct --uncertainty`` does
-(``recon.pipeline.reconstruct_in_memory``). Per case: coverage of the nominal 90 % intervals over the image and
-inside the body (``body_mask``), uncalibrated (Student-t intervals of the 16 samples) and with the shipped factor;
-Spearman(std, |error|) inside the body; RMSE and mean std inside the body in HU; network evaluations and seconds.
+Report: held-out images never fitted on, each reconstructed exactly as ``recon reconstruct --uncertainty`` does
+(``recon.pipeline.reconstruct_in_memory``), noise draws ``--seeds`` (default 1). CT: the head CT ``693_UNCR.dcm``
+(full field of view averaged to 128², as ``bench_matrix.py``'s ``ct-head-full``; its −3024 HU padding outside the
+scan circle set to air, −1024) through the fitted configurations and some the fit never saw (sparse view: 45 and 120
+views at 1e5 photons, 180 views at 1e5; limited angle: 70 views over 105°, 100 views over 150°). MRI: MR_small and
+anatomical.nii (``bench_matrix``'s ``mr-small``, ``mr-anat``) at 4× and 8× and, unseen, 6× and 4× at 2 % noise. Per
+case: coverage of the nominal 90 % intervals over the image and inside the body (``body_mask``), uncalibrated
+(Student-t intervals of the 16 samples) and with the shipped factor; Spearman(std, |error|) inside the body; RMSE
+and mean std inside the body (HU for CT); network evaluations and seconds.
 
-    python benchmarks/bench_builtin_calibration.py --fit --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz
+    python benchmarks/bench_builtin_calibration.py --fit --data prior-data/ct/held-out/invesalius_cranium_slab.nii.gz
     python benchmarks/bench_builtin_calibration.py --json benchmarks/calibration_builtin_ct.json
-    python benchmarks/bench_builtin_calibration.py --task limited-angle-ct --fit --slab …   # then --json …_la.json
+    python benchmarks/bench_builtin_calibration.py --task limited-angle-ct --fit --data …slab.nii.gz   # then --json
+    python benchmarks/bench_builtin_calibration.py --task mri --fit --data prior-data/mri/held-out/emri_small.nii.gz
 """
 
 from __future__ import annotations
@@ -62,19 +66,33 @@ from recon.samplers.uncertainty import (
 from recon.settings import Settings
 from recon.tasks import domain_scale, make_task
 
-# per task: the fitted and the unseen configurations, name → (task parameters, photons); the slab slices fitted on;
-# the file in the prior's folder; how the fit is described in it
+# per task: the prior; the fitted and the unseen configurations, name → (task parameters, noise settings); the
+# slices fitted on (of the slab, or of emri_small for MRI); the images reported; the file in the prior's folder;
+# how the fit is described in it
 TASKS = {
     "sparse-view-ct": {
-        "fit": {"sv30": ({"views": 30}, 1e5), "sv60": ({"views": 60}, 1e5), "ld1e4": ({"views": 180}, 1e4)},
-        "unseen": {"sv45": ({"views": 45}, 1e5), "sv120": ({"views": 120}, 1e5), "ld1e5": ({"views": 180}, 1e5)},
-        "slices": [6, 18], "file": BUILTIN_CALIBRATION,
+        "prior": "default-ct",
+        "fit": {"sv30": ({"views": 30}, {"photons": 1e5}), "sv60": ({"views": 60}, {"photons": 1e5}),
+                "ld1e4": ({"views": 180}, {"photons": 1e4})},
+        "unseen": {"sv45": ({"views": 45}, {"photons": 1e5}), "sv120": ({"views": 120}, {"photons": 1e5}),
+                   "ld1e5": ({"views": 180}, {"photons": 1e5})},
+        "slices": [6, 18], "report": ["ct-head-full"], "file": BUILTIN_CALIBRATION,
         "describe": "sparse view 30/60 views at 1e5 photons, 180 views at 1e4"},
     "limited-angle-ct": {
-        "fit": {"la90": ({"views": 60, "arc": 90.0}, 1e5), "la120": ({"views": 80, "arc": 120.0}, 1e5)},
-        "unseen": {"la105": ({"views": 70, "arc": 105.0}, 1e5), "la150": ({"views": 100, "arc": 150.0}, 1e5)},
-        "slices": [6, 12, 18], "file": BUILTIN_TASK_CALIBRATION.format(task="limited-angle-ct"),
+        "prior": "default-ct",
+        "fit": {"la90": ({"views": 60, "arc": 90.0}, {"photons": 1e5}),
+                "la120": ({"views": 80, "arc": 120.0}, {"photons": 1e5})},
+        "unseen": {"la105": ({"views": 70, "arc": 105.0}, {"photons": 1e5}),
+                   "la150": ({"views": 100, "arc": 150.0}, {"photons": 1e5})},
+        "slices": [6, 12, 18], "report": ["ct-head-full"],
+        "file": BUILTIN_TASK_CALIBRATION.format(task="limited-angle-ct"),
         "describe": "limited angle, 60 views over 90° and 80 over 120°, at 1e5 photons"},
+    "mri": {
+        "prior": "default-mri",
+        "fit": {"mri4": ({"acceleration": 4}, {"noise": 0.01}), "mri8": ({"acceleration": 8}, {"noise": 0.01})},
+        "unseen": {"mri6": ({"acceleration": 6}, {"noise": 0.01}), "mri4-n2": ({"acceleration": 4}, {"noise": 0.02})},
+        "slices": [0, 4, 9], "report": ["mr-small", "mr-anat"], "file": BUILTIN_CALIBRATION,
+        "describe": "single-coil MRI, random 1D masks at 4× and 8×, noise 1 % of the k-space RMS"},
 }
 SLAB_SPACING = 0.957 * 2  # mm: the slab's 0.957 mm pixels averaged 2 × 2
 LEVEL = 0.9
@@ -86,44 +104,57 @@ def write_slice(path: Path, hu: np.ndarray, spacing: float) -> None:
     nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.T[:, :, None]).astype(np.float32), affine), path)
 
 
-def fit(slab: str, task: str, slices: list[int], out: Path) -> dict:
-    """``recon calibrate`` on slab slices × the task's fitted configurations; writes ``out``."""
-    volume = read_image(slab).array
+def tuning_slices(data: str, task: str, slices: list[int]) -> list[tuple[str, np.ndarray, float]]:
+    """``(name, image, spacing mm)`` of the tuning slices: the InVesalius slab's averaged to 128² (CT), or frames of
+    the held-out ``emri_small`` (64² at 1 mm) interpolated to 128² (MRI), as ``bench_matrix``'s MR images are."""
+    volume = read_image(data).array
+    if TASKS[task]["prior"] == "default-ct":
+        return [(f"slab{i}", slice_128(volume, i), SLAB_SPACING) for i in slices]
+    from skimage.transform import resize
+
+    return [(f"emri{i}", resize(np.abs(volume[i]).astype(np.float64), (128, 128), anti_aliasing=True,
+                                preserve_range=True), volume.shape[-1] / 128.0) for i in slices]
+
+
+def fit(data: str, task: str, slices: list[int], out: Path) -> dict:
+    """``recon calibrate`` on the tuning slices × the task's fitted configurations; writes ``out``."""
+    spec = TASKS[task]
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for i in slices:
-            write_slice(Path(tmp) / f"slab{i}.nii.gz", slice_128(volume, i), SLAB_SPACING)
-            for name, (params, photons) in TASKS[task]["fit"].items():
-                rows.append({"input": f"slab{i}.nii.gz", "output": f"slab{i}-{name}", "task": task, **params,
-                             "photons": photons, "seed": 0})
+        for name, image, spacing in tuning_slices(data, task, slices):
+            write_slice(Path(tmp) / f"{name}.nii.gz", image, spacing)
+            for config, (params, noise) in spec["fit"].items():
+                rows.append({"input": f"{name}.nii.gz", "output": f"{name}-{config}", "task": task, **params,
+                             **noise, "seed": 0})
         manifest = Path(tmp) / "studies.csv"
         with open(manifest, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
             writer.writerows(rows)
-        summary = calibrate_studies(manifest, out, Settings(task=task, prior="default-ct"), coverage=LEVEL,
+        summary = calibrate_studies(manifest, out, Settings(task=task, prior=spec["prior"]), coverage=LEVEL,
                                     overwrite=True)
+    source = "InVesalius slab slices" if spec["prior"] == "default-ct" else "emri_small frames"
     doc = json.loads(out.read_text())
-    doc["fitted_on"] = (f"InVesalius slab slices {', '.join(map(str, slices))} at 128²; {TASKS[task]['describe']}; "
+    doc["fitted_on"] = (f"{source} {', '.join(map(str, slices))} at 128²; {spec['describe']}; "
                         f"seed 0; benchmarks/bench_builtin_calibration.py --fit --task {task}")
     out.write_text(json.dumps(doc, indent=1, sort_keys=True))
     return summary
 
 
-def report_case(path: Path, task: str, name: str, params: dict, photons: float, seed: int, prior) -> dict:
+def report_case(path: Path, task: str, name: str, params: dict, noise: dict, seed: int, prior) -> dict:
     """One held-out case through ``reconstruct_in_memory``, scored uncalibrated and with the shipped factor."""
     from recon.pipeline import reconstruct_in_memory
 
-    s = Settings(task=task, task_params=params, photons=photons, seed=seed, uncertainty=LEVEL, prior="default-ct")
+    s = Settings(task=task, task_params=params, seed=seed, uncertainty=LEVEL, prior=TASKS[task]["prior"], **noise)
     t0 = time.perf_counter()
     truth, result, physics = reconstruct_in_memory(path, s)
     seconds = time.perf_counter() - t0
     doc, why = builtin_calibration(prior, result.info, task)
-    hu = domain_scale(make_task(task, (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params))
+    hu = domain_scale(make_task(task, (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params)) if "ct" in task else 1.0
     truth = truth.reshape(result.x.shape).double()
     mask = body_mask(truth.cpu()).reshape(truth.shape)
     err = (result.x.double() - truth).abs()
-    row = {"case": name, "task": task, **params, "photons": photons, "seed": seed,
+    row = {"case": name, "image": path.name.split(".")[0], "task": task, **params, **noise, "seed": seed,
            "method": result.info.get("method"), "base": result.info.get("base"),
            "particles": result.info.get("particles"), "nfe": result.nfe,
            "seconds": seconds, "calibration": why, "factor": doc["factor"] if doc else None,
@@ -141,12 +172,14 @@ def report_case(path: Path, task: str, name: str, params: dict, photons: float, 
 
 
 def markdown(rows: list[dict]) -> str:
+    unit = "HU" if "ct" in rows[0].get("task", "sparse-view-ct") else "a.u."
     lines = ["| case | seed | coverage 90 % image / body, uncalibrated | with the shipped factor | Spearman (body) | "
-             "RMSE / mean std, body (HU) | NFE | s |", "|---|---|---|---|---|---|---|---|"]
+             f"RMSE / mean std, body ({unit}) | NFE | s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cal = (f"{r['coverage_90_image_calibrated']:.1%} / {r['coverage_90_body_calibrated']:.1%}"
                if "coverage_90_body_calibrated" in r else "not applied")
-        lines.append(f"| {r['case']} | {r['seed']} | {r['coverage_90_image_uncalibrated']:.1%} / "
+        case = r["case"] if r.get("image", "ct-head-full") == "ct-head-full" else f"{r['image']} {r['case']}"
+        lines.append(f"| {case} | {r['seed']} | {r['coverage_90_image_uncalibrated']:.1%} / "
                      f"{r['coverage_90_body_uncalibrated']:.1%} | {cal} | {r['spearman_body']:.2f} | "
                      f"{r['rmse_body_hu']:.1f} / {r['mean_std_body_hu']:.1f} | {r['nfe']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -154,12 +187,14 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fit", action="store_true", help="fit and write the prior's calibration.json")
-    parser.add_argument("--slab", help="the held-out InVesalius slab (NIfTI), for --fit")
+    parser.add_argument("--fit", action="store_true", help="fit and write the prior's calibration file for --task")
+    parser.add_argument("--data", "--slab", dest="data",
+                        help="for --fit: the held-out InVesalius slab (CT) or emri_small (MRI), as NIfTI")
     parser.add_argument("--task", default="sparse-view-ct", choices=list(TASKS))
-    parser.add_argument("--slices", type=int, nargs="+", help="slab slices to fit on (default: the task's)")
+    parser.add_argument("--slices", type=int, nargs="+", help="slices to fit on (default: the task's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--cases", nargs="+", help="configurations to report (default: the task's, fitted and unseen)")
+    parser.add_argument("--images", nargs="+", help="held-out images to report (default: the task's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--markdown", metavar="JSON", help="print the README table of saved results")
@@ -168,28 +203,30 @@ def main() -> None:
         print(markdown(json.loads(Path(args.markdown).read_text())["rows"]))
         return
     torch.set_num_threads(args.threads)
-    prior = load_prior("default-ct")
     spec = TASKS[args.task]
+    prior = load_prior(spec["prior"])
     if args.fit:
-        if not args.slab:
-            parser.error("--fit needs --slab")
-        out = Path(__file__).resolve().parents[1] / "recon" / "priors" / "weights" / BUILTIN_PRIORS["default-ct"]
-        print(fit(args.slab, args.task, args.slices or spec["slices"], out / spec["file"]), flush=True)
+        if not args.data:
+            parser.error("--fit needs --data")
+        out = Path(__file__).resolve().parents[1] / "recon" / "priors" / "weights" / BUILTIN_PRIORS[spec["prior"]]
+        print(fit(args.data, args.task, args.slices or spec["slices"], out / spec["file"]), flush=True)
         return
     configs = {**spec["fit"], **spec["unseen"]}
     unknown = sorted(set(args.cases or []) - set(configs))
     if unknown:
         parser.error(f"--cases: {', '.join(unknown)} not among {', '.join(configs)} for {args.task}")
-    hu, spacing, _ = load_image("ct-head-full", 128)
-    hu = np.maximum(hu, -1024.0)  # the scanner's padding outside its field of view (−3024) is air
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "ct-head-full.nii.gz"
-        write_slice(path, hu, spacing[0])
-        for seed in args.seeds:
-            for name in args.cases or configs:
-                params, photons = configs[name]
-                rows.append(report_case(path, args.task, name, params, photons, seed, prior))
+        for image in args.images or spec["report"]:
+            values, spacing, modality = load_image(image, 128)
+            if modality == "CT":
+                values = np.maximum(values, -1024.0)  # the scanner's padding outside its field of view (−3024) is air
+            path = Path(tmp) / f"{image}.nii.gz"
+            write_slice(path, values, spacing[0])
+            for seed in args.seeds:
+                for name in args.cases or configs:
+                    params, noise = configs[name]
+                    rows.append(report_case(path, args.task, name, params, noise, seed, prior))
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"level": LEVEL, "task": args.task, "rows": rows}, indent=1))

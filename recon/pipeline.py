@@ -320,7 +320,7 @@ def reconstruct_file(
     physics = _physics(problem.meas, dev, cache)
     problem.meas.y = problem.meas.y.to(dev)
     method = _resolve_method(s.method, s.options, physics, problem.complex_input, in_path, problem.meas.spec.task)
-    method, s = _with_spread(method, s)
+    method, s = _with_spread(method, s, getattr(physics, "modality", None))
     t0 = time.perf_counter()
     run = _run_method(problem.meas, physics, method, s, dev, cache, callback)
     timings["reconstruct"] = time.perf_counter() - t0
@@ -339,14 +339,15 @@ def reconstruct_file(
 _MAPS = ("std", "lower", "upper", "null_space")  # the maps a reconstruction may write next to the image
 
 
-def _with_spread(method: str, s: Settings) -> tuple[str, Settings]:
-    """Uncertainty maps asked for without a method: the recommended method's ensemble of
-    ``UNCERTAINTY_SAMPLES`` runs (``recon.samplers.registry.spread_method``), so that the maps have a spread."""
+def _with_spread(method: str, s: Settings, modality: str | None = None) -> tuple[str, Settings]:
+    """Uncertainty maps asked for without a method: the ensemble of ``UNCERTAINTY_SAMPLES`` runs of the recommended
+    method, or of the modality's spread method where that has no prior (``recon.samplers.registry.spread_method``),
+    so that the maps have a spread."""
     from recon.samplers.registry import UNCERTAINTY_SAMPLES, spread_method
 
     if s.uncertainty is None or s.method is not None:
         return method, s
-    name, options = spread_method(method)
+    name, options = spread_method(method, modality)
     if name == method:
         return method, s
     return name, replace(s, method=name, options={**options, **s.options},
@@ -530,7 +531,7 @@ def reconstruct_in_memory(input: str | os.PathLike, settings: Settings, cache: d
     problem.meas.y = problem.meas.y.to(dev)
     method = _resolve_method(settings.method, settings.options, physics, problem.complex_input, Path(input),
                              problem.meas.spec.task)
-    method, settings = _with_spread(method, settings)
+    method, settings = _with_spread(method, settings, getattr(physics, "modality", None))
     run = _run_method(problem.meas, physics, method, settings, dev, cache, None)
     run.result.info["prior_sha256"] = _prior_checksum(run.prior) if run.prior else None
     spec = problem.meas.spec

@@ -194,6 +194,18 @@ def test_uncertainty_without_a_method_wraps_only_methods_that_sample_from_a_prio
     assert spread_method("pigdm") == ("ensemble", {"base": "pigdm"})
     for name in ("tv", "analytic", "fps", "tempered-smc", "ensemble"):  # nothing to sample, or a spread already
         assert spread_method(name) == (name, {})
+        assert spread_method(name, "ct") == (name, {})
+
+
+def test_uncertainty_on_mri_samples_the_modalitys_spread_method_not_tv():
+    """MRI's recommended TV has nothing to sample: its uncertainty maps come from the hybrid's ensemble; a named
+    prior-free method other than the recommended one (the analytic inverse of measured k-space) stays as it is."""
+    from recon.samplers.registry import RECOMMENDED, SPREAD_BY_MODALITY, spread_method
+
+    assert RECOMMENDED["mri"] == "tv" and SPREAD_BY_MODALITY["mri"] == "hybrid"
+    assert spread_method("tv", "mri") == ("ensemble", {"base": "hybrid"})
+    assert spread_method("analytic", "mri") == ("analytic", {})
+    assert spread_method("hybrid", "mri") == ("ensemble", {"base": "hybrid"})
 
 
 def test_sampler_settings_are_the_base_samplers_options_as_the_run_used_them():

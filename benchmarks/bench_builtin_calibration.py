@@ -11,9 +11,10 @@ Fit (``--fit``): tuning slices no reported benchmark uses, written as NIfTI with
 (seed 0). CT: slices of the held-out InVesalius slab (``recon prepare-prior-data``) averaged to 128² (1.91 mm
 pixels); ``--task sparse-view-ct`` (``calibration.json``): sparse view at 30 and 60 views (1e5 photons) and low dose
 (180 views, 1e4 photons), slices 6 and 18; ``--task limited-angle-ct`` (``calibration-limited-angle-ct.json``): 60
-views over 90° and 80 views over 120° (1e5 photons), slices 6, 12 and 18. MRI, ``--task mri`` (``default-mri``'s
-``calibration.json``): frames 0, 4 and 9 of the held-out ``emri_small`` (64², interpolated to 128²), single-coil
-MRI at 4× and 8× with 1 % noise.
+views over 90° and 80 views over 120° (1e5 photons), slices 6, 12 and 18, intervals ``x ± c·(std + offset)`` with
+the offset that covers the six studies most evenly (``recon calibrate --offset balanced``). MRI, ``--task mri``
+(``default-mri``'s ``calibration.json``): frames 0, 4 and 9 of the held-out ``emri_small`` (64², interpolated to
+128²), single-coil MRI at 4× and 8× with 1 % noise.
 
 Report: held-out images never fitted on, each reconstructed exactly as ``recon reconstruct --uncertainty`` does
 (``recon.pipeline.reconstruct_in_memory``), noise draws ``--seeds`` (default 1). CT: the head CT ``693_UNCR.dcm``
@@ -84,7 +85,7 @@ TASKS = {
                 "la120": ({"views": 80, "arc": 120.0}, {"photons": 1e5})},
         "unseen": {"la105": ({"views": 70, "arc": 105.0}, {"photons": 1e5}),
                    "la150": ({"views": 100, "arc": 150.0}, {"photons": 1e5})},
-        "slices": [6, 12, 18], "report": ["ct-head-full"],
+        "slices": [6, 12, 18], "report": ["ct-head-full"], "offset": "balanced",
         "file": BUILTIN_TASK_CALIBRATION.format(task="limited-angle-ct"),
         "describe": "limited angle, 60 views over 90° and 80 over 120°, at 1e5 photons"},
     "mri": {
@@ -132,7 +133,7 @@ def fit(data: str, task: str, slices: list[int], out: Path) -> dict:
             writer.writeheader()
             writer.writerows(rows)
         summary = calibrate_studies(manifest, out, Settings(task=task, prior=spec["prior"]), coverage=LEVEL,
-                                    overwrite=True)
+                                    overwrite=True, offset=spec.get("offset", 0.0))
     source = "InVesalius slab slices" if spec["prior"] == "default-ct" else "emri_small frames"
     doc = json.loads(out.read_text())
     doc["fitted_on"] = (f"{source} {', '.join(map(str, slices))} at 128²; {spec['describe']}; "
@@ -158,6 +159,7 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
            "method": result.info.get("method"), "base": result.info.get("base"),
            "particles": result.info.get("particles"), "nfe": result.nfe,
            "seconds": seconds, "calibration": why, "factor": doc["factor"] if doc else None,
+           "offset_hu": doc.get("offset", 0.0) * hu if doc else None,
            "spearman_body": spearman(result.std, err, mask),
            "rmse_body_hu": float(err[mask].pow(2).mean().sqrt()) * hu,
            "mean_std_body_hu": float(result.std.double()[mask].mean()) * hu}

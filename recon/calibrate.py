@@ -28,7 +28,8 @@ _STD_FLOOR = 1e-6  # as conformal_factor's default
 
 
 def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, settings: Settings | None = None, *,
-                      coverage: float = 0.9, overwrite: bool = False, **overrides) -> dict:
+                      coverage: float = 0.9, overwrite: bool = False, offset: str | float = 0.0,
+                      **overrides) -> dict:
     """Fit a conformal interval factor on reference studies and write it to ``output`` (JSON).
 
     Args:
@@ -38,13 +39,17 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
             particles or samples).
         coverage: the nominal coverage the intervals should reach, in (0, 1).
         overwrite: replace an existing ``output``.
+        offset: added to the std in the intervals ``x ± c·(std + offset)``, in the reconstruction's domain units
+            (0: ``x ± c·std``), or ``"balanced"``: the offset that covers the studies most evenly
+            (``recon.samplers.uncertainty.balanced_offset``), for studies whose spread shrinks faster than their
+            error (e.g. limited angle over several arcs).
         **overrides: ``Settings`` fields.
 
     Returns:
         The calibration written (factor, coverage, studies, scores, method, task).
     """
     from recon.samplers.registry import sampler_settings
-    from recon.samplers.uncertainty import body_mask, conformal_factor, save_calibration
+    from recon.samplers.uncertainty import balanced_offset, body_mask, conformal_factor, save_calibration
 
     s = Settings.from_mapping(overrides, settings)
     out = Path(output)
@@ -52,6 +57,8 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
         raise PipelineError(f"{out}: exists (use --overwrite to replace it)")
     if not 0 < coverage < 1:
         raise PipelineError(f"coverage must be in (0, 1), got {coverage!r}")
+    if offset != "balanced" and not (isinstance(offset, (int, float)) and 0 <= float(offset) < float("inf")):
+        raise PipelineError(f"offset must be a number >= 0 or 'balanced', got {offset!r}")
     if s.uncertainty is None:  # as `recon reconstruct --uncertainty`: no method named runs the recommended ensemble
         s = replace(s, uncertainty=coverage)
     stds, errors, masks, names, tasks, t0 = [], [], [], [], set(), time.perf_counter()
@@ -68,9 +75,13 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
         names.append(study.name)
         tasks.add(study_settings.task)
         log.info("calibration study %s: done", study.name)
-    factor = conformal_factor(stds, errors, masks, coverage=coverage)
+    if offset == "balanced":
+        offset, factor, _ = balanced_offset(stds, errors, masks, coverage=coverage)
+    else:
+        offset = float(offset)
+        factor = conformal_factor(stds, errors, masks, coverage=coverage, offset=offset)
     n_scores = int(sum(int(m.sum()) for m in masks))
-    covered = [_covered(sd, e, m, factor) for sd, e, m in zip(stds, errors, masks, strict=True)]
+    covered = [_covered(sd + offset, e, m, factor) for sd, e, m in zip(stds, errors, masks, strict=True)]
     meta = {"coverage_on_references": sum(c for c, _ in covered) / max(1, sum(n for _, n in covered)),
             "method": result.info.get("method"), "base": result.info.get("base"),
             "particles": result.info.get("particles"), "prior_sha256": result.info.get("prior_sha256"),
@@ -78,8 +89,9 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
             "noise": s.noise, "steps": result.info.get("steps"), "sampler_options": sampler_settings(result.info),
             "studies": len(names),
             "seconds": time.perf_counter() - t0}
-    save_calibration(out, factor, coverage, n_scores=n_scores, **meta)
-    return {"output": str(out), "factor": factor, "coverage": coverage, "n_scores": n_scores, **meta}
+    save_calibration(out, factor, coverage, n_scores=n_scores, offset=offset, **meta)
+    return {"output": str(out), "factor": factor, "offset": offset, "coverage": coverage, "n_scores": n_scores,
+            **meta}
 
 
 def _covered(std: torch.Tensor, err: torch.Tensor, mask: torch.Tensor, factor: float) -> tuple[int, int]:

@@ -532,6 +532,9 @@ def _add_calibrate(sub, METHODS: dict) -> None:
     cal.add_argument("-i", "--input", required=True, help="folder of reference studies, or a .csv manifest")
     cal.add_argument("-o", "--output", required=True, help="calibration file (.json)")
     cal.add_argument("--coverage", type=float, default=0.9, help="nominal coverage of the intervals (default 0.9)")
+    cal.add_argument("--offset", default="0", help="added to the std: intervals x ± c·(std + offset), in the "
+                     "reconstruction's domain units; 'balanced' picks the one that covers the studies most evenly "
+                     "(default 0)")
     cal.add_argument("--method", choices=list(METHODS), default=None, metavar="METHOD",
                      help="a method with a spread (several particles or samples); default: 16 runs of the "
                      "recommended method, as `recon reconstruct --uncertainty` runs it")
@@ -550,8 +553,13 @@ def cmd_calibrate(args) -> int:
     cfg = _load_config(args)
     if not cfg.get("task"):
         raise UserError("calibrate needs --task (the reference images are measured by simulation)")
+    offset = str(cfg.get("offset", "0"))
+    try:
+        offset = offset if offset == "balanced" else float(offset)
+    except ValueError:
+        raise UserError(f"--offset: a number >= 0 or 'balanced' expected, got {offset!r}") from None
     summary = calibrate_studies(cfg["input"], cfg["output"], _settings(cfg), coverage=float(cfg.get("coverage", 0.9)),
-                                overwrite=bool(cfg.get("overwrite", False)))
+                                overwrite=bool(cfg.get("overwrite", False)), offset=offset)
     _print(summary, args.json, [f"wrote {summary['output']}: factor {summary['factor']:.3f} for "
                                 f"{summary['coverage']:.0%} coverage over {summary['studies']} studies "
                                 f"({summary['coverage_on_references']:.1%} of their body pixels covered)"])

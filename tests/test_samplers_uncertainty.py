@@ -191,6 +191,26 @@ def test_conformal_factor_reaches_nominal_coverage(tmp_path):
         U.load_calibration(tmp_path / "bad.json")
 
 
+def test_balanced_offset_evens_out_studies_whose_spread_shrinks_faster_than_their_error():
+    """Two studies with the same N(0, 1) errors, one reporting std 1 and one std 0.25 (a spread that shrank with more
+    data while the error did not): one pooled factor over-covers the first and under-covers the second; the offset
+    brings both nearer the nominal 90 %. Studies whose std is right keep offset 0 (and the plain factor)."""
+    g = torch.Generator().manual_seed(0)
+    errors = [torch.randn(1, 1, 64, 64, generator=g, dtype=F64) for _ in range(2)]
+    stds = [torch.full((1, 1, 64, 64), v, dtype=F64) for v in (1.0, 0.25)]
+    c0 = U.conformal_factor(stds, errors, coverage=0.9)
+    plain = [float((e.abs() <= c0 * s).double().mean()) for s, e in zip(stds, errors, strict=True)]
+    offset, c, per_study = U.balanced_offset(stds, errors, coverage=0.9)
+    assert offset > 0 and c == U.conformal_factor(stds, errors, coverage=0.9, offset=offset)
+    for s, e, v in zip(stds, errors, per_study, strict=True):
+        assert v == pytest.approx(float((e.abs() <= c * (s + offset)).double().mean()))
+    assert max(abs(v - 0.9) for v in per_study) < 0.5 * max(abs(v - 0.9) for v in plain)
+    same = [torch.ones(1, 1, 64, 64, dtype=F64)] * 2
+    assert U.balanced_offset(same, errors, coverage=0.9)[:2] == (0.0, U.conformal_factor(same, errors, coverage=0.9))
+    with pytest.raises(ValueError, match="offset"):
+        U.conformal_factor(stds, errors, offset=-1.0)
+
+
 def test_uncertainty_maps_and_summary(tmp_path):
     physics = Inpainting((8, 8), random_pixel_mask((8, 8), 0.5, seed=1))
     gen = torch.Generator().manual_seed(0)
@@ -204,6 +224,9 @@ def test_uncertainty_maps_and_summary(tmp_path):
     path = U.save_calibration(tmp_path / "c.json", 2.0, 0.9)
     cal = U.uncertainty_maps(physics, res, level=0.9, calibration=path)
     torch.testing.assert_close(cal["upper"] - res.x, 2.0 * maps["std"])
+    path = U.save_calibration(tmp_path / "o.json", 2.0, 0.9, offset=0.25)
+    cal = U.uncertainty_maps(physics, res, level=0.9, calibration=path)
+    torch.testing.assert_close(res.x - cal["lower"], 2.0 * (maps["std"] + 0.25))
     point = U.uncertainty_maps(physics, ReconstructionResult(x=res.x))
     assert set(point) == {"null_space"}
     summary = U.summarise_maps(maps, mask=physics.mask.bool().expand(1, 1, 8, 8), x=res.x)

@@ -116,6 +116,13 @@ def test_calibration_from_reference_studies_is_applied_to_later_runs(tmp_path, c
     rec, std, lower = _load(out), _load(tmp_path / "r.std.nii.gz"), _load(tmp_path / "r.lower.nii.gz")
     np.testing.assert_allclose(lower, rec - doc["factor"] * std, atol=1e-2)
     assert main(["calibrate", "-i", str(refs), "-o", str(calib), *common]) == 2  # exists: one line, no overwrite
+    capsys.readouterr()
+    assert main(["calibrate", "-i", str(refs), "-o", str(calib), *common, "--offset", "wide", "--overwrite"]) == 2
+    assert "--offset" in capsys.readouterr().err
+    assert main(["calibrate", "-i", str(refs), "-o", str(calib), *common, "--offset", "balanced", "--overwrite",
+                 "--json"]) == 0
+    summary, doc = json.loads(capsys.readouterr().out), json.loads(calib.read_text())
+    assert doc["offset"] == summary["offset"] >= 0 and doc["factor"] == summary["factor"] > 0
 
 
 def test_the_report_records_the_noise_model_and_the_chosen_weights(tmp_path, capsys):

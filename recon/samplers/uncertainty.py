@@ -47,6 +47,8 @@ __all__ = [
     "BUILTIN_CALIBRATION",
     "BUILTIN_TASK_CALIBRATION",
     "CALIBRATION_KIND",
+    "OFFSET_GRID",
+    "balanced_offset",
     "body_mask",
     "builtin_calibration",
     "builtin_calibration_path",
@@ -69,6 +71,8 @@ CALIBRATION_KIND = "recon-conformal-calibration"
 BUILTIN_CALIBRATION = "calibration.json"  # a ``recon calibrate`` file shipped in a prior's folder
 # a calibration for one task only, shipped next to it (``calibration-limited-angle-ct.json``); it comes first
 BUILTIN_TASK_CALIBRATION = "calibration-{task}.json"
+# offsets tried by ``balanced_offset``, in units of the reference studies' median std
+OFFSET_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 _F64 = torch.float64
 
 
@@ -326,20 +330,37 @@ def body_mask(reference: torch.Tensor, threshold: float | None = None, fraction:
 # ---------------------------------------------------------------------------------------------------------
 # conformal calibration
 # ---------------------------------------------------------------------------------------------------------
-def _scores(std_maps, errors, masks, std_floor: float) -> np.ndarray:
+def _lists(std_maps, errors, masks) -> tuple[list, list, list]:
     std_maps = [std_maps] if isinstance(std_maps, torch.Tensor) else list(std_maps)
     errors = [errors] if isinstance(errors, torch.Tensor) else list(errors)
     if masks is None or isinstance(masks, torch.Tensor):
         masks = [masks] * len(std_maps)
     if not (len(std_maps) == len(errors) == len(masks)):
         raise ValueError("std_maps, errors and masks must have the same length")
-    out = [(_masked(e.abs(), m) / _masked(s, m).clamp_min(std_floor)).double().cpu().numpy()
-           for s, e, m in zip(std_maps, errors, list(masks), strict=True)]
+    return std_maps, errors, list(masks)
+
+
+def _study_scores(std_maps, errors, masks, std_floor: float, offset: float = 0.0) -> list[np.ndarray]:
+    """Per study, the normalised residuals ``|err| / (std + offset)`` of the pixels in its mask."""
+    return [(_masked(e.abs(), m) / (_masked(s, m) + float(offset)).clamp_min(std_floor)).double().cpu().numpy()
+            for s, e, m in zip(*_lists(std_maps, errors, masks), strict=True)]
+
+
+def _scores(std_maps, errors, masks, std_floor: float, offset: float = 0.0) -> np.ndarray:
+    out = _study_scores(std_maps, errors, masks, std_floor, offset)
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def conformal_factor(std_maps, errors, masks=None, coverage: float = 0.9, std_floor: float = 1e-6) -> float:
-    """Split-conformal half-width factor ``c``: ``mean ± c·std`` covers ``coverage`` of new exchangeable pixels.
+def _quantile(scores: np.ndarray, coverage: float) -> float:
+    s = np.sort(scores)
+    k = math.ceil((s.size + 1) * coverage)
+    return float("inf") if k > s.size or s.size == 0 else float(s[k - 1])
+
+
+def conformal_factor(std_maps, errors, masks=None, coverage: float = 0.9, std_floor: float = 1e-6,
+                     offset: float = 0.0) -> float:
+    """Split-conformal half-width factor ``c``: ``mean ± c·(std + offset)`` covers ``coverage`` of new exchangeable
+    pixels.
 
     Args:
         std_maps: a std map or a list of them (one per reference study), ``(B, C, ...)`` each.
@@ -347,28 +368,57 @@ def conformal_factor(std_maps, errors, masks=None, coverage: float = 0.9, std_fl
         masks: None, one mask for all, or one per study (pixels that count, e.g. ``body_mask``).
         coverage: target coverage in (0, 1).
         std_floor: std below this counts as this (a zero-spread pixel with an error gets a huge score).
+        offset: added to the std before normalising (the sensitivity term of normalised conformal scores, in the
+            std's units; 0: ``|err|/std``).
 
     Returns:
-        The ``⌈(n + 1)·coverage⌉``-th smallest normalised residual ``|err|/std`` of the ``n`` pooled pixels
-        (``inf`` when ``n`` is too small for the level).
+        The ``⌈(n + 1)·coverage⌉``-th smallest normalised residual ``|err|/(std + offset)`` of the ``n`` pooled
+        pixels (``inf`` when ``n`` is too small for the level).
     """
     if not 0 < coverage < 1:
         raise ValueError(f"coverage must be in (0, 1), got {coverage}")
-    s = np.sort(_scores(std_maps, errors, masks, std_floor))
-    n = s.size
-    k = math.ceil((n + 1) * coverage)
-    return float("inf") if k > n or n == 0 else float(s[k - 1])
+    if not (math.isfinite(offset) and offset >= 0):
+        raise ValueError(f"offset must be finite and >= 0, got {offset}")
+    return _quantile(_scores(std_maps, errors, masks, std_floor, offset), coverage)
+
+
+def balanced_offset(std_maps, errors, masks=None, coverage: float = 0.9, std_floor: float = 1e-6,
+                    grid: tuple[float, ...] = OFFSET_GRID) -> tuple[float, float, list[float]]:
+    """The offset that makes the pooled conformal intervals ``± c·(std + offset)`` cover the reference studies most
+    evenly: of ``offset = g · median(std)`` for ``g`` in ``grid``, the one whose largest per-study deviation from
+    ``coverage`` is smallest (the first on ties). A spread that shrinks faster than the error where the data say
+    more (more views, wider arcs) needs the offset; where it does not, 0 wins.
+
+    Returns:
+        ``(offset, c, per-study coverage)``.
+    """
+    pooled = np.concatenate([_masked(s, m).double().cpu().numpy().ravel()
+                             for s, _, m in zip(*_lists(std_maps, errors, masks), strict=True)])
+    scale = float(np.median(pooled)) if pooled.size else 0.0
+    best = None
+    for g in grid:
+        offset = float(g) * scale
+        per_study = _study_scores(std_maps, errors, masks, std_floor, offset)
+        c = _quantile(np.concatenate(per_study), coverage)
+        covered = [float((sc <= c).mean()) if sc.size else float("nan") for sc in per_study]
+        worst = max(abs(v - coverage) for v in covered if v == v)
+        if best is None or worst < best[0] - 1e-12:
+            best = (worst, offset, c, covered)
+    return best[1], best[2], best[3]
 
 
 def save_calibration(path: str | os.PathLike, factor: float, coverage: float, *, n_scores: int | None = None,
-                     **meta) -> Path:
-    """Write a conformal calibration as JSON (``kind``, ``version``, ``coverage``, ``factor``, the Gaussian z of the
-    same level and their ratio ``inflation``, plus ``meta``: method, task, studies, ...). Returns the path."""
+                     offset: float = 0.0, **meta) -> Path:
+    """Write a conformal calibration as JSON (``kind``, ``version``, ``coverage``, ``factor``, ``offset`` (intervals
+    ``x ± factor·(std + offset)``), the Gaussian z of the same level and their ratio ``inflation``, plus ``meta``:
+    method, task, studies, ...). Returns the path."""
     if not (math.isfinite(factor) and factor > 0):
         raise ValueError(f"factor must be finite and > 0, got {factor}")
+    if not (math.isfinite(offset) and offset >= 0):
+        raise ValueError(f"offset must be finite and >= 0, got {offset}")
     z = interval_multiplier(coverage, method="gaussian")
     doc = {"kind": CALIBRATION_KIND, "version": 1, "coverage": float(coverage), "factor": float(factor),
-           "gaussian_z": z, "inflation": float(factor) / z, "n_scores": n_scores, **meta}
+           "offset": float(offset), "gaussian_z": z, "inflation": float(factor) / z, "n_scores": n_scores, **meta}
     from recon.datasets.io import atomic_write_bytes
 
     path = Path(path)
@@ -387,6 +437,9 @@ def load_calibration(path: str | os.PathLike) -> dict:
     factor, cov = doc.get("factor"), doc.get("coverage")
     if not isinstance(factor, (int, float)) or not factor > 0 or not isinstance(cov, (int, float)) or not 0 < cov < 1:
         raise ValueError(f"{path}: calibration needs factor > 0 and coverage in (0, 1)")
+    offset = doc.get("offset", 0.0)
+    if not isinstance(offset, (int, float)) or not (math.isfinite(offset) and offset >= 0):
+        raise ValueError(f"{path}: calibration offset must be a number >= 0, got {offset!r}")
     return doc
 
 
@@ -450,6 +503,11 @@ def _calibrated_factor(calibration, level: float) -> float:
     return interval_multiplier(level, method="gaussian") * infl
 
 
+def _calibrated_offset(calibration) -> float:
+    doc = load_calibration(calibration) if isinstance(calibration, (str, os.PathLike)) else dict(calibration)
+    return float(doc.get("offset", 0.0))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # for the pipeline
 # ---------------------------------------------------------------------------------------------------------
@@ -462,7 +520,7 @@ def uncertainty_maps(physics, result, level: float = 0.9, calibration=None, *, m
         result: a ``ReconstructionResult``.
         level: nominal coverage of the interval maps.
         calibration: None, a path to a ``save_calibration`` file or its dict: intervals become
-            ``x ± c·std`` with the conformal factor ``c``.
+            ``x ± c·(std + offset)`` with its conformal factor ``c`` and offset (0 unless fitted with one).
         method: interval construction without calibration (``interval_bounds``).
         cg_iters: CG iterations of the null-space map (operators without a closed form).
 
@@ -480,7 +538,8 @@ def uncertainty_maps(physics, result, level: float = 0.9, calibration=None, *, m
     maps["std"] = std
     if calibration is not None:
         factor = _calibrated_factor(calibration, level)
-        maps["lower"], maps["upper"] = x - factor * std, x + factor * std
+        half = factor * (std + _calibrated_offset(calibration))
+        maps["lower"], maps["upper"] = x - half, x + half
     elif samples is not None and samples.shape[0] > 1:
         lo, hi = interval_bounds(samples, result.weights, level, method)
         shift = x - _moments(samples, result.weights)[0]  # centre on result.x (the weighted mean for samplers)

@@ -516,10 +516,10 @@ def _uncertainty_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uncertainty", nargs="?", type=float, const=0.9, default=None, metavar="LEVEL",
                    help="write the uncertainty maps: std, the LEVEL interval bounds (default 0.9) and the null-space "
                    "map (what the prior supplied), summarised in the report; without --method, 16 runs of the "
-                   "recommended method (an ensemble), calibrated by the prior's shipped factor where it was fitted "
-                   "for that run")
+                   "recommended method (an ensemble; on MRI, whose TV has nothing to sample, of the hybrid), "
+                   "calibrated by the prior's shipped factor where it was fitted for that run")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="a `recon calibrate` file: intervals x ± c·std with its conformal factor c")
+                   help="a `recon calibrate` file: intervals x ± c·(std + offset) with its conformal factor c")
 
 
 def _add_calibrate(sub, METHODS: dict) -> None:

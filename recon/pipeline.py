@@ -583,6 +583,8 @@ def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, le
     info = run.result.info
     if "std" not in maps:
         intervals = None
+    elif calibration and calibration.get("offset"):
+        intervals = "x ± c·(std + offset), c and offset from the calibration"
     elif calibration:
         intervals = "x ± c·std, c from the calibration"
     else:
@@ -590,6 +592,7 @@ def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, le
     written.report["uncertainty"] = {
         "level": level, "unit": written.image.unit, "intervals": intervals,
         "calibration_factor": calibration["factor"] if calibration else None, "calibration": calibration_source,
+        "calibration_offset": float(calibration.get("offset", 0.0)) * domain_scale(spec) if calibration else None,
         "body_pixels": int(mask.sum()), **summary,
         "ess_final": info.get("ess_final"), "degenerate": info.get("degenerate"), "warnings": info.get("warnings")}
     if "std" not in maps:

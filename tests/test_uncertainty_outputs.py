@@ -123,6 +123,14 @@ def test_calibration_from_reference_studies_is_applied_to_later_runs(tmp_path, c
                  "--json"]) == 0
     summary, doc = json.loads(capsys.readouterr().out), json.loads(calib.read_text())
     assert doc["offset"] == summary["offset"] >= 0 and doc["factor"] == summary["factor"] > 0
+    # an offset is applied in the reconstruction's domain and reported in the image's units: x ± c·(std + offset)
+    save_calibration(calib, 2.0, 0.8, offset=0.05, tasks=["inpainting"])
+    assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(out), *common, "--uncertainty", "0.8",
+                 "--calibration", str(calib), "--json", "--overwrite"]) == 0
+    u = json.loads(capsys.readouterr().out)["uncertainty"]
+    assert u["intervals"].startswith("x ± c·(std + offset)") and u["calibration_offset"] > 0
+    rec, std, lower = _load(out), _load(tmp_path / "r.std.nii.gz"), _load(tmp_path / "r.lower.nii.gz")
+    np.testing.assert_allclose(lower, rec - 2.0 * (std + u["calibration_offset"]), atol=1e-2)
 
 
 def test_the_report_records_the_noise_model_and_the_chosen_weights(tmp_path, capsys):

@@ -95,6 +95,10 @@ TASKS = {
         "slices": [0, 4, 9], "report": ["mr-small", "mr-anat"], "file": BUILTIN_CALIBRATION,
         "describe": "single-coil MRI, random 1D masks at 4× and 8×, noise 1 % of the k-space RMS"},
 }
+def _is_ct(task: str) -> bool:
+    return TASKS[task]["prior"] == "default-ct"
+
+
 SLAB_SPACING = 0.957 * 2  # mm: the slab's 0.957 mm pixels averaged 2 × 2
 LEVEL = 0.9
 
@@ -109,7 +113,7 @@ def tuning_slices(data: str, task: str, slices: list[int]) -> list[tuple[str, np
     """``(name, image, spacing mm)`` of the tuning slices: the InVesalius slab's averaged to 128² (CT), or frames of
     the held-out ``emri_small`` (64² at 1 mm) interpolated to 128² (MRI), as ``bench_matrix``'s MR images are."""
     volume = read_image(data).array
-    if TASKS[task]["prior"] == "default-ct":
+    if _is_ct(task):
         return [(f"slab{i}", slice_128(volume, i), SLAB_SPACING) for i in slices]
     from skimage.transform import resize
 
@@ -134,7 +138,7 @@ def fit(data: str, task: str, slices: list[int], out: Path) -> dict:
             writer.writerows(rows)
         summary = calibrate_studies(manifest, out, Settings(task=task, prior=spec["prior"]), coverage=LEVEL,
                                     overwrite=True, offset=spec.get("offset", 0.0))
-    source = "InVesalius slab slices" if spec["prior"] == "default-ct" else "emri_small frames"
+    source = "InVesalius slab slices" if _is_ct(task) else "emri_small frames"
     doc = json.loads(out.read_text())
     doc["fitted_on"] = (f"{source} {', '.join(map(str, slices))} at 128²; {spec['describe']}; "
                         f"seed 0; benchmarks/bench_builtin_calibration.py --fit --task {task}")
@@ -151,7 +155,7 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
     truth, result, physics = reconstruct_in_memory(path, s)
     seconds = time.perf_counter() - t0
     doc, why = builtin_calibration(prior, result.info, task)
-    hu = domain_scale(make_task(task, (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params)) if "ct" in task else 1.0
+    hu = domain_scale(make_task(task, (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params)) if _is_ct(task) else 1.0
     truth = truth.reshape(result.x.shape).double()
     mask = body_mask(truth.cpu()).reshape(truth.shape)
     err = (result.x.double() - truth).abs()
@@ -174,7 +178,7 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
 
 
 def markdown(rows: list[dict]) -> str:
-    unit = "HU" if "ct" in rows[0].get("task", "sparse-view-ct") else "a.u."
+    unit = "HU" if _is_ct(rows[0].get("task", "sparse-view-ct")) else "a.u."
     lines = ["| case | seed | coverage 90 % image / body, uncalibrated | with the shipped factor | Spearman (body) | "
              f"RMSE / mean std, body ({unit}) | NFE | s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -269,8 +269,8 @@ UNCERTAINTY_SAMPLES = 16
 
 
 # the method whose ensemble gives uncertainty maps where the recommended method has no prior to sample from: on MRI
-# TV leads the single-image matrix, but the mean of 16 hybrid runs beats the best TV on 3 of its 4 cases and has a
-# spread (benchmarks/README.md, "MRI rows with the hybrid's 2 chains")
+# TV leads the single-image matrix, but the mean of 16 hybrid runs beats the best TV on 3 of its 4 cases at 1 % noise
+# and has a spread (benchmarks/README.md, "MRI: the calibration `default-mri` ships")
 SPREAD_BY_MODALITY: dict[str, str] = {"mri": "hybrid"}
 
 

@@ -494,18 +494,15 @@ def _describe_run(run: dict) -> str:
     return f"{run.get('method')}{base} with {run.get('particles')} samples of {run.get('steps')} steps"
 
 
-def _calibrated_factor(calibration, level: float) -> float:
-    """The half-width factor at ``level``: the stored factor at its own level, else ``z(level)·inflation``."""
+def _calibrated_half_width(calibration, level: float) -> tuple[float, float]:
+    """``(factor, offset)`` of the half-width ``factor·(std + offset)`` at ``level``: the stored factor at its own
+    level, else ``z(level)·inflation``; the stored offset (0 if none)."""
     doc = load_calibration(calibration) if isinstance(calibration, (str, os.PathLike)) else dict(calibration)
+    offset = float(doc.get("offset", 0.0))
     if abs(float(doc["coverage"]) - level) < 1e-9:
-        return float(doc["factor"])
+        return float(doc["factor"]), offset
     infl = float(doc.get("inflation", doc["factor"] / interval_multiplier(doc["coverage"], method="gaussian")))
-    return interval_multiplier(level, method="gaussian") * infl
-
-
-def _calibrated_offset(calibration) -> float:
-    doc = load_calibration(calibration) if isinstance(calibration, (str, os.PathLike)) else dict(calibration)
-    return float(doc.get("offset", 0.0))
+    return interval_multiplier(level, method="gaussian") * infl, offset
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -537,8 +534,8 @@ def uncertainty_maps(physics, result, level: float = 0.9, calibration=None, *, m
         _, std, _ = _moments(samples, result.weights)
     maps["std"] = std
     if calibration is not None:
-        factor = _calibrated_factor(calibration, level)
-        half = factor * (std + _calibrated_offset(calibration))
+        factor, offset = _calibrated_half_width(calibration, level)
+        half = factor * (std + offset)
         maps["lower"], maps["upper"] = x - half, x + half
     elif samples is not None and samples.shape[0] > 1:
         lo, hi = interval_bounds(samples, result.weights, level, method)

@@ -222,3 +222,27 @@ def test_sampler_settings_are_the_base_samplers_options_as_the_run_used_them():
     run = {"method": "hybrid", "options": {**defaults, "operator_norm": 3.2, "tv_weight": 12.0, "sigma_y": 0.1}}
     assert sampler_settings(run) == defaults
     assert sampler_settings({"method": "not-a-method"}) == {}
+
+
+def test_a_modalitys_tuned_options_fill_in_what_the_caller_did_not_give():
+    """The hybrid's MRI values (``TUNED_OPTIONS``, chosen on MRI tuning frames) apply to MRI operators, directly and
+    inside an ensemble; a caller's own value wins; CT keeps the function's defaults."""
+    from recon.priors.gaussian import GaussianPrior
+    from recon.samplers.hybrid import sample_hybrid
+    from recon.samplers.registry import TUNED_OPTIONS, modality_options, sampler_settings
+
+    tuned = TUNED_OPTIONS["mri"]["hybrid"]
+    defaults = inspect.signature(sample_hybrid).parameters
+    assert any(defaults[k].default != v for k, v in tuned.items())  # a tuned value differs from the default
+    prior = GaussianPrior(torch.zeros(1, 8, 8), torch.ones(1, 8, 8))
+    mri, ct = CartesianMRI((8, 8), acceleration=2, real_input=True), ParallelBeamCT((8, 8), angles=6)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for physics, want in ((mri, tuned), (ct, {k: defaults[k].default for k in tuned})):
+        y = physics.A(x)
+        res = recon.reconstruct(physics, y, prior, "hybrid", sigma_y=0.01, steps=3, particles=1)
+        assert {k: res.info["options"][k] for k in tuned} == want
+        ens = recon.reconstruct(physics, y, prior, "ensemble", sigma_y=0.01, steps=3, particles=2, base="hybrid")
+        assert {k: sampler_settings(ens.info)[k] for k in tuned} == want
+    res = recon.reconstruct(mri, mri.A(x), prior, "hybrid", sigma_y=0.01, steps=3, particles=1, anchor=0.5)
+    assert res.info["options"]["anchor"] == 0.5 and res.info["options"]["tv_factor"] == tuned["tv_factor"]
+    assert modality_options("dps", "mri", {"zeta": 1.0}) == {"zeta": 1.0}  # a method without tuned values

@@ -235,18 +235,18 @@ def test_the_hybrids_averaged_chains_give_no_std_map_unless_a_spread_is_asked_fo
     assert "std_map" not in report and _load(tmp_path / "p.std.nii.gz").max() > 0
 
 
-@pytest.mark.parametrize("prior_name, task, offset", [("default-ct", "sparse-view-ct", False),
-                                                      ("default-ct", "limited-angle-ct", True),
-                                                      ("default-mri", "mri", False)])
-def test_the_shipped_calibrations_apply_to_what_uncertainty_runs_by_default(prior_name, task, offset):
+@pytest.mark.parametrize("prior_name, task, modality, offset", [("default-ct", "sparse-view-ct", "ct", False),
+                                                                ("default-ct", "limited-angle-ct", "ct", True),
+                                                                ("default-mri", "mri", "mri", False)])
+def test_the_shipped_calibrations_apply_to_what_uncertainty_runs_by_default(prior_name, task, modality, offset):
     """Each calibration a built-in prior ships matches its weights and the default ensemble of 16 hybrid runs with the
-    hybrid's current defaults: a changed default or retrained weights fail here until the file is refitted
-    (``benchmarks/bench_builtin_calibration.py --fit``)."""
+    hybrid's current defaults for the modality (``TUNED_OPTIONS``): a changed default or retrained weights fail here
+    until the file is refitted (``benchmarks/bench_builtin_calibration.py --fit``)."""
     from recon.priors import load_prior
-    from recon.samplers.registry import UNCERTAINTY_SAMPLES
+    from recon.samplers.registry import UNCERTAINTY_SAMPLES, modality_options
 
     info = {"method": "ensemble", "base": "hybrid", "particles": UNCERTAINTY_SAMPLES, "steps": 50,
-            "options": {"base": "hybrid"}}
+            "options": modality_options("ensemble", modality, {"base": "hybrid"})}
     doc, why = builtin_calibration(load_prior(prior_name), info, task)
     assert doc is not None, why
     assert task in doc["tasks"] and (doc.get("offset", 0.0) > 0) == offset and doc["factor"] > 1.645

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recon.samplers.registry import METHODS, OptionError, get_method, recommended_method
+from recon.samplers.registry import METHODS, OptionError, get_method, modality_options, recommended_method
 
 __all__ = [
     "METHODS",
@@ -196,15 +196,18 @@ def reconstruct(
         particles: number of particles / independent samples (method default if None).
         callback: called with a dict after every step.
         **options: method-specific options (the sampler function's keyword arguments; an unknown or ill-typed
-            one raises ``OptionError``, a ``ValueError``, naming the valid ones).
+            one raises ``OptionError``, a ``ValueError``, naming the valid ones). Options not given take the
+            modality's tuned values where it has them (``recon.samplers.registry.TUNED_OPTIONS``), else the
+            sampler's defaults.
     """
-    method = recommended_method(getattr(physics, "modality", None)) if method is None else method
+    modality = getattr(physics, "modality", None)
+    method = recommended_method(modality) if method is None else method
     spec = get_method(method)
     check_noise_level(sigma_y, y)
     if spec.needs_prior and prior is None:
         raise OptionError(f"method {method!r} needs a prior (methods without one: "
                           f"{', '.join(m for m, s in METHODS.items() if not s.needs_prior)})")
-    options = spec.check_options(options)
+    options = spec.check_options(modality_options(method, modality, spec.check_options(options)))
     fn = spec.sampler
     generator = torch.Generator(device=y.device).manual_seed(int(seed))
     kwargs = {"sigma_y": float(sigma_y), "generator": generator, "callback": callback, **options}

@@ -72,6 +72,7 @@ def sample_hybrid(
     callback: Callable[[dict], None] | None = None,
     anchor: float = 0.3,
     tv_weight: float | None = None,
+    tv_factor: float = 0.05,
     eta: float = 1.0,
     admm_iters: int = 5,
     cg_iters: int = 5,
@@ -96,8 +97,10 @@ def sample_hybrid(
             ``gamma``, ``admm_residual``.
         anchor: multiplies the anchor's weight ``1/r_i²`` (larger trusts the denoiser more; default 0.3,
             ``docs/methods/hybrid.md``).
-        tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``0.05 ‖A‖/σ_y`` (a sixth of
-            ``sample_tv``'s default ROF weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest); 0: no TV.
+        tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``tv_factor · ‖A‖/σ_y``; 0: no TV.
+        tv_factor: the default ``tv_weight`` in units of ``‖A‖/σ_y`` (0.05: a sixth of ``sample_tv``'s default ROF
+            weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest; chosen on CT tuning slices, MRI's own
+            value in ``recon.samplers.registry.TUNED_OPTIONS``).
         eta: fraction of fresh noise in the re-noising (DDS's convention; default 1: each level re-noises the
             data-consistent estimate afresh, chosen on tuning slices over DDS's 0.85, ``docs/methods/hybrid.md``).
         admm_iters: ADMM iterations per data step.
@@ -116,19 +119,20 @@ def sample_hybrid(
         ``std`` (``P > 1``), ``diagnostics``, ``info`` (``options``: the resolved ``tv_weight``).
     """
     particles = default_chains(physics, y) if particles is None else particles
-    _check(sigma_y, particles, anchor, tv_weight, eta, admm_iters, cg_iters, admm_penalty)
+    _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty)
     sy2 = float(sigma_y) ** 2
     c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
     sig, n, x, y_rep, template = c.sig, c.n, c.x, c.y_rep, c.template
     norm_a = operator_norm(physics, template[:1])
-    lam = (0.05 * norm_a / float(sigma_y) if sigma_y > 0 else 0.0) if tv_weight is None else float(tv_weight)
+    lam = (float(tv_factor) * norm_a / float(sigma_y) if sigma_y > 0 else 0.0) if tv_weight is None \
+        else float(tv_weight)
     axes = tuple(range(template.dim() - 2))
     step = {"tv_weight": sy2 * lam, "axes": axes, "admm_iters": int(admm_iters), "cg_iters": int(cg_iters)}
     run = SamplerRun("hybrid", prior, generator, callback, steps=n, particles=c.p, options={
-        "anchor": float(anchor), "tv_weight": lam, "eta": float(eta), "admm_iters": int(admm_iters),
-        "cg_iters": int(cg_iters), "admm_penalty": float(admm_penalty), "tv_axes": list(axes),
-        "operator_norm": norm_a, "sigma_max": float(sig[0]),
-        "sigma_min": float(sig[n - 1]), "sigma_y": float(sigma_y)})
+        "anchor": float(anchor), "tv_weight": lam, "tv_factor": float(tv_factor), "eta": float(eta),
+        "admm_iters": int(admm_iters), "cg_iters": int(cg_iters), "admm_penalty": float(admm_penalty),
+        "tv_axes": list(axes), "operator_norm": norm_a, "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]),
+        "sigma_y": float(sigma_y)})
     with torch.no_grad():
         aty = physics.A_adjoint(y_rep)
         for i in range(n):
@@ -145,7 +149,7 @@ def sample_hybrid(
     return chains_result(run, x0dc)
 
 
-def _check(sigma_y, particles, anchor, tv_weight, eta, admm_iters, cg_iters, admm_penalty) -> None:
+def _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty) -> None:
     if not (float(sigma_y) >= 0 and math.isfinite(float(sigma_y))):
         raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
     if int(particles) < 1:
@@ -154,6 +158,8 @@ def _check(sigma_y, particles, anchor, tv_weight, eta, admm_iters, cg_iters, adm
         raise ValueError(f"anchor must be > 0, got {anchor}")
     if tv_weight is not None and not float(tv_weight) >= 0:
         raise ValueError(f"tv_weight must be >= 0, got {tv_weight}")
+    if not (float(tv_factor) >= 0 and math.isfinite(float(tv_factor))):
+        raise ValueError(f"tv_factor must be a finite number >= 0, got {tv_factor}")
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     if not float(admm_penalty) > 0:

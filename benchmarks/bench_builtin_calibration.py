@@ -146,6 +146,17 @@ def fit(data: str, task: str, slices: list[int], out: Path) -> dict:
     return summary
 
 
+def spearman_ceiling(std: torch.Tensor, mask: torch.Tensor, draws: int = 8) -> float:
+    """Spearman(std, |error|) inside ``mask`` if the errors were exactly as the std map says (``error = std·z``,
+    ``z`` standard normal; mean of ``draws`` seeded draws): what a perfectly calibrated std map of this shape would
+    score. Pixel-wise errors are one draw each, so the ranking is capped by how much the std varies: for a
+    log-normal std map whose log has standard deviation 0.3 / 0.67 / 1 the ceiling is 0.30 / 0.56 / 0.69."""
+    g = torch.Generator().manual_seed(0)
+    std = std.double().cpu()
+    return float(np.mean([spearman(std, std * torch.randn(std.shape, generator=g, dtype=std.dtype).abs(), mask)
+                          for _ in range(draws)]))
+
+
 def report_case(path: Path, task: str, name: str, params: dict, noise: dict, seed: int, prior) -> dict:
     """One held-out case through ``reconstruct_in_memory``, scored uncalibrated and with the shipped factor."""
     from recon.pipeline import reconstruct_in_memory
@@ -165,6 +176,7 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
            "seconds": seconds, "calibration": why, "factor": doc["factor"] if doc else None,
            "offset_hu": doc.get("offset", 0.0) * hu if doc else None,
            "spearman_body": spearman(result.std, err, mask),
+           "spearman_ceiling_body": spearman_ceiling(result.std, mask),
            "rmse_body_hu": float(err[mask].pow(2).mean().sqrt()) * hu,
            "mean_std_body_hu": float(result.std.double()[mask].mean()) * hu}
     for label, cal in (("uncalibrated", None), ("calibrated", doc)):
@@ -180,13 +192,14 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
 def markdown(rows: list[dict]) -> str:
     unit = "HU" if _is_ct(rows[0].get("task", "sparse-view-ct")) else "a.u."
     lines = ["| case | seed | coverage 90 % image / body, uncalibrated | with the shipped factor | Spearman (body) | "
-             f"RMSE / mean std, body ({unit}) | NFE | s |", "|---|---|---|---|---|---|---|---|"]
+             f"calibrated ceiling | RMSE / mean std, body ({unit}) | NFE | s |", "|---" * 9 + "|"]
     for r in rows:
         cal = (f"{r['coverage_90_image_calibrated']:.1%} / {r['coverage_90_body_calibrated']:.1%}"
                if "coverage_90_body_calibrated" in r else "not applied")
         case = r["case"] if r.get("image", "ct-head-full") == "ct-head-full" else f"{r['image']} {r['case']}"
+        ceiling = f"{r['spearman_ceiling_body']:.2f}" if "spearman_ceiling_body" in r else "–"
         lines.append(f"| {case} | {r['seed']} | {r['coverage_90_image_uncalibrated']:.1%} / "
-                     f"{r['coverage_90_body_uncalibrated']:.1%} | {cal} | {r['spearman_body']:.2f} | "
+                     f"{r['coverage_90_body_uncalibrated']:.1%} | {cal} | {r['spearman_body']:.2f} | {ceiling} | "
                      f"{r['rmse_body_hu']:.1f} / {r['mean_std_body_hu']:.1f} | {r['nfe']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 

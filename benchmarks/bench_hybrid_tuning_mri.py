@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_matrix import _simulate, score, flat_region
+from bench_matrix import _simulate, flat_region, score
 
 import recon
 from recon.datasets import read_image

@@ -395,13 +395,20 @@ def cmd_methods(args) -> int:
         print(markdown_table() + "\n\n" + task_table())
         return 0
     if args.name:
+        from recon.samplers.registry import TUNED_OPTIONS
+
         spec = _method_spec(args.name)
-        rows = [{"option": o.name, "type": o.hint, "default": o.default, "help": o.help} for o in spec.options.values()]
+        tuned = {m: t[spec.name] for m, t in TUNED_OPTIONS.items() if spec.name in t}
+        rows = [{"option": o.name, "type": o.hint, "default": o.default, "help": o.help,
+                 **({"by_modality": by} if (by := {m: t[o.name] for m, t in tuned.items() if o.name in t}) else {})}
+                for o in spec.options.values()]
         summary = {"method": spec.name, "summary": spec.summary, "needs_prior": spec.needs_prior,
                    "long_running": spec.long_running, "complex_data": spec.complex_data, "options": rows}
         lines = [f"{spec.name}: {spec.summary}", f"  needs a prior: {spec.needs_prior}; checkpoint/resume: "
                  f"{spec.long_running}; complex images: {spec.complex_data}", "  options (--set options.NAME=VALUE):"]
-        lines += [f"    {r['option']} ({r['type'] or 'any'}, default {r['default']!r}): {r['help']}" for r in rows]
+        lines += [f"    {r['option']} ({r['type'] or 'any'}, default {r['default']!r}"
+                  + "".join(f"; {m.upper()}: {v!r}" for m, v in r.get("by_modality", {}).items()) + f"): {r['help']}"
+                  for r in rows]
         _print(summary, args.json, lines)
         return 0
     table = [{"method": n, "summary": s.summary, "needs_prior": s.needs_prior, "long_running": s.long_running}

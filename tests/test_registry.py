@@ -130,6 +130,12 @@ def test_recon_methods_lists_the_registry_and_one_methods_options(capsys):
     assert main(["methods", "dds3d", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["long_running"] and {r["option"]: r["default"] for r in info["options"]}["gamma"] == "rho"
+    assert main(["methods", "hybrid", "--json"]) == 0  # a modality's tuned values are shown next to the default
+    from recon.samplers.registry import TUNED_OPTIONS
+
+    rows = {r["option"]: r for r in json.loads(capsys.readouterr().out)["options"]}
+    assert {k: rows[k]["by_modality"]["mri"] for k in TUNED_OPTIONS["mri"]["hybrid"]} == TUNED_OPTIONS["mri"]["hybrid"]
+    assert "by_modality" not in rows["eta"]
     assert main(["methods", "nope"]) == 2
 
 

@@ -245,8 +245,9 @@ def get_method(name: str) -> MethodSpec:
 
 # the method used when none is named, by what the operator measures (``physics.modality``), chosen from the
 # evaluation matrix (benchmarks/README.md, "Evaluation matrix" and "Noise-aware samplers"): on held-out head CT the
-# TV hybrid is the only diffusion method level with or above oracle-weighted TV (full range); on MRI no diffusion
-# method comes near TV with the built-in MRI prior, so TV (discrepancy-principle weight) it is; the other tasks
+# TV hybrid is the only diffusion method level with or above oracle-weighted TV (full range); on MRI the hybrid (with
+# its MRI options) beats the best TV on 9 of 12 cases but loses one image at 8× by about 2 dB ("Ninth pass"), so TV
+# (discrepancy-principle weight) it is; the other tasks
 # (blur, inpainting, super-resolution) were not in the matrix and keep DPS
 RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "tv", "image": "dps"}
 # tasks whose matrix rows rank another method first (none at present: ΠGDM led limited angle at 128² until its

@@ -14,8 +14,8 @@ pixels); ``--task sparse-view-ct`` (``calibration.json``): sparse view at 30 and
 views over 90° and 80 views over 120° (1e5 photons), slices 6, 12 and 18, intervals ``x ± c·(std + offset)`` with
 the offset that covers the six studies most evenly (``recon calibrate --offset balanced``). MRI, ``--task mri``
 (``default-mri``'s ``calibration.json``): frames 0, 4 and 9 of the held-out ``emri_small`` (64², interpolated to
-128²), single-coil MRI at 4× and 8× with 1 % noise, with the balanced offset too (since 2026-12-06, when the factor
-alone over-covered held-out MRI by up to 8.5 points).
+128²), single-coil MRI at 4× and 8× with 1 % noise, factor only (the balanced offset, tried on 2026-12-06,
+under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``).
 
 Report: held-out images never fitted on, each reconstructed exactly as ``recon reconstruct --uncertainty`` does
 (``recon.pipeline.reconstruct_in_memory``), noise draws ``--seeds`` (default 1). CT: the head CT ``693_UNCR.dcm``
@@ -93,7 +93,7 @@ TASKS = {
         "prior": "default-mri",
         "fit": {"mri4": ({"acceleration": 4}, {"noise": 0.01}), "mri8": ({"acceleration": 8}, {"noise": 0.01})},
         "unseen": {"mri6": ({"acceleration": 6}, {"noise": 0.01}), "mri4-n2": ({"acceleration": 4}, {"noise": 0.02})},
-        "slices": [0, 4, 9], "report": ["mr-small", "mr-anat"], "offset": "balanced", "file": BUILTIN_CALIBRATION,
+        "slices": [0, 4, 9], "report": ["mr-small", "mr-anat"], "file": BUILTIN_CALIBRATION,
         "describe": "single-coil MRI, random 1D masks at 4× and 8×, noise 1 % of the k-space RMS"},
 }
 def _is_ct(task: str) -> bool:

@@ -27,61 +27,43 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_matrix import _simulate, flat_region, score
+from bench_builtin_calibration import tuning_slices
+from bench_matrix import _run_method, problem_context, score
 
 import recon
-from recon.datasets import read_image
 from recon.priors import load_prior
 from recon.samplers.base import operator_norm
-from recon.samplers.baselines import analytic_inverse, tv_oracle_weight
-from recon.tasks import from_domain, normalised_problem, to_domain, weighted_problem
+from recon.tasks import from_domain
 
 GRID = [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for f in (0.05, 0.1, 0.2, 0.4, 0.8)]
 DEFAULT = {"anchor": 0.3, "tv_factor": 0.05}
 TIE_DB = 0.05
 
 
-def emri_frame(data: str, index: int) -> np.ndarray:
-    """Frame ``index`` of ``emri_small`` (64² at 1 mm), magnitude, interpolated to 128²."""
-    from skimage.transform import resize
-
-    volume = read_image(data).array
-    return resize(np.abs(volume[index]).astype(np.float64), (128, 128), anti_aliasing=True, preserve_range=True)
-
-
 def run_case(ref: np.ndarray, task: str, prior, label: dict, grid: list[dict], references: bool) -> list[dict]:
-    spacing = (64 / 128, 64 / 128)
-    spec, meas = _simulate(task, ref, spacing, "MR", seed=0)
-    physics = meas.physics()
-    with torch.no_grad():
-        analytic_d = analytic_inverse(physics, meas.y)
-    physics_w, meas_w = weighted_problem(meas, physics)
-    y_n, sigma_n, a, b = normalised_problem(meas_w, physics_w, prior, analytic_d)
-    norm = float(operator_norm(physics_w, torch.zeros(1, 1, *ref.shape)))
-    roi = flat_region(ref, "MR")
+    """TV (automatic and oracle weight, with ``references``) and the hybrid at each setting of ``grid`` on one case,
+    built and scored exactly as ``bench_matrix`` does."""
+    ctx = problem_context(ref, (64 / 128, 64 / 128), "MR", task, 0, {"mri": prior})
+    y_n, sigma_n, a, b = ctx["normalised"]
+    norm = float(operator_norm(ctx["physics_w"], torch.zeros(1, 1, *ref.shape)))
     rows = []
 
-    def record(method: str, x_d: torch.Tensor, seconds: float, **extra) -> None:
-        rec = from_domain(spec, x_d.detach().double().cpu())[0, 0].numpy()
-        rows.append({**label, "task": task, "method": method, **score(rec, ref, "MR", roi), "seconds": seconds,
-                     **extra})
+    def record(method: str, rec: np.ndarray, seconds: float, **extra) -> None:
+        rows.append({**label, "task": task, "method": method, **score(rec, ref, "MR", ctx["roi"]),
+                     "seconds": seconds, **extra})
         r = rows[-1]
         print(f"{label} {task:10s} {method:10s} {extra} PSNR {r['psnr']:.2f} SSIM {r['ssim']:.3f}", flush=True)
 
-    if references:
-        t0 = time.perf_counter()
-        res = recon.reconstruct(physics, meas.y, None, "tv", sigma_y=meas.sigma_y)
-        record("tv-auto", res.x, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        truth = to_domain(spec, torch.from_numpy(ref).float()[None, None], None)
-        _, x_d, _ = tv_oracle_weight(physics, meas.y, truth, sigma_y=meas.sigma_y)
-        record("tv-oracle", x_d, time.perf_counter() - t0)
+    for method in ("tv-auto", "tv-oracle") if references else ():
+        rec, info = _run_method(method, ctx)
+        record(method, rec, info["seconds"])
     for setting in grid:
         options = dict(setting)
         options["tv_weight"] = options.pop("tv_factor") * norm / sigma_n
         t0 = time.perf_counter()
-        res = recon.reconstruct(physics_w, y_n, prior, "hybrid", sigma_y=sigma_n, seed=0, **options)
-        record("hybrid", (res.x - b) / a, time.perf_counter() - t0, **setting)
+        res = recon.reconstruct(ctx["physics_w"], y_n, prior, "hybrid", sigma_y=sigma_n, seed=0, **options)
+        rec = from_domain(ctx["spec"], ((res.x - b) / a).detach().double().cpu())[0, 0].numpy()
+        record("hybrid", rec, time.perf_counter() - t0, **setting)
     return rows
 
 
@@ -121,7 +103,8 @@ def main() -> None:
         prior = load_prior("default-mri")
         grid = GRID if args.settings is None else [GRID[i] for i in args.settings]
         rows = [r for i in args.frames for t in args.tasks
-                for r in run_case(emri_frame(args.data, i), t, prior, {"frame": i}, grid, not args.no_references)]
+                for r in run_case(tuning_slices(args.data, "mri", [i])[0][1], t, prior, {"frame": i}, grid,
+                                  not args.no_references)]
     chosen = choose(rows)
     print(json.dumps(chosen, indent=1), flush=True)
     if args.json:

@@ -250,10 +250,16 @@ def _chains(method: str) -> int:
 
 
 def _context(image_name: str, task: str, size: int, seed: int, priors: dict) -> dict:
+    ref, spacing, modality = load_image(image_name, size)
+    return problem_context(ref, spacing, modality, task, seed, priors)
+
+
+def problem_context(ref: np.ndarray, spacing: tuple, modality: str, task: str, seed: int, priors: dict) -> dict:
+    """One case of an image given as an array: what ``_run_method`` needs (measurements, operators, the whitened and
+    normalised problem of the diffusion methods)."""
     from recon.samplers.baselines import analytic_inverse
     from recon.tasks import normalised_problem, weighted_problem
 
-    ref, spacing, modality = load_image(image_name, size)
     spec, meas = _simulate(task, ref, spacing, modality, seed)
     physics = meas.physics()
     ctx = {"ref": ref, "modality": modality, "spec": spec, "meas": meas, "physics": physics, "seed": seed,

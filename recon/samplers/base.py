@@ -207,7 +207,7 @@ def reconstruct(
     if spec.needs_prior and prior is None:
         raise OptionError(f"method {method!r} needs a prior (methods without one: "
                           f"{', '.join(m for m, s in METHODS.items() if not s.needs_prior)})")
-    options = spec.check_options(modality_options(method, modality, spec.check_options(options)))
+    options = modality_options(method, modality, spec.check_options(options))  # the registry's values are valid
     fn = spec.sampler
     generator = torch.Generator(device=y.device).manual_seed(int(seed))
     kwargs = {"sigma_y": float(sigma_y), "generator": generator, "callback": callback, **options}

@@ -12,7 +12,9 @@ hybrid's ``admm_penalty`` now), on the same rule; ``--tasks`` adds the well-meas
 crop`` adds the central 128² of each slice at its own 0.957 mm pixels (the brain filling the field, like
 ``bench_matrix.py``'s cropped head); ``--grid anchor-factor-2`` is the smaller grid re-run after the penalty
 changed. ``--grid eta`` varies the re-noising η; ``--grid budget`` spends 50 network evaluations as 1 × 50, 2 × 25
-or 4 × 12 averaged chains at η = 1, ``--grid chains`` averages 2 or 3 chains of 50 steps.
+or 4 × 12 averaged chains at η = 1, ``--grid chains`` averages 2 or 3 chains of 50 steps. ``--grid factor`` varies
+the TV factor alone at the shipped anchor over the wider task set (the factor was chosen on 30/60 views and 1e4
+photons only, before the well-measured cases joined the tuning set).
 
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --json benchmarks/hybrid_tuning.json
@@ -26,6 +28,9 @@ or 4 × 12 averaged chains at η = 1, ``--grid chains`` averages 2 or 3 chains o
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --grid eta --tasks sv30 sv60 ld1e4 sv120 ld1e5 g0.2 g2 --fields full crop \
         --json benchmarks/hybrid_tuning_eta.json
+    python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
+        --grid factor --tasks sv30 sv60 ld1e4 sv120 ld1e5 g0.2 g2 --fields full crop \
+        --json benchmarks/hybrid_tuning_factor.json
 
 ``--slices`` splits a run over processes, ``--settings`` runs only some of the grid's entries (by index; e.g. to
 add an entry to an earlier run); ``--merge A.json B.json --grid G --json OUT`` pools them and applies the rule.
@@ -63,7 +68,8 @@ GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for
          "eta": [{"eta": e} for e in (0.0, 0.5, 0.85, 1.0)],
          "budget": [{"steps": s, "particles": p, "eta": 1.0} for s, p in ((50, 1), (25, 2), (12, 4))],
          "chains": [{"steps": 50, "particles": p, "eta": 1.0} for p in (2, 3)],
-         "sigma-min": [{"sigma_min": s} for s in (0.002, 0.01, 0.03, 0.1)]}
+         "sigma-min": [{"sigma_min": s} for s in (0.002, 0.01, 0.03, 0.1)],
+         "factor": [{"tv_factor": f} for f in (0.0125, 0.025, 0.05)]}
 
 
 def slice_128(volume: np.ndarray, index: int) -> np.ndarray:

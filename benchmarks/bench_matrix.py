@@ -8,10 +8,11 @@ clinical window, with the flat-region noise, time and network evaluations; one f
     python benchmarks/bench_matrix.py --report benchmarks/matrix_ct_128.json      # markdown tables
 
 Images (none was in the priors' training data): ``ct-head-full``, pydicom-data's ``693_UNCR.dcm`` head CT at its
-full 512² field of view (0.48 mm pixels) area-averaged to the size; ``ct-head-crop``, its central 256² (the
-brain) resized; ``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central axial
-slice of nibabel's ``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom
-(seed 10000; a secondary row). Pixel spacing follows the field of view (CT geometry in mm).
+full 512² field of view (0.48 mm pixels) area-averaged to the size; ``ct-head-crop``, its central 256² (the brain)
+resized; ``ct-body``, pydicom's ``CT_small.dcm`` (128², 0.66 mm: paraspinal muscle, spine and aorta of the trunk,
+scored in the body window); ``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central
+axial slice of nibabel's ``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom (seed
+10000; a secondary row). Pixel spacing follows the field of view (CT geometry in mm).
 
 Tasks, simulated exactly as the command line does (``recon.tasks.make_task`` / ``simulate`` /
 ``normalised_problem``; CT in μ with Beer–Lambert noise, classical methods in the operator's domain units,
@@ -28,17 +29,18 @@ window: TV's upper bound there; for MRI the same as ``tv-oracle``), ``tv-oracle-
 same on the whitened problem of ``recon.tasks.weighted_problem``: penalised weighted least squares), recon's
 ``dps``, ``red-diff``, ``dds``, ``hybrid-mean16`` (the mean of 16 hybrid runs: the image ``recon reconstruct
 --uncertainty`` writes; only when named), ``hybrid-pK`` (the hybrid with ``particles=K``: the mean of K chains run
-as one batch; only when named) and whichever
+as one batch; only when named), ``hybrid-tvfF`` (the hybrid with ``tv_factor=F``: a candidate default; only when
+named) and whichever
 of ``diffpir``, ``daps``, ``pigdm``, ``hybrid`` the method table has, and deepinv's ``deepinv-diffpir`` /
 ``deepinv-dps`` with the same prior; every diffusion method at its defaults (no tuning on these images), on the
 whitened problem as ``recon reconstruct`` runs it (Beer–Lambert CT: each ray by its inverse variance).
 
-Metrics: PSNR/SSIM on the full range (CT: [−1000, 1000] HU as ``recon reconstruct`` reports; MRI: the
-reference's range) and in the clinical window (head CT: brain window [0, 80] HU, both images clipped; MRI: the
-full range); ``noise``: the standard deviation of the reconstruction in a flat region picked automatically,
-the window of lowest variance of the reference inside the brain (CT: reference in [−15, 95] HU; MRI: above
-25 % of its 99th percentile), in HU for CT; wall time and NFE. The JSON file is resumable: rows already in it
-(same image, task, size, method) are skipped.
+Metrics: PSNR/SSIM on the full range (CT: [−1000, 1000] HU as ``recon reconstruct`` reports; MRI: the reference's
+range) and in the clinical window (head CT: brain window [0, 80] HU; body CT: [−160, 240] HU; both images clipped;
+MRI: the full range); ``noise``: the standard deviation of the reconstruction in a flat region picked automatically,
+the window of lowest variance of the reference inside the brain (CT: reference in [−15, 95] HU; MRI: above 25 % of
+its 99th percentile), in HU for CT; wall time and NFE. The JSON file is resumable: rows already in it (same image,
+task, size, method) are skipped.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ warnings.filterwarnings("ignore")
 __all__ = ["IMAGES", "METHODS", "TASKS", "flat_region", "load_image", "main", "peak_noise", "run_case", "score"]
 
 BRAIN_WINDOW = (0.0, 80.0)  # HU
+BODY_WINDOW = (-160.0, 240.0)  # HU, soft tissue of the trunk
 CT_FULL = (-1000.0, 1000.0)  # HU, the full-range metric window of `recon reconstruct`
-IMAGES = ("ct-head-full", "ct-head-crop", "mr-small", "mr-anat", "ct-phantom")
+IMAGES = ("ct-head-full", "ct-head-crop", "ct-body", "mr-small", "mr-anat", "ct-phantom")
 # name -> (task, task parameters, noise: photons / noise (relative to the RMS) / peak (relative to the peak))
 TASKS: dict[str, tuple[str, dict, dict]] = {
     "sv30": ("sparse-view-ct", {"views": 30}, {"photons": 1e5}),
@@ -108,6 +111,11 @@ def load_image(name: str, size: int) -> tuple[np.ndarray, tuple[float, float], s
         if name == "ct-head-crop":
             hu = hu[128:384, 128:384]
         return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT"
+    if name == "ct-body":
+        path = get_testdata_file("CT_small.dcm", download=False)
+        hu = next(read_slices(path)).astype(np.float64)
+        ps = float(pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing[0])
+        return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body"
     if name == "ct-phantom":
         from recon.datasets.phantoms import random_ct_phantom
 
@@ -128,12 +136,17 @@ def load_image(name: str, size: int) -> tuple[np.ndarray, tuple[float, float], s
     raise ValueError(f"unknown image {name!r}; choose from {', '.join(IMAGES)}")
 
 
+def is_ct(modality: str) -> bool:
+    """``load_image``'s modality is ``"CT"`` (head), ``"CT-body"`` or ``"MR"``."""
+    return modality.startswith("CT")
+
+
 def flat_region(ref: np.ndarray, modality: str, win: int | None = None) -> tuple[slice, slice]:
     """The ``win × win`` window of lowest reference variance lying wholly inside the brain (module docstring)."""
     from scipy.ndimage import binary_erosion, binary_opening, uniform_filter
 
     win = win or max(5, ref.shape[0] // 16)
-    if modality == "CT":
+    if is_ct(modality):
         mask = binary_opening((ref > -15) & (ref < 95), np.ones((3, 3), bool), iterations=2)
     else:
         mask = binary_opening(ref > 0.25 * np.percentile(ref, 99), np.ones((3, 3), bool), iterations=2)
@@ -159,8 +172,8 @@ def _psnr_ssim(rec: np.ndarray, ref: np.ndarray, lo: float, hi: float) -> tuple[
 
 def windows(ref: np.ndarray, modality: str) -> tuple[tuple[float, float], tuple[float, float]]:
     """``(full range, clinical window)`` of a reference."""
-    if modality == "CT":
-        return CT_FULL, BRAIN_WINDOW
+    if is_ct(modality):
+        return CT_FULL, BODY_WINDOW if modality == "CT-body" else BRAIN_WINDOW
     full = (float(ref.min()), float(ref.max()))
     return full, full
 
@@ -189,7 +202,7 @@ def _simulate(task: str, image: np.ndarray, spacing: tuple, modality: str, seed:
 
     name, params, noise = TASKS[task]
     spec = make_task(name, (1, *image.shape), (1.0, *spacing), seed=seed, **params)
-    unit = "HU" if modality == "CT" else None
+    unit = "HU" if is_ct(modality) else None
     img = torch.from_numpy(image).float()
     kw = dict(noise)
     if "peak" in kw:  # Gaussian noise relative to the measurement peak → simulate's RMS-relative level
@@ -236,11 +249,22 @@ def _run_method(method: str, ctx: dict) -> tuple[np.ndarray, dict]:
             name, kw = "ensemble", {"base": "hybrid", "particles": 16}
         elif _chains(method):  # hybrid-pK: K chains in one batch, their mean
             name, kw = "hybrid", {"particles": _chains(method)}
+        elif _tv_factor(method) is not None:  # hybrid-tvfF: the hybrid with tv_factor=F (a candidate default)
+            name, kw = "hybrid", {"tv_factor": _tv_factor(method)}
         res = reconstruct(ctx["physics_w"], y_n, prior, name, sigma_y=sigma_n, seed=ctx["seed"], **kw)
         x_d, nfe, seconds = (res.x - b) / a, res.nfe, res.seconds
         extra = {"steps": res.info.get("steps"), "sigma_y_normalised": sigma_n}
     rec = from_domain(spec, x_d.detach().double().cpu())[0, 0].numpy()
     return rec, {"seconds": seconds, "nfe": nfe, **extra}
+
+
+def _tv_factor(method: str) -> float | None:
+    """F of a ``hybrid-tvfF`` method name, else None."""
+    head, _, f = method.partition("-tvf")
+    try:
+        return float(f) if head == "hybrid" and float(f) >= 0 else None
+    except ValueError:
+        return None
 
 
 def _chains(method: str) -> int:
@@ -287,7 +311,8 @@ def run_case(image_name: str, task: str, size: int, methods: list[str], priors: 
     stored = dict(np.load(cache)) if cache.exists() else {}
     out = []
     for method in methods:
-        if method not in CLASSICAL and method not in AVAILABLE and method != "hybrid-mean16" and not _chains(method):
+        if method not in CLASSICAL and method not in AVAILABLE and method != "hybrid-mean16" and not _chains(method) \
+                and _tv_factor(method) is None:
             print(f"{case}: method {method!r} not in recon's method table, skipped", flush=True)
             continue
         if method.endswith("-pwls") and "weighting" not in ctx["meas_w"].noise:
@@ -329,7 +354,7 @@ def figure(case: str, panels: list[tuple[str, np.ndarray, dict]], path: Path) ->
 
     ref, meta = panels[0][1], panels[0][2]
     _, (lo, hi) = windows(ref, meta["modality"])
-    if meta["modality"] != "CT":
+    if not is_ct(meta["modality"]):
         lo, hi = float(np.percentile(ref, 1)), float(np.percentile(ref, 99.5))
     n = len(panels)
     fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
@@ -349,7 +374,7 @@ def figure(case: str, panels: list[tuple[str, np.ndarray, dict]], path: Path) ->
         for ax in axes[:, k]:
             ax.set_xticks([])
             ax.set_yticks([])
-    unit = "HU" if meta["modality"] == "CT" else "a.u."
+    unit = "HU" if is_ct(meta["modality"]) else "a.u."
     fig.suptitle(f"{case}: window [{lo:.0f}, {hi:.0f}] {unit}; PSNR/SSIM in the window; "
                  f"error on [0, {(hi - lo) / 4:.0f}]", fontsize=8)
     fig.tight_layout()

@@ -7,12 +7,13 @@ clinical window, with the flat-region noise, time and network evaluations; one f
         --json benchmarks/matrix_mri_128.json
     python benchmarks/bench_matrix.py --report benchmarks/matrix_ct_128.json      # markdown tables
 
-Images (none was in the priors' training data): ``ct-head-full``, pydicom-data's ``693_UNCR.dcm`` head CT at its
-full 512² field of view (0.48 mm pixels) area-averaged to the size; ``ct-head-crop``, its central 256² (the brain)
-resized; ``ct-body``, pydicom's ``CT_small.dcm`` (128², 0.66 mm: paraspinal muscle, spine and aorta of the trunk,
-scored in the body window); ``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central
-axial slice of nibabel's ``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom (seed
-10000; a secondary row). Pixel spacing follows the field of view (CT geometry in mm).
+Images (none is in the recipe's training data; ``ct-body`` was in the first 4,940 steps of ``default-ct``'s
+lineage): ``ct-head-full``, pydicom-data's ``693_UNCR.dcm`` head CT at its full 512² field of view (0.48 mm pixels)
+area-averaged to the size; ``ct-head-crop``, its central 256² (the brain) resized; ``ct-body``, pydicom's
+``CT_small.dcm`` (128², 0.66 mm: paraspinal muscle, spine and aorta of the trunk, scored in the body window);
+``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central axial slice of nibabel's
+``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom (seed 10000; a secondary row).
+Pixel spacing follows the field of view (CT geometry in mm).
 
 Tasks, simulated exactly as the command line does (``recon.tasks.make_task`` / ``simulate`` /
 ``normalised_problem``; CT in μ with Beer–Lambert noise, classical methods in the operator's domain units,

@@ -99,8 +99,8 @@ def sample_hybrid(
             ``docs/methods/hybrid.md``).
         tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``tv_factor · ‖A‖/σ_y``; 0: no TV.
         tv_factor: the default ``tv_weight`` in units of ``‖A‖/σ_y`` (0.05: a sixth of ``sample_tv``'s default ROF
-            weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest; chosen on CT tuning slices, MRI's own
-            value in ``recon.samplers.registry.TUNED_OPTIONS``).
+            weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest; chosen on CT tuning slices,
+            ``docs/methods/hybrid.md``; MRI's own value in ``recon.samplers.registry.TUNED_OPTIONS``).
         eta: fraction of fresh noise in the re-noising (DDS's convention; default 1: each level re-noises the
             data-consistent estimate afresh, chosen on tuning slices over DDS's 0.85, ``docs/methods/hybrid.md``).
         admm_iters: ADMM iterations per data step.

@@ -140,7 +140,7 @@ def fit(data: str, task: str, slices: list[int], out: Path) -> dict:
             writer.writerows(rows)
         summary = calibrate_studies(manifest, out, Settings(task=task, prior=spec["prior"]), coverage=LEVEL,
                                     overwrite=True, offset=spec.get("offset", 0.0))
-    source = "InVesalius slab slices" if _is_ct(task) else "emri_small frames"
+    source = "head CT: InVesalius slab slices" if _is_ct(task) else "brain MRI: emri_small frames"
     doc = json.loads(out.read_text())
     doc["fitted_on"] = (f"{source} {', '.join(map(str, slices))} at 128²; {spec['describe']}; "
                         f"seed 0; benchmarks/bench_builtin_calibration.py --fit --task {task}")

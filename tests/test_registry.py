@@ -203,27 +203,15 @@ def test_uncertainty_without_a_method_wraps_only_methods_that_sample_from_a_prio
         assert spread_method(name, "ct") == (name, {})
 
 
-def test_uncertainty_on_mri_samples_the_hybrids_ensemble():
-    """MRI's recommended hybrid gives its uncertainty maps by an ensemble of its runs; a named prior-free method (TV,
-    the analytic inverse of measured k-space) stays as it is."""
-    from recon.samplers.registry import RECOMMENDED, spread_method
+def test_uncertainty_on_mri_samples_the_modalitys_spread_method_not_tv():
+    """MRI's recommended TV has nothing to sample: its uncertainty maps come from the hybrid's ensemble; a named
+    prior-free method other than the recommended one (the analytic inverse of measured k-space) stays as it is."""
+    from recon.samplers.registry import RECOMMENDED, SPREAD_BY_MODALITY, spread_method
 
-    assert RECOMMENDED["mri"] == "hybrid"
-    assert spread_method(RECOMMENDED["mri"], "mri") == ("ensemble", {"base": "hybrid"})
-    assert spread_method("tv", "mri") == ("tv", {})
+    assert RECOMMENDED["mri"] == "tv" and SPREAD_BY_MODALITY["mri"] == "hybrid"
+    assert spread_method("tv", "mri") == ("ensemble", {"base": "hybrid"})
     assert spread_method("analytic", "mri") == ("analytic", {})
-
-
-def test_a_modality_whose_default_has_no_prior_samples_its_spread_method(monkeypatch):
-    """Where a modality's recommended method is prior-free (TV), ``SPREAD_BY_MODALITY`` names the method whose
-    ensemble gives the maps instead; only the recommended method is replaced."""
-    from recon.samplers import registry
-
-    monkeypatch.setitem(registry.RECOMMENDED, "test-modality", "tv")
-    monkeypatch.setitem(registry.SPREAD_BY_MODALITY, "test-modality", "hybrid")
-    assert registry.spread_method("tv", "test-modality") == ("ensemble", {"base": "hybrid"})
-    assert registry.spread_method("analytic", "test-modality") == ("analytic", {})
-    assert registry.spread_method("tv", "ct") == ("tv", {})
+    assert spread_method("hybrid", "mri") == ("ensemble", {"base": "hybrid"})
 
 
 def test_sampler_settings_are_the_base_samplers_options_as_the_run_used_them():

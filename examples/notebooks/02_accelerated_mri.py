@@ -25,9 +25,8 @@
 # **Be warned: the built-in MRI prior is small.** It is a 1.3 M-parameter network trained for a few CPU hours on
 # two template brains (Colin27, MNI152) and a dozen MR slices. One denoising step with it is close to BM3D on
 # held-out brains, and below it on the coarse `anatomical.nii` (`benchmarks/README.md`). On the benchmark's 12 MRI
-# cases the TV hybrid beats the best TV on 9 of them and loses one image at 8× (by 2 dB with the benchmark's mask,
-# 0.3 dB with two others); against automatic TV it is ahead on 17 of 22 MRI cases, so it is MRI's default (since
-# 2026-12-07). The notebook is about the operators and the workflow. Notebook 5 shows how to train or load a better
+# cases the TV hybrid beats the best TV on 9 of them, but it loses one image at 8× by 2 dB, so TV stays MRI's
+# default. The notebook is about the operators and the workflow. Notebook 5 shows how to train or load a better
 # prior.
 
 # %%

@@ -217,7 +217,7 @@ plt.show()
 #
 # - *The std map ranks the error on sparse-view CT* (Spearman 0.64–0.70 inside the head): where it is bright, the
 #   error tends to be large (limited angle: 0.63–0.78). On undersampled MRI it ranks the error only weakly (0.18–0.41
-#   for the hybrid's runs, MRI's default): the MRI std varies so
+#   for the hybrid's runs, which `--uncertainty` runs on MRI since TV has nothing to sample): the MRI std varies so
 #   little across the head that even perfectly calibrated errors would rank at only 0.34–0.50.
 # - *Its raw scale is far too small*: the 16 runs agree with each other more than with the truth (uncalibrated 90 %
 #   intervals cover 32–36 % of the head's pixels). The shipped factor (c = 8.53 sample stds) brings the held-out

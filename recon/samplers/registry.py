@@ -246,11 +246,10 @@ def get_method(name: str) -> MethodSpec:
 # the method used when none is named, by what the operator measures (``physics.modality``), chosen from the
 # evaluation matrix (benchmarks/README.md, "Evaluation matrix" and "Noise-aware samplers"): on held-out head CT the
 # TV hybrid is the only diffusion method level with or above oracle-weighted TV (full range); on MRI the hybrid (with
-# its MRI options) is ahead of automatic-weight TV, the previous default, on both PSNR and SSIM on 17 of 22 cases
-# (unseen accelerations and other masks included) and loses one image at 8× with one mask ("MRI: unseen
-# accelerations and other masks"); the other tasks (blur, inpainting, super-resolution) were not in the matrix and
-# keep DPS
-RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "hybrid", "image": "dps"}
+# its MRI options) beats the best TV on 9 of 12 cases but loses one image at 8× by about 2 dB ("Ninth pass"), so TV
+# (discrepancy-principle weight) it is; the other tasks
+# (blur, inpainting, super-resolution) were not in the matrix and keep DPS
+RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "tv", "image": "dps"}
 # tasks whose matrix rows rank another method first (none at present: ΠGDM led limited angle at 128² until its
 # 256² rows showed it failing there, 12–21 dB, while the hybrid beats TV on every limited-angle number;
 # benchmarks/README.md, "Limited angle at 256²")
@@ -286,16 +285,17 @@ def modality_options(method: str, modality: str | None, options: Mapping[str, ob
 UNCERTAINTY_SAMPLES = 16
 
 
-# the method whose ensemble gives uncertainty maps where a modality's recommended method has no prior to sample from
-# (TV): none at present (MRI's was the hybrid's while TV was its default, until 2026-12-07)
-SPREAD_BY_MODALITY: dict[str, str] = {}
+# the method whose ensemble gives uncertainty maps where the recommended method has no prior to sample from: on MRI
+# TV leads the single-image matrix, but the mean of 16 hybrid runs beats the best TV on 3 of its 4 cases at 1 % noise
+# and has a spread (benchmarks/README.md, "MRI: the calibration `default-mri` ships")
+SPREAD_BY_MODALITY: dict[str, str] = {"mri": "hybrid"}
 
 
 def spread_method(name: str, modality: str | None = None) -> tuple[str, dict]:
     """The method to run for uncertainty maps instead of ``name``, and its options: ``name`` itself if it returns a
     spread (a particle method) or has no prior to sample from (TV, analytic: no spread at all), else an
     ``ensemble`` of independent runs of ``name``. ``name`` being the recommended method of ``modality`` without a
-    prior, the ensemble of ``SPREAD_BY_MODALITY[modality]`` instead."""
+    prior, the ensemble of ``SPREAD_BY_MODALITY[modality]`` instead (MRI: the hybrid's, not TV)."""
     key = str(modality).lower()
     if key in SPREAD_BY_MODALITY and name == RECOMMENDED.get(key) and not get_method(name).needs_prior:
         name = SPREAD_BY_MODALITY[key]

@@ -39,7 +39,7 @@ whitened problem as ``recon reconstruct`` runs it (Beer–Lambert CT: each ray b
 Metrics: PSNR/SSIM on the full range (CT: [−1000, 1000] HU as ``recon reconstruct`` reports; MRI: the reference's
 range) and in the clinical window (head CT: brain window [0, 80] HU; body CT: [−160, 240] HU; both images clipped;
 MRI: the full range); ``noise``: the standard deviation of the reconstruction in a flat region picked automatically,
-the window of lowest variance of the reference inside the brain (CT: reference in [−15, 95] HU; MRI: above 25 % of
+the window of lowest variance of the reference inside soft tissue (CT: reference in [−15, 95] HU; MRI: above 25 % of
 its 99th percentile), in HU for CT; wall time and NFE. The JSON file is resumable: rows already in it (same image,
 task, size, method) are skipped.
 """
@@ -78,7 +78,8 @@ TASKS: dict[str, tuple[str, dict, dict]] = {
     "g0.2": ("sparse-view-ct", {"views": 60}, {"peak": 0.002}),
     "g1": ("sparse-view-ct", {"views": 60}, {"peak": 0.01}),
     "g2": ("sparse-view-ct", {"views": 60}, {"peak": 0.02}),
-    # configurations no default was chosen or reported on (robustness rows, "Unseen configurations")
+    # configurations no default was chosen on (robustness rows: benchmarks/README.md, "Unseen configurations" and
+    # "MRI: unseen accelerations and other masks")
     "sv20": ("sparse-view-ct", {"views": 20}, {"photons": 1e5}),
     "sv45": ("sparse-view-ct", {"views": 45}, {"photons": 1e5}),
     "sv90": ("sparse-view-ct", {"views": 90}, {"photons": 1e5}),

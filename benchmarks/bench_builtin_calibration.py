@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_hybrid_tuning import slice_128
-from bench_matrix import load_image
+from bench_matrix import is_ct, load_image
 
 from recon.calibrate import calibrate_studies
 from recon.datasets import read_image
@@ -240,7 +240,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for image in args.images or spec["report"]:
             values, spacing, modality = load_image(image, 128)
-            if modality.startswith("CT"):
+            if is_ct(modality):
                 values = np.maximum(values, -1024.0)  # the scanner's padding outside its field of view (−3024) is air
             path = Path(tmp) / f"{image}.nii.gz"
             write_slice(path, values, spacing[0])

@@ -106,38 +106,24 @@ CLASSICAL = ("analytic", "tv-auto", *ORACLES)
 # ------------------------------------------------------------------------------------------------ images
 def load_image(name: str, size: int) -> tuple[np.ndarray, tuple[float, float], str]:
     """``(image (size, size) in physical units, spacing (dy, dx) mm, modality)`` of a held-out image."""
-    import pydicom
-    from pydicom.data import get_testdata_file
     from skimage.transform import resize
-
-    from recon.datasets.slices import read_slices
 
     def fit(img: np.ndarray) -> np.ndarray:
         return resize(img.astype(np.float64), (size, size), anti_aliasing=True, preserve_range=True)
 
-    if name.startswith("ct-head"):
-        path = get_testdata_file("693_UNCR.dcm", download=False)
-        if path is None:
-            raise FileNotFoundError("693_UNCR.dcm not found: pip install pydicom-data")
-        hu = next(read_slices(path)).astype(np.float64)
-        ps = float(pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing[0])
+    if name.startswith("ct-head") or name == "ct-body":
+        hu, ps = _dicom_slice("CT_small.dcm" if name == "ct-body" else "693_UNCR.dcm")
         if name == "ct-head-crop":
             hu = hu[128:384, 128:384]
-        return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT"
-    if name == "ct-body":
-        path = get_testdata_file("CT_small.dcm", download=False)
-        hu = next(read_slices(path)).astype(np.float64)
-        ps = float(pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing[0])
-        return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body"
+        return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body" if name == "ct-body" else "CT"
     if name == "ct-phantom":
         from recon.datasets.phantoms import random_ct_phantom
 
         img = random_ct_phantom((size, size), torch.Generator().manual_seed(10_000)).double().numpy()
         return img, (256.0 / size,) * 2, "CT"
     if name == "mr-small":
-        path = get_testdata_file("MR_small.dcm", download=False)
-        mr = np.abs(next(read_slices(path)))
-        ps = float(pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing[0])
+        mr, ps = _dicom_slice("MR_small.dcm")
+        mr = np.abs(mr)
         return fit(mr), (ps * mr.shape[0] / size,) * 2, "MR"
     if name == "mr-anat":
         import nibabel as nib
@@ -147,6 +133,20 @@ def load_image(name: str, size: int) -> tuple[np.ndarray, tuple[float, float], s
         axial = vol[:, :, vol.shape[2] // 2]
         return fit(axial), (2.0 * axial.shape[0] / size, 2.0 * axial.shape[1] / size), "MR"
     raise ValueError(f"unknown image {name!r}; choose from {', '.join(IMAGES)}")
+
+
+def _dicom_slice(filename: str) -> tuple[np.ndarray, float]:
+    """``(pixels in physical units, pixel spacing mm)`` of one of pydicom's (or pydicom-data's) test slices."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from recon.datasets.slices import read_slices
+
+    path = get_testdata_file(filename, download=False)
+    if path is None:
+        raise FileNotFoundError(f"{filename} not found: pip install pydicom-data")
+    spacing = float(pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing[0])
+    return next(read_slices(path)).astype(np.float64), spacing
 
 
 def is_ct(modality: str) -> bool:
@@ -275,9 +275,10 @@ def _tv_factor(method: str) -> float | None:
     """F of a ``hybrid-tvfF`` method name, else None."""
     head, _, f = method.partition("-tvf")
     try:
-        return float(f) if head == "hybrid" and float(f) >= 0 else None
+        factor = float(f)
     except ValueError:
         return None
+    return factor if head == "hybrid" and factor >= 0 else None
 
 
 def _chains(method: str) -> int:

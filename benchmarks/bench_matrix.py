@@ -11,6 +11,9 @@ Images (none is in the recipe's training data; ``ct-body`` was in the first 4,94
 lineage): ``ct-head-full``, pydicom-data's ``693_UNCR.dcm`` head CT at its full 512² field of view (0.48 mm pixels)
 area-averaged to the size; ``ct-head-crop``, its central 256² (the brain) resized; ``ct-body``, pydicom's
 ``CT_small.dcm`` (128², 0.66 mm: paraspinal muscle, spine and aorta of the trunk, scored in the body window);
+``ct-slab``, a volume: the held-out 24-slice slab of the InVesalius head CT (1.5 mm slices; ``recon
+prepare-prior-data`` writes it, ``--slab`` names it), each slice area-averaged to the size (its slices 6, 12 and 18
+were the hybrid's 2D tuning and calibration cases, so this row is held out from training, not from tuning);
 ``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central axial slice of nibabel's
 ``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom (seed 10000; a secondary row).
 Pixel spacing follows the field of view (CT geometry in mm).
@@ -38,10 +41,11 @@ whitened problem as ``recon reconstruct`` runs it (Beer–Lambert CT: each ray b
 
 Metrics: PSNR/SSIM on the full range (CT: [−1000, 1000] HU as ``recon reconstruct`` reports; MRI: the reference's
 range) and in the clinical window (head CT: brain window [0, 80] HU; body CT: [−160, 240] HU; both images clipped;
-MRI: the full range); ``noise``: the standard deviation of the reconstruction in a flat region picked automatically,
-the window of lowest variance of the reference inside soft tissue (CT: reference in [−15, 95] HU; MRI: above 25 % of
-its 99th percentile), in HU for CT; wall time and NFE. The JSON file is resumable: rows already in it (same image,
-task, size, method) are skipped.
+MRI: the full range), for a volume the mean over its axial slices; ``noise``: the standard deviation of the
+reconstruction in a flat region picked automatically, the window of lowest variance of the reference inside soft
+tissue (CT: reference in [−15, 95] HU; MRI: above 25 % of its 99th percentile; a volume: one per axial slice,
+averaged), in HU for CT; wall time and NFE. The JSON file is resumable: rows already in it (same image,
+task, size, method) are skipped. A volume's figures show its middle axial slice and its middle coronal plane.
 """
 
 from __future__ import annotations
@@ -65,7 +69,9 @@ __all__ = ["IMAGES", "METHODS", "TASKS", "flat_region", "load_image", "main", "p
 BRAIN_WINDOW = (0.0, 80.0)  # HU
 BODY_WINDOW = (-160.0, 240.0)  # HU, soft tissue of the trunk
 CT_FULL = (-1000.0, 1000.0)  # HU, the full-range metric window of `recon reconstruct`
-IMAGES = ("ct-head-full", "ct-head-crop", "ct-body", "mr-small", "mr-anat", "ct-phantom")
+IMAGES = ("ct-head-full", "ct-head-crop", "ct-body", "ct-slab", "mr-small", "mr-anat", "ct-phantom")
+# `recon prepare-prior-data --modality ct` writes the held-out InVesalius slab here (``--slab`` overrides)
+SLAB = Path("prior-data/ct/held-out/invesalius_cranium_slab.nii.gz")
 # name -> (task, task parameters, noise: photons / noise (relative to the RMS) / peak (relative to the peak))
 TASKS: dict[str, tuple[str, dict, dict]] = {
     "sv30": ("sparse-view-ct", {"views": 30}, {"photons": 1e5}),
@@ -104,8 +110,9 @@ CLASSICAL = ("analytic", "tv-auto", *ORACLES)
 
 
 # ------------------------------------------------------------------------------------------------ images
-def load_image(name: str, size: int) -> tuple[np.ndarray, tuple[float, float], str]:
-    """``(image (size, size) in physical units, spacing (dy, dx) mm, modality)`` of a held-out image."""
+def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tuple[float, ...], str]:
+    """``(image (size, size) in physical units, spacing (dy, dx) mm, modality)`` of a held-out image; for
+    ``ct-slab`` a volume ``(24, size, size)`` with spacing ``(dz, dy, dx)``, read from ``slab``."""
     from skimage.transform import resize
 
     def fit(img: np.ndarray) -> np.ndarray:
@@ -116,6 +123,8 @@ def load_image(name: str, size: int) -> tuple[np.ndarray, tuple[float, float], s
         if name == "ct-head-crop":
             hu = hu[128:384, 128:384]
         return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body" if name == "ct-body" else "CT"
+    if name == "ct-slab":
+        return _slab(slab, size)
     if name == "ct-phantom":
         from recon.datasets.phantoms import random_ct_phantom
 
@@ -149,14 +158,35 @@ def _dicom_slice(filename: str) -> tuple[np.ndarray, float]:
     return next(read_slices(path)).astype(np.float64), spacing
 
 
+def _slab(path: Path, size: int) -> tuple[np.ndarray, tuple[float, float, float], str]:
+    """The held-out InVesalius head CT slab (24 contiguous axial slices, 1.5 mm apart), each slice area-averaged
+    in-plane to ``size²``."""
+    from skimage.transform import resize
+
+    from recon.datasets.io import read_image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file; write it with `recon prepare-prior-data -o prior-data/ct "
+                                "--modality ct --fetch`, or name it with --slab")
+    image = read_image(path)
+    hu = image.array.astype(np.float64)
+    vol = np.stack([resize(s, (size, size), anti_aliasing=True, preserve_range=True) for s in hu])
+    dz, dy, dx = image.spacing
+    return vol, (dz, dy * hu.shape[1] / size, dx * hu.shape[2] / size), "CT"
+
+
 def is_ct(modality: str) -> bool:
     """``load_image``'s modality is ``"CT"`` (head), ``"CT-body"`` or ``"MR"``."""
     return modality.startswith("CT")
 
 
-def flat_region(ref: np.ndarray, modality: str, win: int | None = None) -> tuple[slice, slice]:
-    """The ``win × win`` window of lowest reference variance lying wholly inside the brain (module docstring)."""
+def flat_region(ref: np.ndarray, modality: str, win: int | None = None) -> tuple[slice, slice] | list:
+    """The ``win × win`` window of lowest reference variance lying wholly inside the brain (module docstring); for a
+    volume, one per axial slice."""
     from scipy.ndimage import binary_erosion, binary_opening, uniform_filter
+
+    if ref.ndim == 3:
+        return [flat_region(s, modality, win) for s in ref]
 
     win = win or max(5, ref.shape[0] // 16)
     if is_ct(modality):
@@ -192,7 +222,11 @@ def windows(ref: np.ndarray, modality: str) -> tuple[tuple[float, float], tuple[
 
 
 def score(rec: np.ndarray, ref: np.ndarray, modality: str, roi: tuple[slice, slice]) -> dict:
-    """PSNR/SSIM on the full range and in the clinical window, and the flat-region noise (module docstring)."""
+    """PSNR/SSIM on the full range and in the clinical window, and the flat-region noise (module docstring); for a
+    volume, each the mean over its axial slices (the planes a reader scrolls through)."""
+    if ref.ndim == 3:
+        per_slice = [score(r, s, modality, q) for r, s, q in zip(rec, ref, roi, strict=True)]
+        return {k: float(np.mean([p[k] for p in per_slice])) for k in per_slice[0]}
     full, window = windows(ref, modality)
     p, s = _psnr_ssim(rec, ref, *full)
     pw, sw = _psnr_ssim(rec, ref, *window)
@@ -214,7 +248,8 @@ def _simulate(task: str, image: np.ndarray, spacing: tuple, modality: str, seed:
     from recon.tasks import make_task, simulate
 
     name, params, noise = TASKS[task]
-    spec = make_task(name, (1, *image.shape), (1.0, *spacing), seed=seed, **params)
+    shape, spacing = ((1, *image.shape), (1.0, *spacing)) if image.ndim == 2 else (image.shape, spacing)
+    spec = make_task(name, shape, spacing, seed=seed, **params)
     unit = "HU" if is_ct(modality) else None
     img = torch.from_numpy(image).float()
     kw = dict(noise)
@@ -287,8 +322,8 @@ def _chains(method: str) -> int:
     return int(k) if head == "hybrid" and k.isdigit() and int(k) > 0 else 0
 
 
-def _context(image_name: str, task: str, size: int, seed: int, priors: dict) -> dict:
-    ref, spacing, modality = load_image(image_name, size)
+def _context(image_name: str, task: str, size: int, seed: int, priors: dict, slab: Path = SLAB) -> dict:
+    ref, spacing, modality = load_image(image_name, size, slab)
     return problem_context(ref, spacing, modality, task, seed, priors)
 
 
@@ -313,13 +348,13 @@ def problem_context(ref: np.ndarray, spacing: tuple, modality: str, task: str, s
 
 
 def run_case(image_name: str, task: str, size: int, methods: list[str], priors: dict, done: dict, seed: int,
-             write_row, cache_dir: Path) -> list[tuple[str, np.ndarray, dict]]:
+             write_row, cache_dir: Path, slab: Path = SLAB) -> list[tuple[str, np.ndarray, dict]]:
     """All ``methods`` on one case (skipping those whose rows are in ``done``, method → row); returns
     ``(method, reconstruction, row)`` for the figure, reconstructions of earlier runs coming from ``cache_dir``."""
     from recon.samplers import METHODS as AVAILABLE
     from recon.samplers import SamplerDivergence
 
-    ctx = _context(image_name, task, size, seed, priors)
+    ctx = _context(image_name, task, size, seed, priors, slab)
     case = f"{image_name}-{task}-{size}"
     cache = cache_dir / f"{case}.npz"
     stored = dict(np.load(cache)) if cache.exists() else {}
@@ -353,7 +388,9 @@ def run_case(image_name: str, task: str, size: int, methods: list[str], priors: 
         out.append((method, rec, row))
         print(f"{case:32s} {method:16s} PSNR {row['psnr']:6.2f}/{row['psnr_w']:6.2f} SSIM {row['ssim']:.3f}/"
               f"{row['ssim_w']:.3f} noise {row['noise']:7.2f} {row['seconds']:7.1f} s NFE {row['nfe']}", flush=True)
-    out.insert(0, ("reference", ctx["ref"], {"roi": ctx["roi"], "modality": ctx["modality"]}))
+    spacing = ctx["spec"].spacing
+    out.insert(0, ("reference", ctx["ref"], {"roi": ctx["roi"], "modality": ctx["modality"],
+                                             "aspect": spacing[0] / spacing[-1] if len(spacing) == 3 else 1.0}))
     return out
 
 
@@ -372,18 +409,20 @@ def figure(case: str, panels: list[tuple[str, np.ndarray, dict]], path: Path) ->
         lo, hi = float(np.percentile(ref, 1)), float(np.percentile(ref, 99.5))
     n = len(panels)
     fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
+    aspect = meta.get("aspect", 1.0)
     for k, (name, img, row) in enumerate(panels):
-        axes[0, k].imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        axes[0, k].imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
         title = name if k == 0 else f"{name}\n{row['psnr_w']:.1f} dB / {row['ssim_w']:.2f}"
         axes[0, k].set_title(title, fontsize=7)
-        if k == 0:
+        if k == 0 and meta.get("roi") is not None:
             ys, xs = meta["roi"]
             axes[0, 0].add_patch(Rectangle((xs.start, ys.start), xs.stop - xs.start, ys.stop - ys.start,
                                            fill=False, edgecolor="yellow", linewidth=0.8))
+        if k == 0:
             axes[1, 0].axis("off")
         else:
             axes[1, k].imshow(np.abs(np.clip(img, lo, hi) - np.clip(ref, lo, hi)), cmap="magma", vmin=0,
-                              vmax=(hi - lo) / 4)
+                              vmax=(hi - lo) / 4, aspect=aspect)
             axes[1, k].set_xlabel(f"|error|; flat-region std {row['noise']:.1f}", fontsize=7)
         for ax in axes[:, k]:
             ax.set_xticks([])
@@ -395,6 +434,20 @@ def figure(case: str, panels: list[tuple[str, np.ndarray, dict]], path: Path) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def planes(case: str, panels: list[tuple[str, np.ndarray, dict]]) -> list[tuple[str, list]]:
+    """``(figure name, panels)`` to draw: the case itself for an image; for a volume its middle axial slice (with
+    that slice's flat region) and its middle coronal plane (drawn at the voxels' aspect ratio)."""
+    ref, meta = panels[0][1], panels[0][2]
+    if ref.ndim == 2:
+        return [(case, panels)]
+    mid_z, mid_y = ref.shape[0] // 2, ref.shape[1] // 2
+    axial = [(n, v[mid_z], {**r, "roi": meta["roi"][mid_z], "aspect": 1.0} if k == 0 else r)
+             for k, (n, v, r) in enumerate(panels)]
+    coronal = [(n, v[:, mid_y], {**r, "roi": None, "aspect": meta["aspect"]} if k == 0 else r)
+               for k, (n, v, r) in enumerate(panels)]
+    return [(f"{case}-axial{mid_z}", axial), (f"{case}-coronal{mid_y}", coronal)]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -523,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
                         choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[128])
+    parser.add_argument("--slab", type=Path, default=SLAB, help="the held-out InVesalius slab (image ct-slab)")
     parser.add_argument("--prior-ct", default="default-ct")
     parser.add_argument("--prior-mri", default="default-mri")
     parser.add_argument("--seed", type=int, default=0)
@@ -559,9 +613,11 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 case = f"{image}-{task}-{size}"
                 done = {r["method"]: r for r in rows if r["case"] == case}
-                panels = run_case(image, task, size, args.methods, priors, done, args.seed, write_row, args.cache)
+                panels = run_case(image, task, size, args.methods, priors, done, args.seed, write_row, args.cache,
+                                  args.slab)
                 if len(panels) > 1 and not args.no_figures:
-                    figure(case, panels, args.figures / f"matrix-{case}.png")
+                    for name, drawn in planes(case, panels):
+                        figure(name, drawn, args.figures / f"matrix-{name}.png")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

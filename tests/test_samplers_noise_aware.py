@@ -236,7 +236,12 @@ def test_hybrid_tv_smooths_and_couples_slices():
     assert tvs[1] < 0.5 * tvs[0]
     vol_prior, vol_physics, vol_y = volume_problem()
     res = sample_hybrid(vol_physics, vol_y, vol_prior, sigma_y=SIGMA_Y, steps=5, generator=gen(0))
-    assert res.info["options"]["tv_axes"] == [0, 1, 2] and res.info["options"]["tv_weight"] > 0
+    opts = res.info["options"]
+    assert opts["tv_axes"] == [0, 1, 2]
+    # the three axes share the two-axis budget the factor was tuned for: λ = tv_factor·‖A‖/σ_y·2/3
+    assert opts["tv_weight"] == pytest.approx(opts["tv_factor"] * opts["operator_norm"] / SIGMA_Y * 2 / 3)
+    img = sample_hybrid(physics, y, prior, sigma_y=0.3, steps=2, generator=gen(0)).info["options"]
+    assert img["tv_weight"] == pytest.approx(img["tv_factor"] * img["operator_norm"] / 0.3)
 
 
 def test_hybrid_averages_two_chains_on_images_and_runs_one_on_volumes():

@@ -32,7 +32,7 @@ from recon.samplers.dps import (
 from recon.samplers.loop import SamplerRun
 from recon.samplers.volume import admm_tv, ddim_renoise, forward_difference
 
-__all__ = ["IMAGE_CHAINS", "default_chains", "sample_hybrid", "tv_data_step"]
+__all__ = ["IMAGE_CHAINS", "default_chains", "default_tv_weight", "sample_hybrid", "tv_data_step"]
 
 # chains averaged by default on a 2D image: the most whose time stays within the 60 s budget per 256² slice on two
 # CPU cores with margin (36 s; 3 chains 49 s); averaging lowers the chains' texture (docs/methods/hybrid.md,
@@ -44,6 +44,12 @@ def default_chains(physics, y: torch.Tensor) -> int:
     """The hybrid's default ``particles``: ``IMAGE_CHAINS`` for ``(B, C, H, W)`` images, 1 for volumes (whose time and
     memory already scale with the slices, and whose TV along z couples them)."""
     return IMAGE_CHAINS if image_template(physics, y[:1]).dim() == 4 else 1
+
+
+def default_tv_weight(tv_factor: float, norm_a: float, sigma_y: float, n_axes: int) -> float:
+    """``λ = tv_factor·‖A‖/σ_y·2/n_axes``: the factor was tuned on images (two axes); a volume's three axes share
+    the same budget, so that adding TV along z does not add a half more smoothing (0 when ``σ_y = 0``)."""
+    return float(tv_factor) * norm_a / float(sigma_y) * 2.0 / n_axes if sigma_y > 0 else 0.0
 
 
 def tv_data_step(physics, x0: torch.Tensor, aty: torch.Tensor, *, gamma: float, tv_weight: float, admm_rho: float,
@@ -97,7 +103,8 @@ def sample_hybrid(
             ``gamma``, ``admm_residual``.
         anchor: multiplies the anchor's weight ``1/r_i²`` (larger trusts the denoiser more; default 0.3,
             ``docs/methods/hybrid.md``).
-        tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``tv_factor · ‖A‖/σ_y``; 0: no TV.
+        tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``tv_factor · ‖A‖/σ_y`` on images,
+            two thirds of it on volumes (``default_tv_weight``); 0: no TV.
         tv_factor: the default ``tv_weight`` in units of ``‖A‖/σ_y`` (0.05: a sixth of ``sample_tv``'s default ROF
             weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest; chosen on CT tuning slices,
             ``docs/methods/hybrid.md``; MRI's own value in ``recon.samplers.registry.TUNED_OPTIONS``).
@@ -124,9 +131,8 @@ def sample_hybrid(
     c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
     sig, n, x, y_rep, template = c.sig, c.n, c.x, c.y_rep, c.template
     norm_a = operator_norm(physics, template[:1])
-    lam = (float(tv_factor) * norm_a / float(sigma_y) if sigma_y > 0 else 0.0) if tv_weight is None \
-        else float(tv_weight)
     axes = tuple(range(template.dim() - 2))
+    lam = default_tv_weight(tv_factor, norm_a, sigma_y, len(axes)) if tv_weight is None else float(tv_weight)
     step = {"tv_weight": sy2 * lam, "axes": axes, "admm_iters": int(admm_iters), "cg_iters": int(cg_iters)}
     run = SamplerRun("hybrid", prior, generator, callback, steps=n, particles=c.p, options={
         "anchor": float(anchor), "tv_weight": lam, "tv_factor": float(tv_factor), "eta": float(eta),

@@ -124,7 +124,7 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
             hu = hu[128:384, 128:384]
         return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body" if name == "ct-body" else "CT"
     if name == "ct-slab":
-        return _slab(slab, size)
+        return _slab(slab, size, fit)
     if name == "ct-phantom":
         from recon.datasets.phantoms import random_ct_phantom
 
@@ -158,11 +158,9 @@ def _dicom_slice(filename: str) -> tuple[np.ndarray, float]:
     return next(read_slices(path)).astype(np.float64), spacing
 
 
-def _slab(path: Path, size: int) -> tuple[np.ndarray, tuple[float, float, float], str]:
+def _slab(path: Path, size: int, fit) -> tuple[np.ndarray, tuple[float, float, float], str]:
     """The held-out InVesalius head CT slab (24 contiguous axial slices, 1.5 mm apart), each slice area-averaged
-    in-plane to ``size²``."""
-    from skimage.transform import resize
-
+    in-plane to ``size²`` by ``fit`` (``load_image``'s resize)."""
     from recon.datasets.io import read_image
 
     if not Path(path).is_file():
@@ -170,7 +168,7 @@ def _slab(path: Path, size: int) -> tuple[np.ndarray, tuple[float, float, float]
                                 "--modality ct --fetch`, or name it with --slab")
     image = read_image(path)
     hu = image.array.astype(np.float64)
-    vol = np.stack([resize(s, (size, size), anti_aliasing=True, preserve_range=True) for s in hu])
+    vol = np.stack([fit(s) for s in hu])
     dz, dy, dx = image.spacing
     return vol, (dz, dy * hu.shape[1] / size, dx * hu.shape[2] / size), "CT"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_matrix import SLAB, flat_region, load_image, score
+from bench_priors import bm3d_denoise
 
 SIGMAS = (0.02, 0.05)
 
@@ -26,7 +27,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "figures" / "slab-denoiser-ventricles.png")
     args = parser.parse_args()
-    import bm3d
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,8 +46,8 @@ def main() -> None:
         noisy = x + sigma * torch.randn(x.shape, generator=gen)
         with torch.no_grad():
             ours = prior.denoise(noisy, sigma)
-        ref_bm3d = bm3d.bm3d((noisy[0, 0].double().numpy() + 1) / 2, sigma / 2) * 2 - 1
-        for name, d in (("default-ct", ours), ("BM3D", torch.from_numpy(np.asarray(ref_bm3d))[None, None])):
+        classical = torch.from_numpy(np.asarray(bm3d_denoise(noisy[0, 0].double().numpy(), sigma)))[None, None]
+        for name, d in (("default-ct", ours), ("BM3D", classical)):
             hu = prior.denormalize(d.float())[0, 0].double().numpy()
             s = score(hu, ref, modality, roi)
             print(f"σ = {sigma}: {name:10s} window {s['psnr_w']:.2f} dB / {s['ssim_w']:.3f}, "

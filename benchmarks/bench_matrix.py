@@ -34,7 +34,8 @@ same on the whitened problem of ``recon.tasks.weighted_problem``: penalised weig
 ``dps``, ``red-diff``, ``dds``, ``hybrid-mean16`` (the mean of 16 hybrid runs: the image ``recon reconstruct
 --uncertainty`` writes; only when named), ``hybrid-pK`` (the hybrid with ``particles=K``: the mean of K chains run
 as one batch; only when named), ``hybrid-tvfF`` (the hybrid with ``tv_factor=F``: a candidate default; only when
-named) and whichever
+named), ``hybrid-axial`` (volumes: the hybrid with ``planes="axial"``, its volume default before 2026-12-07; only
+when named) and whichever
 of ``diffpir``, ``daps``, ``pigdm``, ``hybrid`` the method table has, and deepinv's ``deepinv-diffpir`` /
 ``deepinv-dps`` with the same prior; every diffusion method at its defaults (no tuning on these images), on the
 whitened problem as ``recon reconstruct`` runs it (Beer–Lambert CT: each ray by its inverse variance).
@@ -297,6 +298,8 @@ def _run_method(method: str, ctx: dict) -> tuple[np.ndarray, dict]:
             name, kw = "hybrid", {"particles": _chains(method)}
         elif _tv_factor(method) is not None:  # hybrid-tvfF: the hybrid with tv_factor=F (a candidate default)
             name, kw = "hybrid", {"tv_factor": _tv_factor(method)}
+        elif method == "hybrid-axial":  # volumes: the prior in axial slices only (the volume default before 12-07)
+            name, kw = "hybrid", {"planes": "axial"}
         res = reconstruct(ctx["physics_w"], y_n, prior, name, sigma_y=sigma_n, seed=ctx["seed"], **kw)
         x_d, nfe, seconds = (res.x - b) / a, res.nfe, res.seconds
         extra = {"steps": res.info.get("steps"), "sigma_y_normalised": sigma_n}
@@ -358,7 +361,8 @@ def run_case(image_name: str, task: str, size: int, methods: list[str], priors: 
     stored = dict(np.load(cache)) if cache.exists() else {}
     out = []
     for method in methods:
-        if method not in CLASSICAL and method not in AVAILABLE and method != "hybrid-mean16" and not _chains(method) \
+        if method not in CLASSICAL and method not in AVAILABLE and method not in ("hybrid-mean16", "hybrid-axial") \
+                and not _chains(method) \
                 and _tv_factor(method) is None:
             print(f"{case}: method {method!r} not in recon's method table, skipped", flush=True)
             continue

@@ -50,7 +50,7 @@ from recon.samplers.baselines import analytic_inverse
 from recon.samplers.daps import sample_daps
 from recon.samplers.diffpir import proximal_data_step, sample_diffpir
 from recon.samplers.dps import tweedie_std
-from recon.samplers.hybrid import IMAGE_CHAINS, sample_hybrid, tv_data_step
+from recon.samplers.hybrid import IMAGE_CHAINS, denoise_in_plane, sample_hybrid, tv_data_step
 from recon.samplers.pigdm import sample_pigdm, solve_measurement_system
 from recon.samplers.volume import forward_difference, sample_dds
 
@@ -255,6 +255,65 @@ def test_hybrid_averages_two_chains_on_images_and_runs_one_on_volumes():
     vol_prior, vol_physics, vol_y = volume_problem()
     vol = sample_hybrid(vol_physics, vol_y, vol_prior, sigma_y=SIGMA_Y, steps=2, generator=gen(0))
     assert vol.info["particles"] == 1
+
+
+class _SkewNet(torch.nn.Module):
+    """A 2D "network" that tells its image axes apart (rows shifted by one plus twice the columns shifted by one,
+    over three) and records the image sizes it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[-2:]))
+        return (torch.roll(x, 1, dims=-2) + 2.0 * torch.roll(x, 1, dims=-1)) / 3.0
+
+
+def test_denoise_in_plane_denoises_each_coronal_and_sagittal_slice_as_an_image():
+    """Against the 2D path looped by hand: coronal slices are ``(D, W)`` images, sagittal ``(D, H)``; axial and
+    images are ``prior.denoise`` itself."""
+    from recon.priors.base import DiffusionPrior
+    from recon.priors.schedules import VESchedule
+
+    prior = DiffusionPrior(_SkewNet(), VESchedule(), "x0")
+    vol = torch.randn(2, 1, 3, 4, 5, generator=gen(0), dtype=F64)
+    cor = denoise_in_plane(prior, vol, 0.5, 3)
+    sag = denoise_in_plane(prior, vol, 0.5, 4)
+    for h in range(4):
+        torch.testing.assert_close(cor[:, :, :, h, :], prior.denoise(vol[:, :, :, h, :], 0.5))
+    for w in range(5):
+        torch.testing.assert_close(sag[..., w], prior.denoise(vol[..., w], 0.5))
+    assert not torch.allclose(cor, sag)
+    torch.testing.assert_close(denoise_in_plane(prior, vol, 0.5, 2), prior.denoise(vol, 0.5))
+    img = vol[:, :, 0]
+    torch.testing.assert_close(denoise_in_plane(prior, img, 0.5, 3), prior.denoise(img, 0.5))
+
+
+def test_hybrid_planes_cycle_through_the_volume_and_leave_images_alone():
+    """``planes="cycle"`` (the default on volumes under a 2D prior) changes a volume's result, not an image's; an
+    unknown plane, or planes for a prior over whole volumes, is refused."""
+    prior, physics, y = make_problem("projection")
+    a = sample_hybrid(physics, y, prior, sigma_y=SIGMA_Y, steps=4, generator=gen(0))
+    b = sample_hybrid(physics, y, prior, sigma_y=SIGMA_Y, steps=4, generator=gen(0), planes="cycle")
+    assert torch.equal(a.x, b.x) and b.info["options"]["planes"] == "cycle"
+    with pytest.raises(ValueError, match="planes must be one of"):
+        sample_hybrid(physics, y, prior, sigma_y=SIGMA_Y, steps=2, planes="coronal")
+    from recon.priors.base import DiffusionPrior
+    from recon.priors.schedules import VESchedule
+
+    slice_prior = DiffusionPrior(_SkewNet(), VESchedule(), "x0")  # a 2D prior on a 3 × 4 × 6 volume
+    vol_physics = Downsampling((3, 4, 6), factor=3, axes=0)
+    vol_y = vol_physics.A(torch.randn(1, 1, 3, 4, 6, generator=gen(1), dtype=F64))
+    runs = {planes: sample_hybrid(vol_physics, vol_y, slice_prior, sigma_y=SIGMA_Y, generator=gen(0),
+                                  sigmas=(1.0, 0.5, 0.2, 0.1), planes=planes) for planes in (None, "axial")}
+    assert slice_prior.network.seen == [(4, 6), (3, 6), (3, 4), (4, 6)] + [(4, 6)] * 4
+    assert runs[None].info["options"]["planes"] == "cycle"
+    assert not torch.allclose(runs[None].x, runs["axial"].x)
+    vol_prior, vol_physics, vol_y = volume_problem()  # a prior over whole volumes has no planes to turn
+    with pytest.raises(ValueError, match="needs a 2D slice prior"):
+        sample_hybrid(vol_physics, vol_y, vol_prior, sigma_y=SIGMA_Y, steps=2, planes="cycle")
+    assert sample_hybrid(vol_physics, vol_y, vol_prior, sigma_y=SIGMA_Y, steps=2).info["options"]["planes"] == "axial"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,7 +32,19 @@ from recon.samplers.dps import (
 from recon.samplers.loop import SamplerRun
 from recon.samplers.volume import admm_tv, ddim_renoise, forward_difference
 
-__all__ = ["IMAGE_CHAINS", "default_chains", "default_tv_weight", "sample_hybrid", "tv_data_step"]
+__all__ = ["IMAGE_CHAINS", "PLANES", "default_chains", "default_planes", "default_tv_weight", "denoise_in_plane",
+           "sample_hybrid", "tv_data_step"]
+
+# the slice axes of a (B, C, D, H, W) volume a 2D prior denoises along: axial (slices along D) only, or one plane
+# per level in turn, axial, coronal, sagittal (the default on volumes since 2026-12-07: the prior sees z;
+# docs/methods/hybrid.md, "Volumes: the prior in three planes")
+PLANES: dict[str, tuple[int, ...]] = {"axial": (2,), "cycle": (2, 3, 4)}
+
+
+def default_planes(prior, template: torch.Tensor) -> str:
+    """``"cycle"`` for a volume under a 2D slice prior, else ``"axial"`` (an image, or a prior over whole
+    volumes, has no other plane)."""
+    return "cycle" if template.dim() == 5 and getattr(prior, "spatial_dims", None) == 2 else "axial"
 
 # chains averaged by default on a 2D image: the most whose time stays within the 60 s budget per 256² slice on two
 # CPU cores with margin (36 s; 3 chains 49 s); averaging lowers the chains' texture (docs/methods/hybrid.md,
@@ -50,6 +62,14 @@ def default_tv_weight(tv_factor: float, norm_a: float, sigma_y: float, n_axes: i
     """``λ = tv_factor·‖A‖/σ_y·2/n_axes``: the factor was tuned on images (two axes); a volume's three axes share
     the same budget, so that adding TV along z does not add a half more smoothing (0 when ``σ_y = 0``)."""
     return float(tv_factor) * norm_a / float(sigma_y) * 2.0 / n_axes if sigma_y > 0 else 0.0
+
+
+def denoise_in_plane(prior, x: torch.Tensor, sigma: float, axis: int) -> torch.Tensor:
+    """``prior.denoise`` of a volume ``(B, C, D, H, W)`` slice by slice along ``axis`` (2: axial, 3: coronal,
+    4: sagittal); an image ``(B, C, H, W)`` is denoised as it is."""
+    if x.dim() != 5 or axis == 2:
+        return prior.denoise(x, sigma)
+    return prior.denoise(x.movedim(axis, 2), sigma).movedim(2, axis)
 
 
 def tv_data_step(physics, x0: torch.Tensor, aty: torch.Tensor, *, gamma: float, tv_weight: float, admm_rho: float,
@@ -87,6 +107,7 @@ def sample_hybrid(
     rho: float = 7.0,
     sigmas: Sequence[float] | None = None,
     admm_penalty: float = 3.0,
+    planes: str | None = None,
 ) -> ReconstructionResult:
     """Diffusion with a TV-regularised, σ_y-weighted data step around the Tweedie estimate (module docstring).
 
@@ -120,6 +141,9 @@ def sample_hybrid(
             default TV weight ``λ′``): with a few iterations it decides how far the data step gets, not where it
             converges (default 3; a fixed share of ``‖A‖²`` stops short of well-measured data or overfits noisy
             data, ``docs/methods/hybrid.md``).
+        planes: on volumes, the planes a 2D prior denoises in (``PLANES``): ``"axial"`` (slice by slice along
+            ``D``) or ``"cycle"`` (axial, coronal, sagittal in turn, one per level: the prior sees z); default
+            ``default_planes`` (``"cycle"`` on volumes under a 2D prior); ignored on images.
 
     Returns:
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
@@ -127,9 +151,14 @@ def sample_hybrid(
     """
     particles = default_chains(physics, y) if particles is None else particles
     _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty)
+    if planes is not None and planes not in PLANES:
+        raise ValueError(f"planes must be one of {sorted(PLANES)}, got {planes!r}")
     sy2 = float(sigma_y) ** 2
     c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
     sig, n, x, y_rep, template = c.sig, c.n, c.x, c.y_rep, c.template
+    planes = default_planes(prior, template) if planes is None else planes
+    if template.dim() == 5 and planes != "axial" and getattr(prior, "spatial_dims", None) != 2:
+        raise ValueError(f"planes={planes!r} needs a 2D slice prior (spatial_dims 2) on a volume")
     norm_a = operator_norm(physics, template[:1])
     axes = tuple(range(template.dim() - 2))
     lam = default_tv_weight(tv_factor, norm_a, sigma_y, len(axes)) if tv_weight is None else float(tv_weight)
@@ -138,12 +167,12 @@ def sample_hybrid(
         "anchor": float(anchor), "tv_weight": lam, "tv_factor": float(tv_factor), "eta": float(eta),
         "admm_iters": int(admm_iters), "cg_iters": int(cg_iters), "admm_penalty": float(admm_penalty),
         "tv_axes": list(axes), "operator_norm": norm_a, "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]),
-        "sigma_y": float(sigma_y)})
+        "sigma_y": float(sigma_y), "planes": planes})
     with torch.no_grad():
         aty = physics.A_adjoint(y_rep)
         for i in range(n):
             s, s_next = float(sig[i]), float(sig[i + 1])
-            x0 = prior.denoise(x, s)
+            x0 = denoise_in_plane(prior, x, s, PLANES[planes][i % len(PLANES[planes])])
             check_finite(x0, "hybrid", i, "the prior's denoiser returned non-finite values")
             gamma = sy2 * float(anchor) / tweedie_std(s) ** 2
             admm_rho = gamma + float(admm_penalty) * float(sigma_y) * norm_a  # follows the anchor and the noise

@@ -14,6 +14,8 @@ area-averaged to the size; ``ct-head-crop``, its central 256² (the brain) resiz
 ``ct-slab``, a volume: the held-out 24-slice slab of the InVesalius head CT (1.5 mm slices; ``recon
 prepare-prior-data`` writes it, ``--slab`` names it), each slice area-averaged to the size (its slices 6, 12 and 18
 were the hybrid's 2D tuning and calibration cases, so this row is held out from training, not from tuning);
+``ct-slab-t2`` / ``ct-slab-t3``, the same slab as thick slices (2 or 3 neighbouring slices averaged: 12 of 3 mm,
+8 of 4.5 mm, as a scanner reconstructs thick slices; scored against the averaged slab);
 ``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central axial slice of nibabel's
 ``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom (seed 10000; a secondary row).
 Pixel spacing follows the field of view (CT geometry in mm).
@@ -34,8 +36,8 @@ same on the whitened problem of ``recon.tasks.weighted_problem``: penalised weig
 ``dps``, ``red-diff``, ``dds``, ``hybrid-mean16`` (the mean of 16 hybrid runs: the image ``recon reconstruct
 --uncertainty`` writes; only when named), ``hybrid-pK`` (the hybrid with ``particles=K``: the mean of K chains run
 as one batch; only when named), ``hybrid-tvfF`` (the hybrid with ``tv_factor=F``: a candidate default; only when
-named), ``hybrid-axial`` (volumes: the hybrid with ``planes="axial"``, its volume default before 2026-12-07; only
-when named) and whichever
+named), ``hybrid-axial`` / ``hybrid-cycle`` (volumes: the hybrid with ``planes`` forced to ``"axial"``, its volume
+default before 2026-12-07, or ``"cycle"``; only when named) and whichever
 of ``diffpir``, ``daps``, ``pigdm``, ``hybrid`` the method table has, and deepinv's ``deepinv-diffpir`` /
 ``deepinv-dps`` with the same prior; every diffusion method at its defaults (no tuning on these images), on the
 whitened problem as ``recon reconstruct`` runs it (Beer–Lambert CT: each ray by its inverse variance).
@@ -70,7 +72,8 @@ __all__ = ["IMAGES", "METHODS", "TASKS", "flat_region", "load_image", "main", "p
 BRAIN_WINDOW = (0.0, 80.0)  # HU
 BODY_WINDOW = (-160.0, 240.0)  # HU, soft tissue of the trunk
 CT_FULL = (-1000.0, 1000.0)  # HU, the full-range metric window of `recon reconstruct`
-IMAGES = ("ct-head-full", "ct-head-crop", "ct-body", "ct-slab", "mr-small", "mr-anat", "ct-phantom")
+IMAGES = ("ct-head-full", "ct-head-crop", "ct-body", "ct-slab", "ct-slab-t2", "ct-slab-t3", "mr-small", "mr-anat",
+          "ct-phantom")
 # `recon prepare-prior-data --modality ct` writes the held-out InVesalius slab here (``--slab`` overrides)
 SLAB = Path("prior-data/ct/held-out/invesalius_cranium_slab.nii.gz")
 # name -> (task, task parameters, noise: photons / noise (relative to the RMS) / peak (relative to the peak))
@@ -108,6 +111,7 @@ METHODS = ("analytic", "tv-auto", "tv-oracle", "dps", "red-diff", "dds", "diffpi
            "deepinv-diffpir", "deepinv-dps", "tv-oracle-w")
 ORACLES = ("tv-oracle", "tv-oracle-w", "tv-oracle-pwls", "tv-oracle-w-pwls")
 CLASSICAL = ("analytic", "tv-auto", *ORACLES)
+VARIANTS = ("hybrid-mean16", "hybrid-axial", "hybrid-cycle")  # named variants of recon's methods (_run_method)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -124,8 +128,10 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         if name == "ct-head-crop":
             hu = hu[128:384, 128:384]
         return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body" if name == "ct-body" else "CT"
-    if name == "ct-slab":
-        return _slab(slab, size, fit)
+    if name.startswith("ct-slab"):
+        thick = {"ct-slab": 1, "ct-slab-t2": 2, "ct-slab-t3": 3}.get(name)
+        if thick:
+            return _slab(slab, size, fit, thick)
     if name == "ct-phantom":
         from recon.datasets.phantoms import random_ct_phantom
 
@@ -159,9 +165,10 @@ def _dicom_slice(filename: str) -> tuple[np.ndarray, float]:
     return next(read_slices(path)).astype(np.float64), spacing
 
 
-def _slab(path: Path, size: int, fit) -> tuple[np.ndarray, tuple[float, float, float], str]:
+def _slab(path: Path, size: int, fit, thick: int = 1) -> tuple[np.ndarray, tuple[float, float, float], str]:
     """The held-out InVesalius head CT slab (24 contiguous axial slices, 1.5 mm apart), each slice area-averaged
-    in-plane to ``size²`` by ``fit`` (``load_image``'s resize)."""
+    in-plane to ``size²`` by ``fit`` (``load_image``'s resize); ``thick > 1``: every ``thick`` neighbouring slices
+    averaged into one of ``thick × 1.5`` mm."""
     from recon.datasets.io import read_image
 
     if not Path(path).is_file():
@@ -169,9 +176,11 @@ def _slab(path: Path, size: int, fit) -> tuple[np.ndarray, tuple[float, float, f
                                 "--modality ct --fetch`, or name it with --slab")
     image = read_image(path)
     hu = image.array.astype(np.float64)
+    n = hu.shape[0] // thick * thick
+    hu = hu[:n].reshape(n // thick, thick, *hu.shape[1:]).mean(1)
     vol = np.stack([fit(s) for s in hu])
     dz, dy, dx = image.spacing
-    return vol, (dz, dy * hu.shape[1] / size, dx * hu.shape[2] / size), "CT"
+    return vol, (dz * thick, dy * hu.shape[1] / size, dx * hu.shape[2] / size), "CT"
 
 
 def is_ct(modality: str) -> bool:
@@ -298,8 +307,8 @@ def _run_method(method: str, ctx: dict) -> tuple[np.ndarray, dict]:
             name, kw = "hybrid", {"particles": _chains(method)}
         elif _tv_factor(method) is not None:  # hybrid-tvfF: the hybrid with tv_factor=F (a candidate default)
             name, kw = "hybrid", {"tv_factor": _tv_factor(method)}
-        elif method == "hybrid-axial":  # volumes: the prior in axial slices only (the volume default before 12-07)
-            name, kw = "hybrid", {"planes": "axial"}
+        elif method in ("hybrid-axial", "hybrid-cycle"):  # volumes: the prior's planes forced (see sample_hybrid)
+            name, kw = "hybrid", {"planes": method.removeprefix("hybrid-")}
         res = reconstruct(ctx["physics_w"], y_n, prior, name, sigma_y=sigma_n, seed=ctx["seed"], **kw)
         x_d, nfe, seconds = (res.x - b) / a, res.nfe, res.seconds
         extra = {"steps": res.info.get("steps"), "sigma_y_normalised": sigma_n}
@@ -361,9 +370,7 @@ def run_case(image_name: str, task: str, size: int, methods: list[str], priors: 
     stored = dict(np.load(cache)) if cache.exists() else {}
     out = []
     for method in methods:
-        if method not in CLASSICAL and method not in AVAILABLE and method not in ("hybrid-mean16", "hybrid-axial") \
-                and not _chains(method) \
-                and _tv_factor(method) is None:
+        if method not in (*CLASSICAL, *AVAILABLE, *VARIANTS) and not _chains(method) and _tv_factor(method) is None:
             print(f"{case}: method {method!r} not in recon's method table, skipped", flush=True)
             continue
         if method.endswith("-pwls") and "weighting" not in ctx["meas_w"].noise:

@@ -223,7 +223,7 @@ def build_physics(spec: TaskSpec, arrays: dict | None = None):
     if spec.task == "mri":
         coils = _positive(p["coils"], "coils", integer=True, minimum=0)
         mask = arrays.get("mask")
-        kw = {"real_input": not p.get("complex", False)}  # complex: measured k-space (fastMRI files)
+        kw = {"real_input": not p.get("complex", False), "spacing": sp}  # complex: measured k-space (fastMRI)
         if mask is not None:
             kw["mask"] = torch.as_tensor(np.asarray(mask, dtype=np.float32))
         else:

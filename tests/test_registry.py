@@ -158,6 +158,11 @@ def test_task_parameters_are_declared_once_and_checked_the_same_everywhere():
         make_task("mri", (1, 8, 8), (1, 1, 1), mask_type="spiral")
     assert make_task("sparse-view-ct", (1, 8, 8), (1, 1, 1), views=30.0).params["views"] == 30
     assert DEFAULTS["sparse-view-ct"] == TASK_TABLE["sparse-view-ct"].defaults
+    from recon.samplers.hybrid import voxel_spacing
+    from recon.tasks import build_physics
+
+    for task in ("sparse-view-ct", "mri"):  # the operators carry the voxel size the volume samplers read
+        assert voxel_spacing(build_physics(make_task(task, (4, 8, 8), (3.0, 0.5, 0.5)))) == (3.0, 0.5, 0.5), task
 
 
 def test_cli_task_flags_come_from_the_parameter_table(capsys):

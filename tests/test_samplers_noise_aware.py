@@ -290,6 +290,25 @@ def test_denoise_in_plane_denoises_each_coronal_and_sagittal_slice_as_an_image()
     torch.testing.assert_close(denoise_in_plane(prior, img, 0.5, 3), prior.denoise(img, 0.5))
 
 
+def test_default_planes_follow_the_voxels():
+    """Planes turn on near-isotropic volumes under a 2D prior, not on images, thick slices or whole-volume priors;
+    the spacing is read through a ``WeightedPhysics``."""
+    from recon.operators import WeightedPhysics
+    from recon.samplers.hybrid import MAX_PLANE_ASPECT, default_planes, voxel_spacing
+
+    slice_prior = type("P", (), {"spatial_dims": 2})()
+    vol, img = torch.zeros(1, 1, 3, 4, 6), torch.zeros(1, 1, 4, 6)
+    assert default_planes(slice_prior, vol) == "cycle" and default_planes(slice_prior, img) == "axial"
+    assert default_planes(type("V", (), {"spatial_dims": 3})(), vol) == "axial"
+    assert default_planes(slice_prior, vol, (1.5, 1.9, 1.9)) == "cycle"
+    assert default_planes(slice_prior, vol, (MAX_PLANE_ASPECT * 1.01, 1.0, 1.0)) == "axial"
+    assert default_planes(slice_prior, vol, (1.0, 1.0, MAX_PLANE_ASPECT * 1.01)) == "axial"
+    ct = ParallelBeamCT((3, 6, 6), angles=4, spacing=(3.0, 0.5, 0.5))
+    assert voxel_spacing(ct) == (3.0, 0.5, 0.5)
+    assert voxel_spacing(WeightedPhysics(ct, torch.ones(ct.A(torch.zeros(1, 1, 3, 6, 6)).shape))) == (3.0, 0.5, 0.5)
+    assert voxel_spacing(ParallelBeamCT((6, 6), angles=4)) is None
+
+
 def test_hybrid_planes_cycle_through_the_volume_and_leave_images_alone():
     """``planes="cycle"`` (the default on volumes under a 2D prior) changes a volume's result, not an image's; an
     unknown plane, or planes for a prior over whole volumes, is refused."""
@@ -310,6 +329,10 @@ def test_hybrid_planes_cycle_through_the_volume_and_leave_images_alone():
     assert slice_prior.network.seen == [(4, 6), (3, 6), (3, 4), (4, 6)] + [(4, 6)] * 4
     assert runs[None].info["options"]["planes"] == "cycle"
     assert not torch.allclose(runs[None].x, runs["axial"].x)
+    flat = Downsampling((3, 4, 6), factor=3, axes=0, spacing=(5.0, 1.0, 1.0))  # 5 mm slices: stretched planes
+    thick = sample_hybrid(flat, flat.A(vol_y.new_zeros(1, 1, 3, 4, 6)), slice_prior, sigma_y=SIGMA_Y,
+                          generator=gen(0), sigmas=(1.0, 0.5))
+    assert thick.info["options"]["planes"] == "axial"
     vol_prior, vol_physics, vol_y = volume_problem()  # a prior over whole volumes has no planes to turn
     with pytest.raises(ValueError, match="needs a 2D slice prior"):
         sample_hybrid(vol_physics, vol_y, vol_prior, sigma_y=SIGMA_Y, steps=2, planes="cycle")

@@ -22,8 +22,9 @@
 # - `method="dds3d"`: DDS with `recon`'s *anchored* TV-z coupling: at every step it solves
 #   `min ½‖Ax − y‖² + ρ/2‖x − x̂0‖² + λ‖D_z x‖₁` afresh around the denoiser's estimate `x̂0`: the best of these
 #   three on the CT phantom below. It is not what `recon reconstruct` runs on a CT volume without `--method`: that
-#   is the TV hybrid (TV in-plane and along `z`, one chain), ahead of `dds3d` in the brain window on every case of
-#   the one real CT volume measured, where `dds3d` is below plain 3D TV in the brain window (last section).
+#   is the TV hybrid (TV in-plane and along `z`, one chain, its 2D prior denoising axial, coronal and sagittal
+#   slices in turn), ahead of `dds3d` in the brain window on every case of the one real CT volume measured, where
+#   `dds3d` is below plain 3D TV in the brain window (last section).
 # - `method="diffusion-mbir"`: predictor–corrector diffusion on every slice, with a persistent ADMM-TV step along
 #   `z`.
 #
@@ -255,10 +256,11 @@ print(f"resumed from the checkpoint after {resumed.info['resumed_from']} complet
 # - **A real CT volume.** None ships offline with `recon`'s dependencies, so the CT example is a phantom, which
 #   is piecewise constant: exactly what TV along `z` likes. The held-out InVesalius head slab that
 #   `recon prepare-prior-data` fetches (24 slices of 1.5 mm) is a row of the evaluation matrix
-#   (`benchmarks/README.md`, "A real CT volume"): there the default (the TV hybrid) beats 3D TV on all four numbers
-#   (PSNR and SSIM, full range and brain window) only at 30 views and over a 90° arc, loses at 1–2 % Gaussian noise
-#   and on well-measured data, and at 128² its images lose the lateral ventricles that 3D TV draws. Check a volume
-#   result against 3D TV (`method="tv"`) before trusting its soft tissue.
+#   (`benchmarks/README.md`, "A real CT volume"): there the default (the TV hybrid) beats the best 3D TV on all
+#   four numbers (PSNR and SSIM, full range and brain window) on 3 of 8 configurations (30 views, a 90° arc,
+#   10⁴ photons), loses the brain window at 1–2 % Gaussian noise and the full range on well-measured data, and at
+#   128² its images lose the lateral ventricles that 3D TV draws. Check a volume result against 3D TV
+#   (`method="tv"`) before trusting its soft tissue.
 # - **Tuned coupling weights.** The official rows use the papers' weights; `dds3d`'s were chosen on small tuning
 #   volumes (see `recon.samplers.volume`). TV weights are hand-tuned in the papers, and they should be checked on
 #   real data.

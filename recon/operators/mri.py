@@ -34,7 +34,7 @@ import torch
 from deepinv.physics import LinearPhysics
 from deepinv.physics.noise import NoiseModel, ZeroNoise
 
-from recon.operators._base import as_size, check_image, check_tensor
+from recon.operators._base import as_size, as_spacing, check_image, check_tensor
 from recon.operators.masks import (
     _check_acceleration,
     default_center_fraction,
@@ -95,6 +95,7 @@ class _CartesianBase(LinearPhysics):
         noise_model: NoiseModel | None,
         fft_dims: str,
         real_input: bool = False,
+        spacing: float | Sequence[float] = 1.0,
     ):
         size = as_size(img_size)
         if fft_dims not in ("2d", "3d"):
@@ -103,6 +104,7 @@ class _CartesianBase(LinearPhysics):
             raise ValueError(f"fft_dims='3d' needs a 3D img_size (D, H, W), got {size}")
         super().__init__(noise_model=ZeroNoise() if noise_model is None else noise_model, img_size=size)
         self.img_size = size
+        self.spacing = as_spacing(spacing, len(size), "spacing")  # geometry only: k-space does not depend on it
         self.fft_dims = fft_dims
         self.real_input = bool(real_input)
         self._dims = (-3, -2, -1) if fft_dims == "3d" else (-2, -1)
@@ -244,6 +246,8 @@ class CartesianMRI(_CartesianBase):
         real_input: the image is real, ``(B, 1, *img_size)`` (e.g. a magnitude image for a real-valued
             prior): ``A`` embeds it as ``x + 0i`` and ``A_adjoint`` returns the real part of ``F^H M y``, so the pair
             stays exactly adjoint on real images. k-space keeps its ``(B, 2, ...)`` layout.
+        spacing: voxel size in mm, a number or one per axis (geometry only, ``A`` does not depend on it; volume
+            samplers read it, e.g. the hybrid's ``planes``).
 
     Raises:
         ValueError: on a bad ``img_size``, both or neither of ``mask``/``acceleration``,
@@ -268,9 +272,11 @@ class CartesianMRI(_CartesianBase):
         noise_model: NoiseModel | None = None,
         fft_dims: str = "2d",
         real_input: bool = False,
+        spacing: float | Sequence[float] = 1.0,
     ):
         super().__init__(
-            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input
+            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input,
+            spacing,
         )
 
     def A(self, x: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -339,7 +345,7 @@ class MultiCoilMRI(_CartesianBase):
         coil_maps: complex sensitivities, ``(N, *img_size)``; for 3D also ``(N, H, W)`` (the same
             maps on every slice). Tensor or numpy array of complex dtype, e.g. from
             :func:`recon.operators.simulate_coil_maps` or :func:`recon.operators.estimate_coil_maps`.
-        mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input: as in
+        mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input, spacing: as in
             :class:`CartesianMRI`.
 
     Raises:
@@ -361,9 +367,11 @@ class MultiCoilMRI(_CartesianBase):
         noise_model: NoiseModel | None = None,
         fft_dims: str = "2d",
         real_input: bool = False,
+        spacing: float | Sequence[float] = 1.0,
     ):
         super().__init__(
-            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input
+            img_size, mask, acceleration, mask_type, center_fraction, seed, noise_model, fft_dims, real_input,
+            spacing,
         )
         self.register_buffer("coil_maps_ri", self._check_coil_maps(coil_maps))
 

@@ -32,8 +32,8 @@ from recon.samplers.dps import (
 from recon.samplers.loop import SamplerRun
 from recon.samplers.volume import admm_tv, ddim_renoise, forward_difference
 
-__all__ = ["IMAGE_CHAINS", "PLANES", "default_chains", "default_planes", "default_tv_weight", "denoise_in_plane",
-           "sample_hybrid", "tv_data_step"]
+__all__ = ["IMAGE_CHAINS", "MAX_PLANE_ASPECT", "PLANES", "default_chains", "default_planes", "default_tv_weight",
+           "denoise_in_plane", "sample_hybrid", "tv_data_step", "voxel_spacing"]
 
 # the slice axes of a (B, C, D, H, W) volume a 2D prior denoises along: axial (slices along D) only, or one plane
 # per level in turn, axial, coronal, sagittal (the default on volumes since 2026-12-07: the prior sees z;
@@ -41,10 +41,33 @@ __all__ = ["IMAGE_CHAINS", "PLANES", "default_chains", "default_planes", "defaul
 PLANES: dict[str, tuple[int, ...]] = {"axial": (2,), "cycle": (2, 3, 4)}
 
 
-def default_planes(prior, template: torch.Tensor) -> str:
-    """``"cycle"`` for a volume under a 2D slice prior, else ``"axial"`` (an image, or a prior over whole
-    volumes, has no other plane)."""
-    return "cycle" if template.dim() == 5 and getattr(prior, "spatial_dims", None) == 2 else "axial"
+# the most anisotropic voxels (slice spacing over pixel spacing, or its inverse) on which the planes turn by default:
+# coronal and sagittal images of thicker slices are stretched beyond the isotropic zooms the priors were trained on
+# (docs/methods/hybrid.md, "Volumes: the prior in three planes")
+MAX_PLANE_ASPECT = 1.6
+
+
+def voxel_spacing(physics) -> tuple[float, float, float] | None:
+    """``(dz, dy, dx)`` of a volume operator's ``spacing`` (or of the operator a ``WeightedPhysics`` wraps), None
+    when it does not say."""
+    for op in (physics, getattr(physics, "physics", None)):
+        spacing = getattr(op, "spacing", None)
+        if spacing is not None and len(spacing) == 3:
+            return tuple(float(v) for v in spacing)
+    return None
+
+
+def default_planes(prior, template: torch.Tensor, spacing: Sequence[float] | None = None) -> str:
+    """``"cycle"`` for a volume under a 2D slice prior whose voxels ``spacing`` (``(dz, dy, dx)``, None: unknown)
+    are within ``MAX_PLANE_ASPECT`` of isotropic, else ``"axial"`` (an image, or a prior over whole volumes, has
+    no other plane)."""
+    if template.dim() != 5 or getattr(prior, "spatial_dims", None) != 2:
+        return "axial"
+    if spacing is not None:
+        dz, dy, dx = (float(v) for v in spacing)
+        if max(dz / dy, dy / dz, dz / dx, dx / dz) > MAX_PLANE_ASPECT:
+            return "axial"
+    return "cycle"
 
 # chains averaged by default on a 2D image: the most whose time stays within the 60 s budget per 256² slice on two
 # CPU cores with margin (36 s; 3 chains 49 s); averaging lowers the chains' texture (docs/methods/hybrid.md,
@@ -143,7 +166,8 @@ def sample_hybrid(
             data, ``docs/methods/hybrid.md``).
         planes: on volumes, the planes a 2D prior denoises in (``PLANES``): ``"axial"`` (slice by slice along
             ``D``) or ``"cycle"`` (axial, coronal, sagittal in turn, one per level: the prior sees z); default
-            ``default_planes`` (``"cycle"`` on volumes under a 2D prior); ignored on images.
+            ``default_planes`` (``"cycle"`` on volumes under a 2D prior, unless the operator's ``spacing`` says
+            the voxels are more than ``MAX_PLANE_ASPECT`` from isotropic); ignored on images.
 
     Returns:
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
@@ -156,7 +180,7 @@ def sample_hybrid(
     sy2 = float(sigma_y) ** 2
     c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
     sig, n, x, y_rep, template = c.sig, c.n, c.x, c.y_rep, c.template
-    planes = default_planes(prior, template) if planes is None else planes
+    planes = default_planes(prior, template, voxel_spacing(physics)) if planes is None else planes
     if template.dim() == 5 and planes != "axial" and getattr(prior, "spatial_dims", None) != 2:
         raise ValueError(f"planes={planes!r} needs a 2D slice prior (spatial_dims 2) on a volume")
     norm_a = operator_norm(physics, template[:1])

@@ -6,7 +6,8 @@ Per level ``σ_i → σ_{i+1}`` (derivation and tuning: ``docs/methods/hybrid.md
     x̂0 ← argmin_x ½‖Ax − y‖²/σ_y² + ρ_i/2 ‖x − x̂0‖² + λ TV(x)        ρ_i = anchor / r_i²,  r_i = σ_i/sqrt(1 + σ_i²)
     x  = x̂0 + σ_{i+1} (sqrt(1 − η²) ε̂ + η ξ)                           (DDS's re-noising)
 
-TV is anisotropic, in-plane (plus along ``z`` for volumes). Multiplied by ``σ_y²`` the data step is
+TV is anisotropic, in-plane (plus along ``z`` for volumes). On a volume a 2D prior denoises axial, coronal and
+sagittal slices in turn, one plane per level (``planes``, ``default_planes``). Multiplied by ``σ_y²`` the data step is
 ``recon.samplers.volume.admm_tv``'s problem ``½‖Ax − y‖² + γ/2‖x − x̂0‖² + λ′ Σ_a ‖D_a x‖₁`` with ``γ = σ_y² ρ_i``
 and ``λ′ = σ_y² λ``, solved by ``admm_iters`` ADMM iterations from ``x̂0`` (``z = D x̂0``, ``u = 0``; penalty
 ``γ + admm_penalty·σ_y‖A‖``, the anchor's curvature plus a multiple of the data's noise scale). The output is
@@ -36,8 +37,8 @@ __all__ = ["IMAGE_CHAINS", "MAX_PLANE_ASPECT", "PLANES", "default_chains", "defa
            "denoise_in_plane", "sample_hybrid", "tv_data_step", "voxel_spacing"]
 
 # the slice axes of a (B, C, D, H, W) volume a 2D prior denoises along: axial (slices along D) only, or one plane
-# per level in turn, axial, coronal, sagittal (the default on volumes since 2026-12-07: the prior sees z;
-# docs/methods/hybrid.md, "Volumes: the prior in three planes")
+# per level in turn, axial, coronal, sagittal (the prior sees z; docs/methods/hybrid.md, "Volumes: the prior in
+# three planes")
 PLANES: dict[str, tuple[int, ...]] = {"axial": (2,), "cycle": (2, 3, 4)}
 
 

@@ -128,10 +128,9 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         if name == "ct-head-crop":
             hu = hu[128:384, 128:384]
         return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body" if name == "ct-body" else "CT"
-    if name.startswith("ct-slab"):
-        thick = {"ct-slab": 1, "ct-slab-t2": 2, "ct-slab-t3": 3}.get(name)
-        if thick:
-            return _slab(slab, size, fit, thick)
+    thick = {"ct-slab": 1, "ct-slab-t2": 2, "ct-slab-t3": 3}.get(name)  # slices averaged into one
+    if thick:
+        return _slab(slab, size, fit, thick)
     if name == "ct-phantom":
         from recon.datasets.phantoms import random_ct_phantom
 

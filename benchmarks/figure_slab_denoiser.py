@@ -2,8 +2,8 @@
 
     python benchmarks/figure_slab_denoiser.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz
 
-Slice 12 of the held-out InVesalius slab at 128² (as the evaluation matrix's ``ct-slab`` row), in the prior's
-normalised range plus Gaussian noise of std σ (seeded), then ``prior.denoise(·, σ)`` and BM3D given the true σ;
+Slice 12 of the held-out InVesalius slab at 128² (``--size``; as the evaluation matrix's ``ct-slab`` row), in the
+prior's normalised range plus Gaussian noise of std σ (seeded), then ``prior.denoise(·, σ)`` and BM3D given the true σ;
 brain window [0, 80] HU, PSNR / SSIM in the window on the slice. Writes
 ``benchmarks/figures/slab-denoiser-ventricles.png`` and prints the numbers.
 """
@@ -24,6 +24,7 @@ SIGMAS = (0.02, 0.05)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slab", type=Path, default=SLAB)
+    parser.add_argument("--size", type=int, default=128, help="in-plane size the slice is area-averaged to")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "figures" / "slab-denoiser-ventricles.png")
     args = parser.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     prior = load_prior("default-ct")
-    ref, _, modality = load_image("ct-slab", 128, args.slab)
+    ref, _, modality = load_image("ct-slab", args.size, args.slab)
     ref = ref[12]
     roi = flat_region(ref, modality)
     x = prior.normalize(torch.from_numpy(ref).float()[None, None])
@@ -55,10 +56,11 @@ def main() -> None:
             panels.append((f"{name}, σ = {sigma}\n{s['psnr_w']:.1f} dB / {s['ssim_w']:.3f} (window)", hu))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for ax, (name, img) in zip(axes, panels, strict=True):
-        ax.imshow(img[20:110, 15:115], cmap="gray", vmin=0, vmax=80)
+        k = args.size / 128
+        ax.imshow(img[round(20 * k):round(110 * k), round(15 * k):round(115 * k)], cmap="gray", vmin=0, vmax=80)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
-    fig.suptitle("InVesalius slab, slice 12, 128²: one denoising step, brain window [0, 80] HU", fontsize=9)
+    fig.suptitle(f"InVesalius slab, slice 12, {args.size}²: one denoising step, brain window [0, 80] HU", fontsize=9)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=90)

@@ -111,6 +111,14 @@ def write_slice(path: Path, hu: np.ndarray, spacing: float) -> None:
     nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.T[:, :, None]).astype(np.float32), affine), path)
 
 
+def write_volume(path: Path, hu: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """A volume ``(D, H, W)`` in HU as NIfTI with ``(dz, dy, dx)`` mm voxels (``write_slice``'s axes, slices along
+    the third)."""
+    dz, dy, dx = spacing
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)).astype(np.float32),
+                             np.diag([dx, dy, dz, 1.0])), path)
+
+
 def tuning_slices(data: str, task: str, slices: list[int]) -> list[tuple[str, np.ndarray, float]]:
     """``(name, image, spacing mm)`` of the tuning slices: the InVesalius slab's averaged to 128² (CT), or frames of
     the held-out ``emri_small`` (64² at 1 mm) interpolated to 128² (MRI), as ``bench_matrix``'s MR images are."""
@@ -216,6 +224,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--cases", nargs="+", help="configurations to report (default: the task's, fitted and unseen)")
     parser.add_argument("--images", nargs="+", help="held-out images to report (default: the task's)")
+    parser.add_argument("--volume", type=int, nargs=2, metavar=("FIRST", "STOP"),
+                        help="report the slab (--data) slices FIRST..STOP-1 at 128² as one volume instead of images")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--markdown", metavar="JSON", help="print the README table of saved results")
@@ -238,12 +248,18 @@ def main() -> None:
         parser.error(f"--cases: {', '.join(unknown)} not among {', '.join(configs)} for {args.task}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for image in args.images or spec["report"]:
-            values, spacing, modality = load_image(image, 128)
+        images = ["ct-slab"] if args.volume else args.images or spec["report"]
+        if args.volume and not args.data:
+            parser.error("--volume needs --data (the slab)")
+        for image in images:
+            values, spacing, modality = load_image(image, 128, *([Path(args.data)] if args.volume else []))
             if is_ct(modality):
                 values = np.maximum(values, -1024.0)  # the scanner's padding outside its field of view (−3024) is air
             path = Path(tmp) / f"{image}.nii.gz"
-            write_slice(path, values, spacing[0])
+            if args.volume:
+                write_volume(path, values[slice(*args.volume)], spacing)
+            else:
+                write_slice(path, values, spacing[0])
             for seed in args.seeds:
                 for name in args.cases or configs:
                     params, noise = configs[name]

@@ -54,7 +54,7 @@ from bench_hybrid_tuning import slice_128
 from bench_matrix import is_ct, load_image
 
 from recon.calibrate import calibrate_studies
-from recon.datasets import read_image
+from recon.datasets import MedicalImage, read_image, write_nifti
 from recon.priors import load_prior
 from recon.priors.io import BUILTIN_PRIORS
 from recon.samplers.uncertainty import (
@@ -109,14 +109,6 @@ def write_slice(path: Path, hu: np.ndarray, spacing: float) -> None:
     """One axial slice ``(H, W)`` in HU as NIfTI with square ``spacing`` mm pixels."""
     affine = np.diag([spacing, spacing, 1.0, 1.0])
     nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.T[:, :, None]).astype(np.float32), affine), path)
-
-
-def write_volume(path: Path, hu: np.ndarray, spacing: tuple[float, float, float]) -> None:
-    """A volume ``(D, H, W)`` in HU as NIfTI with ``(dz, dy, dx)`` mm voxels (``write_slice``'s axes, slices along
-    the third)."""
-    dz, dy, dx = spacing
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)).astype(np.float32),
-                             np.diag([dx, dy, dz, 1.0])), path)
 
 
 def tuning_slices(data: str, task: str, slices: list[int]) -> list[tuple[str, np.ndarray, float]]:
@@ -248,16 +240,17 @@ def main() -> None:
         parser.error(f"--cases: {', '.join(unknown)} not among {', '.join(configs)} for {args.task}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.volume and (not args.data or args.images):
+            parser.error("--volume needs --data (the slab) and takes no --images")
         images = ["ct-slab"] if args.volume else args.images or spec["report"]
-        if args.volume and not args.data:
-            parser.error("--volume needs --data (the slab)")
         for image in images:
             values, spacing, modality = load_image(image, 128, *([Path(args.data)] if args.volume else []))
             if is_ct(modality):
                 values = np.maximum(values, -1024.0)  # the scanner's padding outside its field of view (−3024) is air
             path = Path(tmp) / f"{image}.nii.gz"
-            if args.volume:
-                write_volume(path, values[slice(*args.volume)], spacing)
+            if args.volume:  # (D, H, W) with (dz, dy, dx) mm voxels
+                dz, dy, dx = spacing
+                write_nifti(MedicalImage(values[slice(*args.volume)], np.diag([dx, dy, dz, 1.0]), "CT", "HU"), path)
             else:
                 write_slice(path, values, spacing[0])
             for seed in args.seeds:

@@ -55,8 +55,8 @@ def main() -> None:
                   f"full {s['psnr']:.2f} dB / {s['ssim']:.3f}")
             panels.append((f"{name}, σ = {sigma}\n{s['psnr_w']:.1f} dB / {s['ssim_w']:.3f} (window)", hu))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    k = args.size / 128  # the crop around the brain, in 128² pixels
     for ax, (name, img) in zip(axes, panels, strict=True):
-        k = args.size / 128
         ax.imshow(img[round(20 * k):round(110 * k), round(15 * k):round(115 * k)], cmap="gray", vmin=0, vmax=80)
         ax.set_title(name, fontsize=8)
         ax.axis("off")

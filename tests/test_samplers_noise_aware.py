@@ -292,7 +292,7 @@ def test_denoise_in_plane_denoises_each_coronal_and_sagittal_slice_as_an_image()
 
 def test_default_planes_follow_the_voxels():
     """Planes turn on near-isotropic volumes under a 2D prior, not on images, thick slices or whole-volume priors;
-    the spacing is read through a ``WeightedPhysics``."""
+    a ``WeightedPhysics`` keeps its operator's spacing."""
     from recon.operators import WeightedPhysics
     from recon.samplers.hybrid import MAX_PLANE_ASPECT, default_planes, voxel_spacing
 

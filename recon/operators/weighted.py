@@ -54,6 +54,8 @@ class WeightedPhysics(LinearPhysics):
         self.complex_data = bool(getattr(physics, "complex_data", False))
         if hasattr(physics, "img_size"):
             self.img_size = physics.img_size
+        if hasattr(physics, "spacing"):  # the geometry is the wrapped operator's
+            self.spacing = physics.spacing
 
     def _w(self, y: torch.Tensor) -> torch.Tensor:
         return self.weights.to(device=y.device, dtype=y.dtype)

@@ -49,13 +49,9 @@ MAX_PLANE_ASPECT = 1.6
 
 
 def voxel_spacing(physics) -> tuple[float, float, float] | None:
-    """``(dz, dy, dx)`` of a volume operator's ``spacing`` (or of the operator a ``WeightedPhysics`` wraps), None
-    when it does not say."""
-    for op in (physics, getattr(physics, "physics", None)):
-        spacing = getattr(op, "spacing", None)
-        if spacing is not None and len(spacing) == 3:
-            return tuple(float(v) for v in spacing)
-    return None
+    """``(dz, dy, dx)`` of a volume operator's ``spacing``, None when it does not say."""
+    spacing = getattr(physics, "spacing", None)
+    return tuple(float(v) for v in spacing) if spacing is not None and len(spacing) == 3 else None
 
 
 def default_planes(prior, template: torch.Tensor, spacing: Sequence[float] | None = None) -> str:

@@ -677,6 +677,9 @@ def _add_train_prior(sub) -> None:
     tp.add_argument("--on-error", choices=["skip", "stop"], help="an unreadable training file: skip it or stop")
     tp.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     tp.add_argument("--init-from", help="start from the weights of a recon prior folder (warm start)")
+    tp.add_argument("--focus-hu", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    help="CT: weigh the loss more where the noisy input lies in this HU range (e.g. -100 200)")
+    tp.add_argument("--focus-weight", type=float, help="the extra loss weight inside --focus-hu (0: off)")
     tp.add_argument("--device", default="cpu")
     tp.add_argument("--threads", type=int, help="CPU threads for torch")
     tp.set_defaults(func=_train_prior_command, quiet=False, verbose=False)
@@ -779,6 +782,7 @@ def _train_prior_command(args) -> int:
             "steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
             "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every, "seed": args.seed,
             "on_error": args.on_error, "init_from": args.init_from,
+            "focus_hu": tuple(args.focus_hu) if args.focus_hu else None, "focus_weight": args.focus_weight,
         }.items()
         if v is not None
     }

@@ -364,3 +364,65 @@ def test_presets_read_the_recipe_folder(tmp_path, monkeypatch):
     ct, mri = default_ct_config("run"), default_mri_config("run", steps=5)
     assert ct.data == [str(tmp_path / "prior-data" / "ct" / "train")] and ct.p_mean < -1 and ct.rotation_deg > 0
     assert mri.modality == "mri" and mri.steps == 5 and mri.through_plane_stride > 0
+
+
+def test_focus_weights_follow_the_noisy_input_in_hu():
+    """The factor is 1 + w on flat regions inside the HU range and 1 outside; off by default; CT only."""
+    from recon.priors.base import IntensityWindow
+    from recon.priors.train import focus_weights
+
+    assert focus_weights(TrainConfig()) is None
+    factor = focus_weights(TrainConfig(focus_hu=(-100, 200), focus_weight=4.0))
+    window = IntensityWindow(-1000.0, 1500.0, "HU")
+    for hu, expected in ((-1000.0, 1.0), (-150.0, 1.0), (-50.0, 5.0), (150.0, 5.0), (250.0, 1.0)):
+        y = window.normalize(torch.full((1, 1, 5, 5), hu))
+        assert torch.all(factor(y) == expected), hu
+    with pytest.raises(ValueError, match="focus_hu"):
+        TrainConfig(modality="mri", focus_hu=(-100, 200), focus_weight=1.0)
+    with pytest.raises(ValueError, match="focus_hu"):
+        TrainConfig(focus_hu=(200, -100))
+    with pytest.raises(ValueError, match="focus_weight"):
+        TrainConfig(focus_hu=(-100, 200), focus_weight=-1.0)
+
+
+def test_focus_weighting_keeps_the_posterior_mean_as_the_loss_minimiser():
+    """Pixels x0 ~ N(m, s²), y = x0 + σn: E[x0 | y] = m + s²/(s²+σ²)(y − m). Weighted least squares of x0 on
+    (y, 1) with the focus factor of y recovers these coefficients (the weight is a function of y); the same
+    rule applied to the clean pixel x0 instead biases them — which is why the factor reads the noisy input."""
+    from recon.priors.base import IntensityWindow
+    from recon.priors.train import focus_weights
+
+    g = torch.Generator().manual_seed(0)
+    window = IntensityWindow(-1000.0, 1500.0, "HU")
+    m, s, sigma = float(window.normalize(torch.tensor(150.0))), 0.06, 0.05
+    x0 = m + s * torch.randn(64, 1, 64, 64, generator=g, dtype=torch.float64)
+    y = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    factor = focus_weights(TrainConfig(focus_hu=(-100, 200), focus_weight=9.0))
+
+    def wls(weight):
+        design = torch.stack([y.flatten(), torch.ones(y.numel(), dtype=y.dtype)], 1)
+        w = weight.flatten()
+        return torch.linalg.solve(design.T @ (w[:, None] * design), design.T @ (w * x0.flatten()))
+
+    slope = s**2 / (s**2 + sigma**2)
+    exact = torch.tensor([slope, m * (1 - slope)], dtype=torch.float64)
+    from_y = wls(factor(y))
+    low, high = window.normalize(torch.tensor([-100.0, 200.0])).tolist()
+    from_x0 = wls(1 + 9.0 * ((x0 >= low) & (x0 <= high)).double())
+    assert factor(y).std() > 1  # the weight does vary
+    assert torch.allclose(from_y, exact, atol=0.01), (from_y, exact)
+    assert (from_x0 - exact).abs().max() > 0.05, (from_x0, exact)
+
+
+def test_train_prior_command_takes_a_focus_range(tmp_path, ct_file):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "recon.cli", "train-prior", "-i", ct_file, "-o", str(out), "--steps", "2",
+           "--crop", "16", "--batch-size", "2", "--sample-every", "0", "--focus-hu", "-100", "200",
+           "--focus-weight", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    config = load_prior(out / "prior").card["training"]["config"]
+    assert config["focus_hu"] == [-100.0, 200.0] and config["focus_weight"] == 4.0
+    res = subprocess.run([*cmd[:-5], "--modality", "mri", "--focus-hu", "-100", "200", "--focus-weight", "4"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "focus" in res.stderr and "Traceback" not in res.stderr

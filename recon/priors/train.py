@@ -43,6 +43,7 @@ __all__ = [
     "default_ct_config",
     "default_mri_config",
     "export_prior",
+    "focus_weights",
     "mni152_template_path",
     "network_and_ema",
     "prior_data_dir",
@@ -82,6 +83,8 @@ class TrainConfig:
     # two axes, resampled to the in-plane spacing (0: off)
     p_mean: float = -1.0
     p_std: float = 1.4
+    focus_hu: tuple | None = None  # CT: pixels whose noisy, 3×3-averaged value lies in this HU range weigh more
+    focus_weight: float = 0.0  # their extra loss weight (0: off); a function of the noisy input only
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -104,6 +107,13 @@ class TrainConfig:
         self.exclude = tuple(self.exclude)
         self.volume_axes = tuple(int(a) for a in self.volume_axes)
         self.scale_range = tuple(float(v) for v in self.scale_range)
+        if self.focus_hu is not None:
+            self.focus_hu = tuple(float(v) for v in self.focus_hu)
+            if self.modality != "ct" or len(self.focus_hu) != 2 or self.focus_hu[0] >= self.focus_hu[1]:
+                raise ValueError(f"focus_hu must be an increasing (low, high) HU pair on CT, got {self.focus_hu!r} "
+                                 f"for modality {self.modality!r}")
+        if self.focus_weight < 0:
+            raise ValueError(f"focus_weight must be >= 0, got {self.focus_weight}")
         if self.on_error not in ("skip", "stop"):
             raise ValueError(f"on_error must be 'skip' or 'stop', got {self.on_error!r}")
         if self.crop % 2 ** (len(self.channels) - 1):
@@ -464,20 +474,39 @@ def train_prior(cfg: TrainConfig, resume: bool = False, max_steps_this_run: int 
 _FREE = ("steps", "progress", "device", "checkpoint_every", "sample_every", "log_every", "out")
 
 
+def focus_weights(cfg: TrainConfig):
+    """The per-pixel loss factor ``1 + focus_weight · [avg3×3(y) ∈ focus_hu]`` of a noisy batch ``y``, or None.
+
+    It depends on the noisy input only, so the loss's minimiser is still the posterior mean ``E[x0 | y]``
+    at every pixel: the weighting moves the network's capacity towards soft tissue, not its target."""
+    if cfg.focus_hu is None or cfg.focus_weight == 0:
+        return None
+    low, high = (float(v) for v in _normalizer(cfg).normalize(torch.tensor(cfg.focus_hu)))
+
+    def factor(y: torch.Tensor) -> torch.Tensor:
+        local = torch.nn.functional.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False)
+        return 1 + cfg.focus_weight * ((local >= low) & (local <= high)).to(y.dtype)
+
+    return factor
+
+
 def _edm_loss(cfg: TrainConfig, batches, prior: DiffusionPrior, gen: torch.Generator, device):
     """The EDM loss of the next batch: ``ln σ ~ N(P_mean, P_std²)``, weight ``(σ² + σ_d²)/(σ σ_d)²`` (one generator
     for data, noise levels and noise, so a checkpoint reproduces the stream); bfloat16 autocast on GPU."""
     use_amp = device.type == "cuda"
+    focus = focus_weights(cfg)
 
     def loss_of_step() -> torch.Tensor:
         x0 = batches.next().to(device)
         sigma = (cfg.p_mean + cfg.p_std * torch.randn(x0.shape[0], generator=gen)).exp().to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         xn = x0 + sigma[:, None, None, None] * noise
-        weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
+        weight = ((sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2)[:, None, None, None]
+        if focus is not None:
+            weight = weight * focus(xn)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             denoised = prior.denoise(xn, sigma)
-        return (weight[:, None, None, None] * (denoised.float() - x0) ** 2).mean()
+        return (weight * (denoised.float() - x0) ** 2).mean()
 
     return loss_of_step
 

@@ -5,6 +5,7 @@
 
     python benchmarks/bench_priors.py --prior /path/to/prior-folder --label old --skip-throughput
     python benchmarks/bench_priors.py --prior default-ct --patch-gmm patch-gmm-ct --json /tmp/prior_ct_gmm.json
+    python benchmarks/bench_priors.py --prior RUN/prior --validation prior-data/ct/held-out --skip-throughput
 
 Quality: one Tweedie step ``prior.denoise(x + σ n, σ)`` on images the prior never saw, against
 Gaussian filtering and TV (Chambolle) with their parameter tuned per image and noise level on a grid (an
@@ -19,6 +20,10 @@ name) and 4 random CT phantoms with seeds the training never draws (its stream i
 these use seeds 10_000+). Held-out MRI: three axial slices of nibabel's ``anatomical.nii`` and pydicom's
 ``MR_small.dcm``.
 
+``--validation FOLDER`` (the recipe's ``held-out`` folder) scores the images that decide between training runs
+instead, so the reported images above never choose a prior: CT, slices 3, 11 and 19 of the held-out InVesalius
+slab and ``CT_small`` (another patient); MRI, frames 2 and 7 of ``emri_small`` (the hybrid's MRI tuning frames).
+
 Throughput: slices per second for batches of 256×256 slices and a 256×256×256 volume pushed slice by
 slice, with the peak resident memory of a fresh process.
 """
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,6 +63,32 @@ def held_out_ct(prior) -> list[tuple[str, np.ndarray]]:
         images.append((f"phantom seed {seed} (128²)", random_ct_phantom((128, 128), torch.Generator().manual_seed(seed))
                        .double().numpy()))
     return [(name, prior.normalize(torch.from_numpy(img)).clamp(-1, 1).numpy()) for name, img in images]
+
+
+def validation_images(prior, folder: str, modality: str) -> list[tuple[str, np.ndarray]]:
+    """The images that choose between training runs (module docstring), normalised like the prior's input."""
+    import nibabel as nib
+
+    root = Path(folder)
+
+    def read(name: str) -> np.ndarray:
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: --validation needs the recipe's held-out folder "
+                                    "(recon prepare-prior-data)")
+        return np.asarray(nib.load(path).dataobj, dtype=np.float64)
+
+    if modality == "ct":
+        slab = read("invesalius_cranium_slab.nii.gz")
+        images = [(f"validation: slab slice {k}", slab[..., k]) for k in (3, 11, 19)]
+        images.append(("validation: CT_small", read("CT_small.nii.gz")[..., 0]))
+        return [(n, prior.normalize(torch.from_numpy(i)).clamp(-1, 1).numpy()) for n, i in images]
+    frames = read("emri_small.nii.gz")
+    out = []
+    for k in (2, 7):
+        mag = np.abs(frames[..., k])
+        out.append((f"validation: emri_small frame {k}", np.clip(2 * mag / np.percentile(mag, 99.5) - 1, -1, 1)))
+    return out
 
 
 def held_out_mri() -> list[tuple[str, np.ndarray]]:
@@ -216,6 +248,8 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--validation", metavar="FOLDER", help="score the validation images of the recipe's held-out "
+                        "folder instead of the reported ones (choosing between training runs)")
     parser.add_argument("--patch-gmm", metavar="PRIOR", help="also the patch-GMM prior (e.g. patch-gmm-ct) as a column")
     args = parser.parse_args()
 
@@ -224,7 +258,11 @@ def main():
     prior = load_prior(args.prior)
     modality = args.modality or ("ct" if getattr(prior.intensity, "unit", "") == "HU" else "mri")
     t0 = time.perf_counter()
-    if modality == "ct":
+    torch.set_num_threads(args.threads)
+    if args.validation:
+        images = validation_images(prior, args.validation, modality)
+        hu_per_unit = (prior.intensity.high - prior.intensity.low) / 2 if modality == "ct" else None
+    elif modality == "ct":
         images = held_out_ct(prior)
         hu_per_unit = (prior.intensity.high - prior.intensity.low) / 2
     else:
@@ -233,7 +271,8 @@ def main():
     label = args.label or args.prior
     groups: dict = {}
     for name, img in images:
-        group = "phantoms (unseen seeds)" if name.startswith("phantom") else name.split(" axial")[0]
+        group = ("phantoms (unseen seeds)" if name.startswith("phantom") else
+                 "validation" if name.startswith("validation") else name.split(" axial")[0])
         groups.setdefault(group, []).append((name, img))
     result = {"prior": label, "modality": modality, "steps": steps, "quality": {}}
     extra, timing = {}, {}

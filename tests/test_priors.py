@@ -363,6 +363,7 @@ def test_presets_read_the_recipe_folder(tmp_path, monkeypatch):
         (tmp_path / "prior-data" / m / "train").mkdir(parents=True)
     ct, mri = default_ct_config("run"), default_mri_config("run", steps=5)
     assert ct.data == [str(tmp_path / "prior-data" / "ct" / "train")] and ct.p_mean < -1 and ct.rotation_deg > 0
+    assert ct.focus_hu == (-100.0, 200.0) and ct.focus_weight == 4.0 and mri.focus_hu is None
     assert mri.modality == "mri" and mri.steps == 5 and mri.through_plane_stride > 0
 
 

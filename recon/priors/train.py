@@ -174,13 +174,15 @@ def default_ct_config(out: str, **overrides) -> TrainConfig:
     """The recipe of the built-in CT prior: the recipe's CT training folder (:func:`prior_data_dir`: the InVesalius
     head CT minus its held-out slab, pydicom's real CT slices minus 693_* and CT_small) plus 15 % random phantoms;
     small rotations and zooms (0.5–1.25 source pixels per pixel), through-plane slices, noise levels weighted
-    towards low σ (P_mean = −1.8). The shipped weights continued the previous built-in prior (``init_from``).
+    towards low σ (P_mean = −1.8), soft tissue ([−100, 200] HU) weighted 5× in the loss (``focus_hu``,
+    ``docs/training.md``). The shipped weights continued the previous built-in prior (``init_from``).
     Without the recipe folder the data falls back, with a warning, to :func:`pydicom_ct_files` (what
     ``recon.restoration``'s preset uses).
     """
     base = {"data": _preset_data("ct"), "out": out, "modality": "ct", "phantom_fraction": 0.15,
             "rotation_deg": 10.0, "scale_range": (0.5, 1.25), "through_plane_stride": 8, "intensity_jitter": 0.03,
-            "p_mean": -1.8, "p_std": 1.5, "min_foreground": 0.2, "steps": 20_000, "checkpoint_every": 250,
+            "p_mean": -1.8, "p_std": 1.5, "min_foreground": 0.2, "focus_hu": (-100.0, 200.0), "focus_weight": 4.0,
+            "steps": 20_000, "checkpoint_every": 250,
             "sample_every": 1000}
     return TrainConfig(**{**base, **overrides})
 

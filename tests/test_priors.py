@@ -384,6 +384,8 @@ def test_focus_weights_follow_the_noisy_input_in_hu():
         TrainConfig(focus_hu=(200, -100))
     with pytest.raises(ValueError, match="focus_weight"):
         TrainConfig(focus_hu=(-100, 200), focus_weight=-1.0)
+    with pytest.raises(ValueError, match="needs focus_hu"):
+        TrainConfig(focus_weight=4.0)
 
 
 def test_focus_weighting_keeps_the_posterior_mean_as_the_loss_minimiser():

@@ -114,6 +114,8 @@ class TrainConfig:
                                  f"for modality {self.modality!r}")
         if self.focus_weight < 0:
             raise ValueError(f"focus_weight must be >= 0, got {self.focus_weight}")
+        if self.focus_weight > 0 and self.focus_hu is None:
+            raise ValueError("focus_weight needs focus_hu (the HU range it applies to)")
         if self.on_error not in ("skip", "stop"):
             raise ValueError(f"on_error must be 'skip' or 'stop', got {self.on_error!r}")
         if self.crop % 2 ** (len(self.channels) - 1):

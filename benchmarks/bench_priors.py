@@ -22,7 +22,8 @@ these use seeds 10_000+). Held-out MRI: three axial slices of nibabel's ``anatom
 
 ``--validation FOLDER`` (the recipe's ``held-out`` folder) scores the images that decide between training runs
 instead, so the reported images above never choose a prior: CT, slices 3, 11 and 19 of the held-out InVesalius
-slab and ``CT_small`` (another patient); MRI, frames 2 and 7 of ``emri_small`` (the hybrid's MRI tuning frames).
+slab and ``CT_small`` (another patient, which the CT prior's first 4,940 steps saw); MRI, frames 2 and 7 of
+``emri_small`` (the hybrid's MRI tuning frames).
 
 Throughput: slices per second for batches of 256×256 slices and a 256×256×256 volume pushed slice by
 slice, with the peak resident memory of a fresh process.
@@ -83,12 +84,13 @@ def validation_images(prior, folder: str, modality: str) -> list[tuple[str, np.n
         images = [(f"validation: slab slice {k}", slab[..., k]) for k in (3, 11, 19)]
         images.append(("validation: CT_small", read("CT_small.nii.gz")[..., 0]))
         return [(n, prior.normalize(torch.from_numpy(i)).clamp(-1, 1).numpy()) for n, i in images]
-    frames = read("emri_small.nii.gz")
-    out = []
-    for k in (2, 7):
-        mag = np.abs(frames[..., k])
-        out.append((f"validation: emri_small frame {k}", np.clip(2 * mag / np.percentile(mag, 99.5) - 1, -1, 1)))
-    return out
+    frames = np.abs(read("emri_small.nii.gz"))
+    return [(f"validation: emri_small frame {k}", mri_unit(frames[..., k], frames[..., k])) for k in (2, 7)]
+
+
+def mri_unit(magnitude: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """MRI magnitude on the priors' [-1, 1] range: 99.5th percentile of ``reference`` (its volume) at +1."""
+    return np.clip(2 * magnitude / np.percentile(reference, 99.5) - 1, -1, 1)
 
 
 def held_out_mri() -> list[tuple[str, np.ndarray]]:
@@ -99,13 +101,10 @@ def held_out_mri() -> list[tuple[str, np.ndarray]]:
     from recon.datasets.slices import read_slices
 
     vol = np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata())
-    scale = np.percentile(vol, 99.5)
-    out = []
-    for k in (vol.shape[2] // 2 - 6, vol.shape[2] // 2, vol.shape[2] // 2 + 6):
-        out.append((f"nibabel anatomical.nii axial {k}", np.clip(2 * vol[:, :, k] / scale - 1, -1, 1)))
+    out = [(f"nibabel anatomical.nii axial {k}", mri_unit(vol[:, :, k], vol))
+           for k in (vol.shape[2] // 2 - 6, vol.shape[2] // 2, vol.shape[2] // 2 + 6)]
     mr = np.abs(next(read_slices(get_testdata_file("MR_small.dcm", download=False))))
-    out.append(("pydicom MR_small.dcm", np.clip(2 * mr / np.percentile(mr, 99.5) - 1, -1, 1)))
-    return out
+    return [*out, ("pydicom MR_small.dcm", mri_unit(mr, mr))]
 
 
 def psnr(x, ref):
@@ -277,7 +276,6 @@ def main():
     result = {"prior": label, "modality": modality, "steps": steps, "quality": {}}
     extra, timing = {}, {}
     if args.patch_gmm:
-        torch.set_num_threads(args.threads)
         gmm = load_prior(args.patch_gmm)
         extra = {"patch GMM (1 step)": gmm}
         result["patch_gmm"] = {k: gmm.card.get(k) for k in ("n_components", "patch_size", "stride", "remove_mean",

@@ -12,6 +12,15 @@ window; full range = window); ties within 0.05 dB go to the current default.
 
     python benchmarks/bench_hybrid_tuning_mri.py --data prior-data/mri/held-out/emri_small.nii.gz \
         --json benchmarks/hybrid_tuning_mri.json        # --settings / --frames split it; --merge pools
+
+``--factors`` asks a second question, how the best TV factor moves with the acceleration: the hybrid at
+``anchor = 1.0`` and each factor on each task, and per acceleration the factor with the highest mean PSNR over the
+frames; then the power law ``factor = f4 · (R / 4)^p`` fitted to those optima by least squares in log–log
+(``by_acceleration`` in the JSON):
+
+    python benchmarks/bench_hybrid_tuning_mri.py --data …/emri_small.nii.gz --frames 1 2 5 7 \
+        --tasks mri3 mri4 mri6 mri8 --factors 0.0125 0.025 0.05 0.1 0.2 0.4 0.8 --no-references \
+        --json benchmarks/hybrid_tuning_mri_acceleration.json
 """
 
 from __future__ import annotations
@@ -40,10 +49,11 @@ DEFAULT = {"anchor": 0.3, "tv_factor": 0.05}
 TIE_DB = 0.05
 
 
-def run_case(ref: np.ndarray, task: str, prior, label: dict, grid: list[dict], references: bool) -> list[dict]:
+def run_case(ref: np.ndarray, task: str, prior, label: dict, grid: list[dict], references: bool,
+             seed: int = 0) -> list[dict]:
     """TV (automatic and oracle weight, with ``references``) and the hybrid at each setting of ``grid`` on one case,
     built and scored exactly as ``bench_matrix`` does."""
-    ctx = problem_context(ref, (64 / 128, 64 / 128), "MR", task, 0, {"mri": prior})
+    ctx = problem_context(ref, (64 / 128, 64 / 128), "MR", task, seed, {"mri": prior})
     y_n, sigma_n, a, b = ctx["normalised"]
     norm = float(operator_norm(ctx["physics_w"], torch.zeros(1, 1, *ref.shape)))
     rows = []
@@ -84,12 +94,34 @@ def choose(rows: list[dict]) -> dict:
             "references_psnr": refs}
 
 
+def by_acceleration(rows: list[dict]) -> dict:
+    """Per acceleration, the factor with the highest mean PSNR over the frames (and every factor's mean), and the
+    power law ``factor = f4 · (R / 4)^p`` through those optima (least squares in log–log)."""
+    from bench_matrix import TASKS as MATRIX_TASKS
+
+    hybrid = [r for r in rows if r["method"] == "hybrid"]
+    out = {}
+    for r_acc in sorted({MATRIX_TASKS[r["task"]][1]["acceleration"] for r in hybrid}):
+        these = [r for r in hybrid if MATRIX_TASKS[r["task"]][1]["acceleration"] == r_acc]
+        means = {f: float(np.mean([r["psnr"] for r in these if r["tv_factor"] == f]))
+                 for f in sorted({r["tv_factor"] for r in these})}
+        out[r_acc] = {"best": max(means, key=means.get), "means": means}
+    accs = np.array(sorted(out), dtype=float)
+    best = np.array([out[a]["best"] for a in sorted(out)], dtype=float)
+    p, log_f4 = np.polyfit(np.log(accs / 4.0), np.log(best), 1) if len(accs) > 1 else (0.0, np.log(best[0]))
+    return {"per_acceleration": {str(a): v for a, v in out.items()}, "power": float(p), "f4": float(np.exp(log_f4))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="emri_small.nii.gz of `recon prepare-prior-data --modality mri`")
     parser.add_argument("--frames", type=int, nargs="+", default=[2, 7])
     parser.add_argument("--tasks", nargs="+", default=["mri4-n0.5", "mri4-n2", "mri8-n0.5", "mri8-n2"])
     parser.add_argument("--settings", type=int, nargs="+", help="run only these entries of the grid (0-based)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="noise and mask draws (the matrix uses 0)")
+    parser.add_argument("--factors", type=float, nargs="+",
+                        help="the acceleration study: anchor 1.0 and these TV factors instead of the grid")
     parser.add_argument("--no-references", action="store_true", help="skip the TV rows")
     parser.add_argument("--json", default=None)
     parser.add_argument("--merge", nargs="+", help="pool the rows of these JSON files, apply the rule; no runs")
@@ -102,14 +134,21 @@ def main() -> None:
         torch.set_num_threads(1)
         prior = load_prior("default-mri")
         grid = GRID if args.settings is None else [GRID[i] for i in args.settings]
-        rows = [r for i in args.frames for t in args.tasks
-                for r in run_case(tuning_slices(args.data, "mri", [i])[0][1], t, prior, {"frame": i}, grid,
-                                  not args.no_references)]
-    chosen = choose(rows)
-    print(json.dumps(chosen, indent=1), flush=True)
+        if args.factors:
+            grid = [{"anchor": 1.0, "tv_factor": f} for f in args.factors]
+        frames = {i: tuning_slices(args.data, "mri", [i])[0][1] for i in args.frames}
+        rows = [r for i in args.frames for t in args.tasks for seed in args.seeds
+                for r in run_case(frames[i], t, prior, {"frame": i, "seed": seed}, grid, not args.no_references, seed)]
+    if args.factors or (args.merge and any("tv_factor" in r and r["anchor"] == 1.0 for r in rows)
+                        and not any(r.get("anchor") == 0.3 for r in rows)):
+        doc = {"rule": "per acceleration the factor of highest mean PSNR; power law through them (log-log LSQ)",
+               "by_acceleration": by_acceleration(rows), "rows": rows}
+        print(json.dumps(doc["by_acceleration"], indent=1), flush=True)
+    else:
+        doc = {"rule": "max mean PSNR; ties within 0.05 dB keep the default", "chosen": choose(rows), "rows": rows}
+        print(json.dumps(doc["chosen"], indent=1), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rule": "max mean PSNR; ties within 0.05 dB keep the default",
-                                               "chosen": chosen, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

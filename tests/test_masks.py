@@ -1,4 +1,5 @@
-"""k-space sampling masks: fastMRI selection rules, acceleration, centre, seeding, Poisson-disc geometry."""
+"""k-space sampling masks: fastMRI selection rules, acceleration, centre, seeding, Poisson-disc geometry, the share
+of an image's energy a mask leaves out."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from recon.operators import equispaced_mask, gaussian_mask, poisson_disc_mask, random_mask
-from recon.operators.masks import default_center_fraction
+from recon.operators import CartesianMRI, equispaced_mask, gaussian_mask, poisson_disc_mask, random_mask
+from recon.operators.masks import default_center_fraction, unsampled_energy
+
+F64 = torch.float64
 
 
 def _centre(n: int, cf: float) -> tuple[int, int]:
@@ -199,3 +202,34 @@ def test_centre_over_budget_and_calib_over_budget():
 def test_poisson_disc_unreachable_acceleration():
     with pytest.raises(ValueError, match="within 5%"):
         poisson_disc_mask((32, 32), 1.5, calib=(4, 4))
+
+
+# ------------------------------------------------------------------------------------------ unsampled energy
+@pytest.mark.parametrize("shape", [(16, 16), (6, 8, 10)])
+def test_unsampled_energy_is_the_energy_an_operator_loses_on_an_image_of_that_spectrum(shape):
+    """An image whose k-space has amplitude sqrt(1/(1 + |k|²)) with random phases: by Parseval, the share of its
+    energy the operator's mask drops is ``unsampled_energy`` (ties the function to the operator's centred layout)."""
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(shape, generator=g) < 0.4).float()
+    mask[tuple(n // 2 for n in shape)] = 1.0
+    fft_dims = "3d" if len(shape) == 3 else "2d"
+    full = CartesianMRI(shape, mask=torch.ones(shape), fft_dims=fft_dims)
+    part = CartesianMRI(shape, mask=mask, fft_dims=fft_dims)
+    k2 = sum(((torch.arange(n) - n // 2) ** 2).reshape([-1 if i == a else 1 for i in range(len(shape))]).double()
+             for a, n in enumerate(shape))
+    amplitude = (1.0 / (1.0 + k2)).sqrt() * torch.exp(2j * torch.pi * torch.rand(shape, generator=g, dtype=F64))
+    kspace = torch.stack([amplitude.real, amplitude.imag])[None].to(torch.float64)
+    x = full.A_adjoint(kspace)
+    kept = float(part.A(x).pow(2).sum() / x.pow(2).sum())
+    assert unsampled_energy(mask) == pytest.approx(1.0 - kept, rel=1e-9)
+    assert part.unsampled_energy == pytest.approx(1.0 - kept, rel=1e-9)
+
+
+def test_unsampled_energy_bounds_and_fastmri_centre():
+    """0 for a full mask, 1 for an empty one; fastMRI's centre halving at 8× leaves more of the image out than
+    6× does, though both sample the same share of the high frequencies' lines."""
+    assert unsampled_energy(torch.ones(8, 8)) == 0.0
+    assert unsampled_energy(torch.zeros(8, 8)) == 1.0
+    u6 = [unsampled_energy(random_mask((128, 128), 6, seed=s)) for s in range(3)]
+    u8 = [unsampled_energy(random_mask((128, 128), 8, seed=s)) for s in range(3)]
+    assert max(u6) + 0.05 < min(u8)

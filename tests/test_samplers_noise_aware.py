@@ -244,6 +244,32 @@ def test_hybrid_tv_smooths_and_couples_slices():
     assert img["tv_weight"] == pytest.approx(img["tv_factor"] * img["operator_norm"] / 0.3)
 
 
+def test_hybrid_tv_follows_the_share_of_the_image_a_mask_leaves_out():
+    """With ``tv_gap`` the default TV weight is ``tv_factor·exp(tv_gap·(u − 0.4))·‖A‖/σ_y``, ``u`` the operator's
+    ``unsampled_energy``; a whitening wrapper passes ``u`` on; operators without one (CT) and ``tv_gap = 0`` keep
+    the factor as it is."""
+    from recon.operators import WeightedPhysics
+    from recon.operators.masks import unsampled_energy
+    from recon.samplers.hybrid import REFERENCE_UNSAMPLED, sampling_factor
+
+    prior = GaussianMixturePrior.random((1, 8, 8), n_components=2, seed=3)
+    mask = torch.zeros(8, 8)
+    mask[:, [0, 3, 4, 6]] = 1.0  # four of eight columns, the centre (4) among them
+    mri = CartesianMRI((8, 8), mask=mask, real_input=True)
+    u = unsampled_energy(mask)
+    assert sampling_factor(mri, 3.0) == pytest.approx(math.exp(3.0 * (u - REFERENCE_UNSAMPLED)))
+    assert sampling_factor(WeightedPhysics(mri, torch.ones(1, 2, 8, 8)), 3.0) == sampling_factor(mri, 3.0)
+    assert sampling_factor(mri, 0.0) == 1.0 and sampling_factor(ParallelBeamCT((8, 8), angles=4), 3.0) == 1.0
+    y = mri.A(prior.sample(1, gen(5)))
+    for tv_gap in (0.0, 3.0):
+        opts = sample_hybrid(mri, y, prior, sigma_y=0.1, steps=2, generator=gen(0), tv_factor=0.05,
+                             tv_gap=tv_gap).info["options"]
+        want = 0.05 * sampling_factor(mri, tv_gap) * opts["operator_norm"] / 0.1
+        assert opts["tv_gap"] == tv_gap and opts["tv_weight"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="tv_gap"):
+        sample_hybrid(mri, y, prior, sigma_y=0.1, steps=2, generator=gen(0), tv_gap=float("nan"))
+
+
 def test_hybrid_averages_two_chains_on_images_and_runs_one_on_volumes():
     """By default the hybrid's image is the mean of ``IMAGE_CHAINS`` chains, exactly the mean of the samples it
     returns; a volume runs one chain."""

@@ -42,6 +42,7 @@ from recon.operators.masks import (
     gaussian_mask,
     poisson_disc_mask,
     random_mask,
+    unsampled_energy,
 )
 
 __all__ = ["CartesianMRI", "MultiCoilMRI"]
@@ -182,6 +183,11 @@ class _CartesianBase(LinearPhysics):
         """Achieved acceleration: number of k-space points / number of sampled (non-zero) points."""
         m = self.mask
         return m.numel() / int(torch.count_nonzero(m))
+
+    @property
+    def unsampled_energy(self) -> float:
+        """Share of a natural image's k-space energy the mask leaves unsampled (``masks.unsampled_energy``)."""
+        return unsampled_energy(self.mask)
 
     def _mask_for(self, like: torch.Tensor) -> torch.Tensor:
         return self.mask.to(device=like.device, dtype=like.dtype)

@@ -56,6 +56,8 @@ class WeightedPhysics(LinearPhysics):
             self.img_size = physics.img_size
         if hasattr(physics, "spacing"):  # the geometry is the wrapped operator's
             self.spacing = physics.spacing
+        if hasattr(physics, "unsampled_energy"):  # and so is the sampling (the hybrid's TV follows it)
+            self.unsampled_energy = physics.unsampled_energy
 
     def _w(self, y: torch.Tensor) -> torch.Tensor:
         return self.weights.to(device=y.device, dtype=y.dtype)

@@ -33,8 +33,9 @@ from recon.samplers.dps import (
 from recon.samplers.loop import SamplerRun
 from recon.samplers.volume import admm_tv, ddim_renoise, forward_difference
 
-__all__ = ["IMAGE_CHAINS", "MAX_PLANE_ASPECT", "PLANES", "default_chains", "default_planes", "default_tv_weight",
-           "denoise_in_plane", "sample_hybrid", "tv_data_step", "voxel_spacing"]
+__all__ = ["IMAGE_CHAINS", "MAX_PLANE_ASPECT", "PLANES", "REFERENCE_UNSAMPLED", "default_chains", "default_planes",
+           "default_tv_weight", "denoise_in_plane", "sample_hybrid", "sampling_factor", "tv_data_step",
+           "voxel_spacing"]
 
 # the slice axes of a (B, C, D, H, W) volume a 2D prior denoises along: axial (slices along D) only, or one plane
 # per level in turn, axial, coronal, sagittal (the prior sees z; docs/methods/hybrid.md, "Volumes: the prior in
@@ -78,6 +79,20 @@ def default_chains(physics, y: torch.Tensor) -> int:
     return IMAGE_CHAINS if image_template(physics, y[:1]).dim() == 4 else 1
 
 
+# the unsampled energy (``recon.operators.masks.unsampled_energy``) at which ``tv_factor`` applies as it is when it
+# follows the sampling (``tv_gap``): about that of fastMRI's random 4× masks at 128² (0.39–0.41)
+REFERENCE_UNSAMPLED = 0.4
+
+
+def sampling_factor(physics, tv_gap: float) -> float:
+    """``exp(tv_gap·(u − REFERENCE_UNSAMPLED))`` for an undersampling operator that leaves the share ``u`` of an
+    image's k-space energy unsampled (its ``unsampled_energy``); 1 for other operators or ``tv_gap = 0``."""
+    u = getattr(physics, "unsampled_energy", None)
+    if not tv_gap or u is None:
+        return 1.0
+    return math.exp(float(tv_gap) * (float(u) - REFERENCE_UNSAMPLED))
+
+
 def default_tv_weight(tv_factor: float, norm_a: float, sigma_y: float, n_axes: int) -> float:
     """``λ = tv_factor·‖A‖/σ_y·2/n_axes``: the factor was tuned on images (two axes); a volume's three axes share
     the same budget, so that adding TV along z does not add a half more smoothing (0 when ``σ_y = 0``)."""
@@ -119,6 +134,7 @@ def sample_hybrid(
     anchor: float = 0.3,
     tv_weight: float | None = None,
     tv_factor: float = 0.05,
+    tv_gap: float = 0.0,
     eta: float = 1.0,
     admm_iters: int = 5,
     cg_iters: int = 5,
@@ -149,6 +165,10 @@ def sample_hybrid(
         tv_factor: the default ``tv_weight`` in units of ``‖A‖/σ_y`` (0.05: a sixth of ``sample_tv``'s default ROF
             weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest; chosen on CT tuning slices,
             ``docs/methods/hybrid.md``; MRI's own value in ``recon.samplers.registry.TUNED_OPTIONS``).
+        tv_gap: the factor follows how much of the image an undersampling operator leaves unmeasured, as
+            ``tv_factor·exp(tv_gap·(u − 0.4))`` with ``u`` its ``unsampled_energy`` (``sampling_factor``: what TV
+            removes there is aliasing, which grows with the low frequencies left out); 0 (default) or an operator
+            without ``unsampled_energy``: the factor as it is.
         eta: fraction of fresh noise in the re-noising (DDS's convention; default 1: each level re-noises the
             data-consistent estimate afresh, chosen on tuning slices over DDS's 0.85, ``docs/methods/hybrid.md``).
         admm_iters: ADMM iterations per data step.
@@ -172,6 +192,8 @@ def sample_hybrid(
     """
     particles = default_chains(physics, y) if particles is None else particles
     _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty)
+    if not math.isfinite(float(tv_gap)):
+        raise ValueError(f"tv_gap must be a finite number, got {tv_gap}")
     if planes is not None and planes not in PLANES:
         raise ValueError(f"planes must be one of {sorted(PLANES)}, got {planes!r}")
     sy2 = float(sigma_y) ** 2
@@ -182,10 +204,12 @@ def sample_hybrid(
         raise ValueError(f"planes={planes!r} needs a 2D slice prior (spatial_dims 2) on a volume")
     norm_a = operator_norm(physics, template[:1])
     axes = tuple(range(template.dim() - 2))
-    lam = default_tv_weight(tv_factor, norm_a, sigma_y, len(axes)) if tv_weight is None else float(tv_weight)
+    factor = float(tv_factor) * sampling_factor(physics, tv_gap)
+    lam = default_tv_weight(factor, norm_a, sigma_y, len(axes)) if tv_weight is None else float(tv_weight)
     step = {"tv_weight": sy2 * lam, "axes": axes, "admm_iters": int(admm_iters), "cg_iters": int(cg_iters)}
     run = SamplerRun("hybrid", prior, generator, callback, steps=n, particles=c.p, options={
-        "anchor": float(anchor), "tv_weight": lam, "tv_factor": float(tv_factor), "eta": float(eta),
+        "anchor": float(anchor), "tv_weight": lam, "tv_factor": float(tv_factor), "tv_gap": float(tv_gap),
+        "eta": float(eta),
         "admm_iters": int(admm_iters), "cg_iters": int(cg_iters), "admm_penalty": float(admm_penalty),
         "tv_axes": list(axes), "operator_norm": norm_a, "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]),
         "sigma_y": float(sigma_y), "planes": planes})

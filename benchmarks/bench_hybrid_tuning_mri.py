@@ -13,14 +13,14 @@ window; full range = window); ties within 0.05 dB go to the current default.
     python benchmarks/bench_hybrid_tuning_mri.py --data prior-data/mri/held-out/emri_small.nii.gz \
         --json benchmarks/hybrid_tuning_mri.json        # --settings / --frames split it; --merge pools
 
-``--factors`` asks a second question, how the best TV factor moves with the acceleration: the hybrid at
-``anchor = 1.0`` and each factor on each task, and per acceleration the factor with the highest mean PSNR over the
-frames; then the power law ``factor = f4 · (R / 4)^p`` fitted to those optima by least squares in log–log
-(``by_acceleration`` in the JSON):
+``--factors`` asks a second question, how the best TV factor moves with the mask: the hybrid at ``anchor = 1.0``
+and each factor on each task and mask draw (``--seeds``); per mask, its unsampled energy ``u``
+(``recon.operators.masks.unsampled_energy``) and the factor with the highest mean PSNR over the frames (refined
+by a parabola in log factor); then ``log factor = log tv_factor + tv_gap·(u − 0.4)`` by least squares over the
+masks (``by_mask`` in the JSON; ``--merge … --by-mask`` pools runs):
 
-    python benchmarks/bench_hybrid_tuning_mri.py --data …/emri_small.nii.gz --frames 1 2 5 7 \
-        --tasks mri3 mri4 mri6 mri8 --factors 0.0125 0.025 0.05 0.1 0.2 0.4 0.8 --no-references \
-        --json benchmarks/hybrid_tuning_mri_acceleration.json
+    python benchmarks/bench_hybrid_tuning_mri.py --data …/emri_small.nii.gz --frames 1 5 --seeds 1 2 \\
+        --tasks mri4 mri6 mri8 --factors 0.003 0.0125 0.05 0.2 0.8 --no-references --json a.json
 """
 
 from __future__ import annotations
@@ -94,22 +94,44 @@ def choose(rows: list[dict]) -> dict:
             "references_psnr": refs}
 
 
-def by_acceleration(rows: list[dict]) -> dict:
-    """Per acceleration, the factor with the highest mean PSNR over the frames (and every factor's mean), and the
-    power law ``factor = f4 · (R / 4)^p`` through those optima (least squares in log–log)."""
+def mask_unsampled(task: str, seed: int, size: int = 128) -> float:
+    """``unsampled_energy`` of the mask ``bench_matrix`` draws for ``task`` with ``seed`` at ``size``²."""
     from bench_matrix import TASKS as MATRIX_TASKS
 
+    from recon.tasks import build_physics, make_task
+
+    params = MATRIX_TASKS[task][1]
+    spec = make_task("mri", (1, size, size), (1.0, 0.5, 0.5), seed=seed, **params)
+    return float(build_physics(spec).unsampled_energy)
+
+
+def best_factor(means: dict[float, float]) -> float:
+    """The factor of the highest mean PSNR, refined by a parabola in log(factor) through it and its two neighbours
+    (the grid's end when the best is there)."""
+    fs = sorted(means)
+    i = int(np.argmax([means[f] for f in fs]))
+    if i in (0, len(fs) - 1):
+        return fs[i]
+    a, b, _ = np.polyfit(np.log(fs[i - 1:i + 2]), [means[f] for f in fs[i - 1:i + 2]], 2)
+    return float(np.clip(np.exp(-b / (2 * a)), fs[i - 1], fs[i + 1])) if a < 0 else fs[i]
+
+
+def by_mask(rows: list[dict]) -> dict:
+    """Per mask (task and seed), its unsampled energy ``u`` and the best factor over the frames' mean PSNR; then
+    ``log factor = log tv_factor + tv_gap·(u − REFERENCE_UNSAMPLED)`` by least squares over the masks."""
+    from recon.samplers.hybrid import REFERENCE_UNSAMPLED
+
     hybrid = [r for r in rows if r["method"] == "hybrid"]
-    out = {}
-    for r_acc in sorted({MATRIX_TASKS[r["task"]][1]["acceleration"] for r in hybrid}):
-        these = [r for r in hybrid if MATRIX_TASKS[r["task"]][1]["acceleration"] == r_acc]
+    masks = {}
+    for task, seed in sorted({(r["task"], r.get("seed", 0)) for r in hybrid}):
+        these = [r for r in hybrid if r["task"] == task and r.get("seed", 0) == seed]
         means = {f: float(np.mean([r["psnr"] for r in these if r["tv_factor"] == f]))
                  for f in sorted({r["tv_factor"] for r in these})}
-        out[r_acc] = {"best": max(means, key=means.get), "means": means}
-    accs = np.array(sorted(out), dtype=float)
-    best = np.array([out[a]["best"] for a in sorted(out)], dtype=float)
-    p, log_f4 = np.polyfit(np.log(accs / 4.0), np.log(best), 1) if len(accs) > 1 else (0.0, np.log(best[0]))
-    return {"per_acceleration": {str(a): v for a, v in out.items()}, "power": float(p), "f4": float(np.exp(log_f4))}
+        masks[f"{task}/seed{seed}"] = {"unsampled_energy": mask_unsampled(task, seed), "best": best_factor(means),
+                                       "frames": sorted({r["frame"] for r in these}), "means": means}
+    u = np.array([m["unsampled_energy"] for m in masks.values()]) - REFERENCE_UNSAMPLED
+    gap, log_f = np.polyfit(u, np.log([m["best"] for m in masks.values()]), 1)
+    return {"masks": masks, "tv_factor": float(np.exp(log_f)), "tv_gap": float(gap)}
 
 
 def main() -> None:
@@ -125,6 +147,7 @@ def main() -> None:
     parser.add_argument("--no-references", action="store_true", help="skip the TV rows")
     parser.add_argument("--json", default=None)
     parser.add_argument("--merge", nargs="+", help="pool the rows of these JSON files, apply the rule; no runs")
+    parser.add_argument("--by-mask", action="store_true", help="with --merge: the mask study's rule (--factors runs)")
     args = parser.parse_args()
     if args.merge:
         rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["rows"]]
@@ -139,11 +162,11 @@ def main() -> None:
         frames = {i: tuning_slices(args.data, "mri", [i])[0][1] for i in args.frames}
         rows = [r for i in args.frames for t in args.tasks for seed in args.seeds
                 for r in run_case(frames[i], t, prior, {"frame": i, "seed": seed}, grid, not args.no_references, seed)]
-    if args.factors or (args.merge and any("tv_factor" in r and r["anchor"] == 1.0 for r in rows)
-                        and not any(r.get("anchor") == 0.3 for r in rows)):
-        doc = {"rule": "per acceleration the factor of highest mean PSNR; power law through them (log-log LSQ)",
-               "by_acceleration": by_acceleration(rows), "rows": rows}
-        print(json.dumps(doc["by_acceleration"], indent=1), flush=True)
+    if args.factors or args.by_mask:
+        doc = {"rule": "per mask the factor of highest mean PSNR over the frames (parabola in log factor); "
+                       "log factor linear in the mask's unsampled energy, least squares",
+               "by_mask": by_mask(rows), "rows": rows}
+        print(json.dumps(doc["by_mask"], indent=1), flush=True)
     else:
         doc = {"rule": "max mean PSNR; ties within 0.05 dB keep the default", "chosen": choose(rows), "rows": rows}
         print(json.dumps(doc["chosen"], indent=1), flush=True)

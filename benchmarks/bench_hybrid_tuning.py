@@ -16,6 +16,8 @@ or 4 × 12 averaged chains at η = 1, ``--grid chains`` averages 2 or 3 chains o
 the TV factor alone at the shipped anchor over the wider task set (the factor was chosen on 30/60 views and 1e4
 photons only, before the well-measured cases joined the tuning set); on that grid a setting within ``TIE_DB``
 (0.05 dB) of the shipped one loses to it (fixed before the run, as ``bench_hybrid_tuning_mri.py``'s rule).
+``--grid pose`` runs the hybrid with and without ``random_pose`` (each level denoised in a random rotation / flip of
+the square), on the same rule and tie margin.
 
     python benchmarks/bench_hybrid_tuning.py --slab prior-data/ct/held-out/invesalius_cranium_slab.nii.gz \
         --json benchmarks/hybrid_tuning.json
@@ -70,8 +72,10 @@ GRIDS = {"anchor-factor": [{"anchor": a, "tv_factor": f} for a in (0.3, 1.0) for
          "budget": [{"steps": s, "particles": p, "eta": 1.0} for s, p in ((50, 1), (25, 2), (12, 4))],
          "chains": [{"steps": 50, "particles": p, "eta": 1.0} for p in (2, 3)],
          "sigma-min": [{"sigma_min": s} for s in (0.002, 0.01, 0.03, 0.1)],
-         "factor": [{"tv_factor": f} for f in (0.0125, 0.025, 0.05)]}
-SHIPPED = {"factor": {"tv_factor": 0.05}}  # the grids whose rule keeps the shipped value on a tie
+         "factor": [{"tv_factor": f} for f in (0.0125, 0.025, 0.05)],
+         "pose": [{"random_pose": p} for p in (False, True)]}
+# the grids whose rule keeps the shipped value on a tie
+SHIPPED = {"factor": {"tv_factor": 0.05}, "pose": {"random_pose": False}}
 TIE_DB = 0.05
 
 

@@ -6,6 +6,7 @@
     python benchmarks/bench_priors.py --prior /path/to/prior-folder --label old --skip-throughput
     python benchmarks/bench_priors.py --prior default-ct --patch-gmm patch-gmm-ct --json /tmp/prior_ct_gmm.json
     python benchmarks/bench_priors.py --prior RUN/prior --validation prior-data/ct/held-out --skip-throughput
+    python benchmarks/bench_priors.py --prior default-ct --symmetry d4 --json benchmarks/prior_ct_d4.json
 
 Quality: one Tweedie step ``prior.denoise(x + σ n, σ)`` on images the prior never saw, against
 Gaussian filtering and TV (Chambolle) with their parameter tuned per image and noise level on a grid (an
@@ -218,7 +219,7 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 from recon.priors import load_prior
-prior = load_prior(sys.argv[1])
+prior = load_prior(sys.argv[1], symmetry=sys.argv[3] if len(sys.argv) > 3 else None)
 base = hwm()
 x = torch.randn(8, 1, 256, 256)
 with torch.no_grad():
@@ -231,9 +232,9 @@ print(8 / t8, mid - base, 256 / tv, hwm() - base, prior.slices_per_call((256, 25
 """
 
 
-def throughput(prior_name, threads):
-    out = subprocess.run([sys.executable, "-c", _THROUGHPUT_CHILD, prior_name, str(threads)], capture_output=True,
-                         text=True, check=True).stdout.split()
+def throughput(prior_name, threads, symmetry=None):
+    argv = [sys.executable, "-c", _THROUGHPUT_CHILD, prior_name, str(threads)] + ([symmetry] if symmetry else [])
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
     keys = ["slices_per_s_batch8", "peak_extra_MiB_batch8", "slices_per_s_volume", "peak_extra_MiB_volume",
             "slices_per_call", "baseline_MiB"]
     return dict(zip(keys, map(float, out), strict=True))
@@ -249,12 +250,14 @@ def main():
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--validation", metavar="FOLDER", help="score the validation images of the recipe's held-out "
                         "folder instead of the reported ones (choosing between training runs)")
+    parser.add_argument("--symmetry", choices=["d4"], help="the prior's denoiser averaged over the square's rotations "
+                        "and flips (8 network evaluations per image; `load_prior(..., symmetry=...)`)")
     parser.add_argument("--patch-gmm", metavar="PRIOR", help="also the patch-GMM prior (e.g. patch-gmm-ct) as a column")
     args = parser.parse_args()
 
     from recon.priors import load_prior
 
-    prior = load_prior(args.prior)
+    prior = load_prior(args.prior, symmetry=args.symmetry)
     modality = args.modality or ("ct" if getattr(prior.intensity, "unit", "") == "HU" else "mri")
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -267,13 +270,13 @@ def main():
     else:
         images, hu_per_unit = held_out_mri(), None
     steps = prior.card.get("training", {}).get("steps")
-    label = args.label or args.prior
+    label = args.label or (f"{args.prior} ({args.symmetry} mean)" if args.symmetry else args.prior)
     groups: dict = {}
     for name, img in images:
         group = ("phantoms (unseen seeds)" if name.startswith("phantom") else
                  "validation" if name.startswith("validation") else name.split(" axial")[0])
         groups.setdefault(group, []).append((name, img))
-    result = {"prior": label, "modality": modality, "steps": steps, "quality": {}}
+    result = {"prior": label, "modality": modality, "steps": steps, "symmetry": args.symmetry, "quality": {}}
     extra, timing = {}, {}
     if args.patch_gmm:
         gmm = load_prior(args.patch_gmm)
@@ -297,7 +300,7 @@ def main():
     result["images"] = [n for n, _ in images]
     result["seconds"] = time.perf_counter() - t0
     if not args.skip_throughput:
-        tp = throughput(args.prior, args.threads)
+        tp = throughput(args.prior, args.threads, args.symmetry)
         result["throughput"] = tp
         print(f"\n## Throughput ({args.threads} threads)\n")
         print("| input | slices/s | peak memory above the loaded model |\n|---|---|---|")

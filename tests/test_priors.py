@@ -429,3 +429,68 @@ def test_train_prior_command_takes_a_focus_range(tmp_path, ct_file):
     res = subprocess.run([*cmd[:-5], "--modality", "mri", "--focus-hu", "-100", "200", "--focus-weight", "4"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "focus" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Group averaging over the square's rotations and flips (symmetry="d4")
+# ---------------------------------------------------------------------------------------------
+def _d4(x, k, flip):
+    x = torch.rot90(x, k, (-2, -1))
+    return x.flip(-1) if flip else x
+
+
+class SkewNet(nn.Module):
+    """A fixed 3×3 convolution with a lopsided kernel, then a nonlinearity: no symmetry of the square."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[[[0.9, -0.4, 0.1], [0.3, 0.2, -0.7], [0.0, 0.5, -0.2]]]]))
+
+    def forward(self, x, cond):
+        return torch.tanh(self.conv(x))
+
+
+def test_d4_averaging_makes_the_denoiser_equivariant_and_lowers_its_error_on_an_invariant_set():
+    """An untrained network is not equivariant; its D4 average is, exactly, for all eight transforms. On a data set
+    closed under the group (every image and its noise in all eight poses) the average's squared error is at most
+    the network's (Jensen), and it costs eight network evaluations per image."""
+    prior = DiffusionPrior(SkewNet(), EDMSchedule(), "edm").requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 12, 12, generator=g)
+    plain = prior.denoise(x, 0.5)
+    prior.symmetry = "d4"
+    prior.nfe = 0
+    sym = prior.denoise(x, 0.5)
+    assert prior.nfe == 16
+    poses = [(k, f) for k in range(4) for f in (False, True)]
+    for k, f in poses:
+        torch.testing.assert_close(prior.denoise(_d4(x, k, f), 0.5), _d4(sym, k, f), rtol=1e-5, atol=1e-5)
+    prior.symmetry = None
+    assert max(float((prior.denoise(_d4(x, k, f), 0.5) - _d4(plain, k, f)).abs().max()) for k, f in poses) > 1e-3
+    clean = torch.rand(3, 1, 12, 12, generator=g) * 2 - 1
+    noise = 0.3 * torch.randn(clean.shape, generator=g)
+    orbit_x = torch.cat([_d4(clean, k, f) for k, f in poses])
+    orbit_y = orbit_x + torch.cat([_d4(noise, k, f) for k, f in poses])
+    mse_plain = float((prior.denoise(orbit_y, 0.3) - orbit_x).pow(2).mean())
+    prior.symmetry = "d4"
+    mse_sym = float((prior.denoise(orbit_y, 0.3) - orbit_x).pow(2).mean())
+    assert mse_sym <= mse_plain * (1 + 1e-6)
+
+
+def test_d4_averaging_leaves_an_equivariant_denoiser_alone_and_acts_in_plane_on_volumes(tmp_path):
+    """The exact denoiser of i.i.d. pixels is already equivariant: averaging changes nothing. A volume under a 2D
+    prior is averaged slice by slice in-plane. ``load_prior`` takes the option; unknown values are refused."""
+    sched = EDMSchedule()
+    exact = DiffusionPrior(AnalyticNet(sched, "edm"), sched, "edm", symmetry="d4")
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(exact.denoise(x, 0.4), exact_x0(x, 0.4), rtol=1e-5, atol=1e-5)
+    prior = DiffusionPrior(SkewNet(), EDMSchedule(), "edm", symmetry="d4").requires_grad_(False)
+    vol = torch.randn(1, 1, 3, 10, 10)
+    per_slice = torch.stack([prior.denoise(vol[:, :, i], 0.6) for i in range(3)], dim=2)
+    torch.testing.assert_close(prior.denoise(vol, 0.6), per_slice, rtol=1e-5, atol=1e-5)
+    save_prior(_small_prior(), tmp_path / "p", ARCH, card={"training": {"steps": 0}})
+    assert load_prior(tmp_path / "p", symmetry="d4").symmetry == "d4" and load_prior(tmp_path / "p").symmetry is None
+    with pytest.raises(ValueError, match="symmetry"):
+        DiffusionPrior(AnalyticNet(sched, "edm"), sched, "edm", symmetry="c4")

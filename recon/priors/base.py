@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from recon.priors.schedules import EDMSchedule, NoiseSchedule
+from recon.priors.symmetry import SYMMETRIES, d4_average
 
 __all__ = ["PARAMETERIZATIONS", "DiffusionPrior", "IntensityScale", "IntensityWindow"]
 
@@ -118,6 +119,9 @@ class DiffusionPrior(nn.Module):
             many slices go through the network at once.
         bytes_per_voxel: activation memory per input voxel in a forward pass (a model-card estimate).
         card: the model card (a dict: training data, resolution, licence, measured quality...).
+        symmetry: None, or ``"d4"``: each 2D denoising is the mean over the eight rotations and flips of the
+            square (``recon.priors.symmetry``; eight network evaluations, counted in ``nfe``). Volumes under a 2D
+            prior are averaged slice by slice in-plane; a 3D prior ignores it.
 
     ``sigma`` arguments are floats or tensors of shape ``(B,)`` (one level per batch element).
     """
@@ -133,6 +137,7 @@ class DiffusionPrior(nn.Module):
         memory_budget: float = 2e9,
         bytes_per_voxel: float = 4096.0,
         card: dict | None = None,
+        symmetry: str | None = None,
     ):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
@@ -143,6 +148,8 @@ class DiffusionPrior(nn.Module):
             raise ValueError("the 'edm' parameterization needs an EDMSchedule (it uses sigma_data)")
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if symmetry not in (None, *SYMMETRIES):
+            raise ValueError(f"symmetry must be None or one of {SYMMETRIES}, got {symmetry!r}")
         self.network = network
         self.schedule = schedule
         self.parameterization = parameterization
@@ -152,6 +159,7 @@ class DiffusionPrior(nn.Module):
         self.memory_budget = float(memory_budget)
         self.bytes_per_voxel = float(bytes_per_voxel)
         self.card = dict(card or {})
+        self.symmetry = symmetry
         self.nfe = 0  # network evaluations (batched calls count once per image/slice)
 
     # -- range and units ------------------------------------------------------------------------
@@ -225,6 +233,11 @@ class DiffusionPrior(nn.Module):
     def _denoise_batched(self, x: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
             raise ValueError(f"the prior expects {self.channels} channel(s), got x with shape {tuple(x.shape)}")
+        if self.symmetry == "d4" and x.dim() == 4:
+            return d4_average(lambda t: self._denoise_chunks(t, sig), x)
+        return self._denoise_chunks(x, sig)
+
+    def _denoise_chunks(self, x: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
         step = self.slices_per_call(x.shape[2:])
         if x.shape[0] <= step:
             return self._denoise_once(x, sig)

@@ -102,12 +102,14 @@ def _builtin_folder(name: str) -> Path:
     return Path(str(folder))
 
 
-def load_prior(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPrior:
+def load_prior(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+               symmetry: str | None = None) -> DiffusionPrior:
     """Load a prior by built-in name (``"default"`` = ``"default-ct"``, ``"default-mri"``, ``"patch-gmm-ct"``)
     or from a folder in ``recon``'s format (``model.safetensors`` + ``model_card.json``). Nothing is ever
     downloaded. A folder whose card has the format ``"recon-patch-gmm"`` gives a
     :class:`recon.priors.patch_gmm.PatchGMMPrior` (same denoise/score contract; its parameters follow the
-    input's device).
+    input's device). ``symmetry="d4"`` averages each denoising over the square's rotations and flips
+    (``DiffusionPrior``'s ``symmetry``; network priors only).
     """
     from safetensors.torch import load_file
 
@@ -138,6 +140,8 @@ def load_prior(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     if card.get("format") == "recon-patch-gmm":
         from recon.priors.patch_gmm import load_patch_gmm
 
+        if symmetry is not None:
+            raise ValueError(f"{folder}: symmetry applies to network priors, not a patch Gaussian mixture")
         return load_patch_gmm(folder)
     if card.get("format") != FORMAT:
         raise ValueError(
@@ -162,6 +166,7 @@ def load_prior(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         spatial_dims=card.get("spatial_dims", 2),
         bytes_per_voxel=card.get("bytes_per_voxel", 4096.0),
         card={k: v for k, v in card.items() if k not in known} | {"path": str(folder)},
+        symmetry=symmetry,
     )
     for p in prior.parameters():
         p.requires_grad_(False)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from recon.priors.symmetry import d4_apply, d4_invert, d4_transforms
 from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm
 from recon.samplers.dps import (
     chains_result,
@@ -34,8 +35,8 @@ from recon.samplers.loop import SamplerRun
 from recon.samplers.volume import admm_tv, ddim_renoise, forward_difference
 
 __all__ = ["IMAGE_CHAINS", "MAX_PLANE_ASPECT", "PLANES", "REFERENCE_UNSAMPLED", "default_chains", "default_planes",
-           "default_tv_weight", "denoise_in_plane", "sample_hybrid", "sampling_factor", "tv_data_step",
-           "voxel_spacing"]
+           "default_tv_weight", "denoise_in_plane", "pose_generator", "sample_hybrid", "sampling_factor",
+           "tv_data_step", "voxel_spacing"]
 
 # the slice axes of a (B, C, D, H, W) volume a 2D prior denoises along: axial (slices along D) only, or one plane
 # per level in turn, axial, coronal, sagittal (the prior sees z; docs/methods/hybrid.md, "Volumes: the prior in
@@ -66,6 +67,9 @@ def default_planes(prior, template: torch.Tensor, spacing: Sequence[float] | Non
         if max(dz / dy, dy / dz, dz / dx, dx / dz) > MAX_PLANE_ASPECT:
             return "axial"
     return "cycle"
+
+# added to the sampler's seed for the poses of ``random_pose`` (any fixed number apart from 0)
+POSE_SEED_OFFSET = 8_388_607
 
 # chains averaged by default on a 2D image: the most whose time stays within the 60 s budget per 256² slice on two
 # CPU cores with margin (36 s; 3 chains 49 s); averaging lowers the chains' texture (docs/methods/hybrid.md,
@@ -99,12 +103,21 @@ def default_tv_weight(tv_factor: float, norm_a: float, sigma_y: float, n_axes: i
     return float(tv_factor) * norm_a / float(sigma_y) * 2.0 / n_axes if sigma_y > 0 else 0.0
 
 
-def denoise_in_plane(prior, x: torch.Tensor, sigma: float, axis: int) -> torch.Tensor:
+def denoise_in_plane(prior, x: torch.Tensor, sigma: float, axis: int, pose: int = 0) -> torch.Tensor:
     """``prior.denoise`` of a volume ``(B, C, D, H, W)`` slice by slice along ``axis`` (2: axial, 3: coronal,
-    4: sagittal); an image ``(B, C, H, W)`` is denoised as it is."""
-    if x.dim() != 5 or axis == 2:
-        return prior.denoise(x, sigma)
-    return prior.denoise(x.movedim(axis, 2), sigma).movedim(2, axis)
+    4: sagittal); an image ``(B, C, H, W)`` is denoised as it is. ``pose`` (0–7, ``recon.priors.symmetry``): the
+    slices are denoised turned and flipped by that element of the square's symmetries, and turned back."""
+    k, flip = d4_transforms()[pose]
+    moved = x if x.dim() != 5 or axis == 2 else x.movedim(axis, 2)
+    out = d4_invert(prior.denoise(d4_apply(moved, k, flip), sigma), k, flip)
+    return out if x.dim() != 5 or axis == 2 else out.movedim(2, axis)
+
+
+def pose_generator(generator: torch.Generator | None) -> torch.Generator:
+    """The generator of ``random_pose``'s poses: seeded from ``generator``'s seed, apart from its stream, so that
+    turning the poses on changes nothing else (an equivariant prior gives the same result either way)."""
+    seed = generator.initial_seed() if generator is not None else torch.initial_seed()
+    return torch.Generator().manual_seed((int(seed) + POSE_SEED_OFFSET) % 2**63)
 
 
 def tv_data_step(physics, x0: torch.Tensor, aty: torch.Tensor, *, gamma: float, tv_weight: float, admm_rho: float,
@@ -144,6 +157,7 @@ def sample_hybrid(
     sigmas: Sequence[float] | None = None,
     admm_penalty: float = 3.0,
     planes: str | None = None,
+    random_pose: bool = False,
 ) -> ReconstructionResult:
     """Diffusion with a TV-regularised, σ_y-weighted data step around the Tweedie estimate (module docstring).
 
@@ -162,40 +176,32 @@ def sample_hybrid(
             ``docs/methods/hybrid.md``).
         tv_weight: ``λ`` of ``λ TV(x)`` next to ``½‖Ax − y‖²/σ_y²``; default ``tv_factor · ‖A‖/σ_y`` on images,
             two thirds of it on volumes (``default_tv_weight``); 0: no TV.
-        tv_factor: the default ``tv_weight`` in units of ``‖A‖/σ_y`` (0.05: a sixth of ``sample_tv``'s default ROF
-            weight ``0.3 σ_y ‖A‖`` in its units, the anchor doing the rest; chosen on CT tuning slices,
+        tv_factor: the default ``tv_weight`` in units of ``‖A‖/σ_y`` (0.05, chosen on CT tuning slices,
             ``docs/methods/hybrid.md``; MRI's own value in ``recon.samplers.registry.TUNED_OPTIONS``).
-        tv_gap: the factor follows how much of the image an undersampling operator leaves unmeasured, as
-            ``tv_factor·exp(tv_gap·(u − 0.4))`` with ``u`` its ``unsampled_energy`` (``sampling_factor``: what TV
-            removes there is aliasing, which grows with the low frequencies left out); 0 (default) or an operator
-            without ``unsampled_energy``: the factor as it is.
+        tv_gap: the factor becomes ``tv_factor·exp(tv_gap·(u − 0.4))``, ``u`` the operator's ``unsampled_energy``
+            (``sampling_factor``); 0 (default) or an operator without one: the factor as it is.
         eta: fraction of fresh noise in the re-noising (DDS's convention; default 1: each level re-noises the
             data-consistent estimate afresh, chosen on tuning slices over DDS's 0.85, ``docs/methods/hybrid.md``).
         admm_iters: ADMM iterations per data step.
         cg_iters: CG iterations per ADMM iteration.
-        sigma_min: lowest noise level of the Karras schedule (clipped to the prior's range).
-        sigma_max: highest noise level of the Karras schedule.
-        rho: Karras schedule exponent.
+        sigma_min, sigma_max, rho: the Karras schedule's lowest and highest level (clipped to the prior's range)
+            and exponent.
         sigmas: explicit decreasing noise levels (override the schedule).
-        admm_penalty: the ADMM penalty in units of ``σ_y‖A‖`` (penalty ``γ + admm_penalty·σ_y‖A‖``, 60× the
-            default TV weight ``λ′``): with a few iterations it decides how far the data step gets, not where it
-            converges (default 3; a fixed share of ``‖A‖²`` stops short of well-measured data or overfits noisy
-            data, ``docs/methods/hybrid.md``).
+        admm_penalty: the ADMM penalty ``γ + admm_penalty·σ_y‖A‖``: with a few iterations it decides how far the
+            data step gets, not where it converges (default 3, ``docs/methods/hybrid.md``).
         planes: on volumes, the planes a 2D prior denoises in (``PLANES``): ``"axial"`` (slice by slice along
-            ``D``) or ``"cycle"`` (axial, coronal, sagittal in turn, one per level: the prior sees z); default
-            ``default_planes`` (``"cycle"`` on volumes under a 2D prior, unless the operator's ``spacing`` says
-            the voxels are more than ``MAX_PLANE_ASPECT`` from isotropic); ignored on images.
+            ``D``) or ``"cycle"`` (axial, coronal, sagittal in turn, one per level); default ``default_planes``
+            (``"cycle"`` under a 2D prior on voxels within ``MAX_PLANE_ASPECT`` of isotropic); ignored on images.
+        random_pose: each level denoises turned by a random one of the square's rotations and flips
+            (``pose_generator``) and turns it back: a randomised equivariant denoiser, for priors trained with
+            flips and 90° rotations (as ``recon``'s are).
 
     Returns:
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
         ``std`` (``P > 1``), ``diagnostics``, ``info`` (``options``: the resolved ``tv_weight``).
     """
     particles = default_chains(physics, y) if particles is None else particles
-    _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty)
-    if not math.isfinite(float(tv_gap)):
-        raise ValueError(f"tv_gap must be a finite number, got {tv_gap}")
-    if planes is not None and planes not in PLANES:
-        raise ValueError(f"planes must be one of {sorted(PLANES)}, got {planes!r}")
+    _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty, tv_gap, planes)
     sy2 = float(sigma_y) ** 2
     c = start_chains(physics, y, prior, generator, steps, particles, sigma_min, sigma_max, rho, sigmas)
     sig, n, x, y_rep, template = c.sig, c.n, c.x, c.y_rep, c.template
@@ -209,15 +215,15 @@ def sample_hybrid(
     step = {"tv_weight": sy2 * lam, "axes": axes, "admm_iters": int(admm_iters), "cg_iters": int(cg_iters)}
     run = SamplerRun("hybrid", prior, generator, callback, steps=n, particles=c.p, options={
         "anchor": float(anchor), "tv_weight": lam, "tv_factor": float(tv_factor), "tv_gap": float(tv_gap),
-        "eta": float(eta),
-        "admm_iters": int(admm_iters), "cg_iters": int(cg_iters), "admm_penalty": float(admm_penalty),
-        "tv_axes": list(axes), "operator_norm": norm_a, "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]),
-        "sigma_y": float(sigma_y), "planes": planes})
+        "eta": float(eta), "admm_iters": int(admm_iters), "cg_iters": int(cg_iters), "planes": planes,
+        "admm_penalty": float(admm_penalty), "tv_axes": list(axes), "operator_norm": norm_a, "sigma_y": float(sigma_y),
+        "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "random_pose": bool(random_pose)})
+    poses = (torch.randint(8, (n,), generator=pose_generator(generator)).tolist() if random_pose else [0] * n)
     with torch.no_grad():
         aty = physics.A_adjoint(y_rep)
         for i in range(n):
             s, s_next = float(sig[i]), float(sig[i + 1])
-            x0 = denoise_in_plane(prior, x, s, PLANES[planes][i % len(PLANES[planes])])
+            x0 = denoise_in_plane(prior, x, s, PLANES[planes][i % len(PLANES[planes])], poses[i])
             check_finite(x0, "hybrid", i, "the prior's denoiser returned non-finite values")
             gamma = sy2 * float(anchor) / tweedie_std(s) ** 2
             admm_rho = gamma + float(admm_penalty) * float(sigma_y) * norm_a  # follows the anchor and the noise
@@ -229,7 +235,12 @@ def sample_hybrid(
     return chains_result(run, x0dc)
 
 
-def _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty) -> None:
+def _check(sigma_y, particles, anchor, tv_weight, tv_factor, eta, admm_iters, cg_iters, admm_penalty, tv_gap,
+           planes) -> None:
+    if not math.isfinite(float(tv_gap)):
+        raise ValueError(f"tv_gap must be a finite number, got {tv_gap}")
+    if planes is not None and planes not in PLANES:
+        raise ValueError(f"planes must be one of {sorted(PLANES)}, got {planes!r}")
     if not (float(sigma_y) >= 0 and math.isfinite(float(sigma_y))):
         raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
     if int(particles) < 1:

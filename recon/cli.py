@@ -671,6 +671,8 @@ def _add_train_prior(sub) -> None:
     tp.add_argument("--batch-size", type=int)
     tp.add_argument("--crop", type=int, help="square crop size in pixels")
     tp.add_argument("--lr", type=float)
+    tp.add_argument("--lr-decay", choices=["constant", "cosine"],
+                    help="after the warm-up: constant (default) or a cosine to 0 at --steps")
     tp.add_argument("--checkpoint-every", type=int)
     tp.add_argument("--sample-every", type=int, help="write a PNG grid of samples every N steps (0: never)")
     tp.add_argument("--seed", type=int)
@@ -783,6 +785,7 @@ def _train_prior_command(args) -> int:
             "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every, "seed": args.seed,
             "on_error": args.on_error, "init_from": args.init_from,
             "focus_hu": tuple(args.focus_hu) if args.focus_hu else None, "focus_weight": args.focus_weight,
+            "lr_decay": args.lr_decay,
         }.items()
         if v is not None
     }

@@ -494,3 +494,21 @@ def test_d4_averaging_leaves_an_equivariant_denoiser_alone_and_acts_in_plane_on_
     assert load_prior(tmp_path / "p", symmetry="d4").symmetry == "d4" and load_prior(tmp_path / "p").symmetry is None
     with pytest.raises(ValueError, match="symmetry"):
         DiffusionPrior(AnalyticNet(sched, "edm"), sched, "edm", symmetry="c4")
+
+
+def test_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_zero():
+    """Linear warm-up to the peak; then constant, or half a cosine from the peak to 0 at the last step; a bad
+    schedule name in the configuration is refused."""
+    from recon.priors.trainer import learning_rate
+
+    assert learning_rate(0, 1.0, 10, 110) == pytest.approx(0.1)
+    assert learning_rate(9, 1.0, 10, 110) == pytest.approx(1.0)
+    assert learning_rate(100, 1.0, 10, 110) == 1.0
+    assert learning_rate(4, 1.0, 10, 110, "cosine") == pytest.approx(0.5)  # still warming up
+    assert learning_rate(10, 1.0, 10, 110, "cosine") == pytest.approx(1.0)
+    assert learning_rate(60, 1.0, 10, 110, "cosine") == pytest.approx(0.5)
+    assert learning_rate(110, 1.0, 10, 110, "cosine") == pytest.approx(0.0, abs=1e-12)
+    rates = [learning_rate(s, 1.0, 10, 110, "cosine") for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="linear")

@@ -34,6 +34,7 @@ from recon.priors.base import DiffusionPrior, IntensityScale, IntensityWindow
 from recon.priors.io import save_prior
 from recon.priors.networks import build_network, count_parameters
 from recon.priors.schedules import EDMSchedule, karras_sigmas
+from recon.priors.trainer import LR_DECAYS
 
 __all__ = [
     "DEFAULT_CT_FILES",
@@ -72,6 +73,7 @@ class TrainConfig:
     steps: int = 10_000
     lr: float = 2e-4
     lr_warmup: int = 200
+    lr_decay: str = "constant"  # after the warm-up: "constant", or "cosine" to 0 at `steps`
     ema_decay: float = 0.999
     phantom_fraction: float = 0.25  # share of each batch drawn from random CT phantoms (CT only)
     min_foreground: float = 0.05  # reject crops with less than this share of non-background pixels
@@ -118,6 +120,8 @@ class TrainConfig:
             raise ValueError("focus_weight needs focus_hu (the HU range it applies to)")
         if self.on_error not in ("skip", "stop"):
             raise ValueError(f"on_error must be 'skip' or 'stop', got {self.on_error!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if self.crop % 2 ** (len(self.channels) - 1):
             raise ValueError(f"crop ({self.crop}) must be a multiple of {2 ** (len(self.channels) - 1)} for "
                              f"{len(self.channels)} resolution levels")

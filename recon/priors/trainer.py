@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,9 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Trainer"]
+__all__ = ["LR_DECAYS", "Trainer", "learning_rate"]
 
 log = logging.getLogger("recon.train")
+
+
+LR_DECAYS = ("constant", "cosine")
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int, decay: str = "constant") -> float:
+    """The learning rate of step ``step`` (0-based): linear warm-up to ``peak`` over ``warmup`` steps, then
+    ``peak`` (``"constant"``) or a cosine from ``peak`` down to 0 at ``total`` (``"cosine"``)."""
+    rate = peak * min(1.0, (step + 1) / max(1, warmup))
+    if decay == "cosine" and step >= warmup:
+        rate *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return rate
 
 
 @dataclass
@@ -37,6 +50,8 @@ class Trainer:
         config: the run's configuration (a dataclass; saved with every checkpoint, compared on resume).
         lr: peak learning rate (reached after ``lr_warmup`` steps).
         lr_warmup: steps of the linear warm-up.
+        lr_decay: ``LR_DECAYS``: after the warm-up, constant or a cosine to 0 at ``total_steps``.
+        total_steps: the run's planned steps (the cosine's end).
         ema_decay: EMA decay (``min(ema_decay, (1 + step)/(10 + step))`` early on).
         grad_clip: gradient-norm clip (0: none).
         step: completed steps.
@@ -53,6 +68,8 @@ class Trainer:
     lr_warmup: int
     ema_decay: float
     grad_clip: float = 0.0
+    lr_decay: str = "constant"
+    total_steps: int = 0
     step: int = 0
     losses: list = field(default_factory=list)
 
@@ -72,7 +89,8 @@ class Trainer:
         # a warm start (e.g. continuing a built-in model in a new session); a resume loads its checkpoint instead
         net, ema = network_and_ema(arch, device, None if resume else cfg.init_from, kind)
         trainer = cls(net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed),
-                      out / "checkpoint.pt", cfg, cfg.lr, cfg.lr_warmup, cfg.ema_decay, getattr(cfg, "grad_clip", 0.0))
+                      out / "checkpoint.pt", cfg, cfg.lr, cfg.lr_warmup, cfg.ema_decay, getattr(cfg, "grad_clip", 0.0),
+                      getattr(cfg, "lr_decay", "constant"), int(cfg.steps))
         if resume:
             trainer.resume(device, defaults, free)
         return trainer, arch
@@ -133,7 +151,7 @@ class Trainer:
         try:
             while self.step < end:
                 for group in self.opt.param_groups:
-                    group["lr"] = self.lr * min(1.0, (self.step + 1) / max(1, self.lr_warmup))
+                    group["lr"] = learning_rate(self.step, self.lr, self.lr_warmup, self.total_steps, self.lr_decay)
                 self._update(loss_of_step())
                 bar.update(1)
                 if self.step % log_every == 0:

@@ -482,4 +482,3 @@ def unsampled_energy(mask: torch.Tensor | np.ndarray) -> float:
              for a, n in enumerate(m.shape))
     spectrum = 1.0 / (1.0 + k2)
     return float((spectrum * (m == 0)).sum() / spectrum.expand(m.shape).sum())
-

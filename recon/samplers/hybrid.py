@@ -107,9 +107,12 @@ def denoise_in_plane(prior, x: torch.Tensor, sigma: float, axis: int, pose: int 
     """``prior.denoise`` of a volume ``(B, C, D, H, W)`` slice by slice along ``axis`` (2: axial, 3: coronal,
     4: sagittal); an image ``(B, C, H, W)`` is denoised as it is. ``pose`` (0–7, ``recon.priors.symmetry``): the
     slices are denoised turned and flipped by that element of the square's symmetries, and turned back."""
-    k, flip = d4_transforms()[pose]
     moved = x if x.dim() != 5 or axis == 2 else x.movedim(axis, 2)
-    out = d4_invert(prior.denoise(d4_apply(moved, k, flip), sigma), k, flip)
+    if pose:
+        k, flip = d4_transforms()[pose]
+        out = d4_invert(prior.denoise(d4_apply(moved, k, flip), sigma), k, flip)
+    else:
+        out = prior.denoise(moved, sigma)
     return out if x.dim() != 5 or axis == 2 else out.movedim(2, axis)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -509,6 +510,6 @@ def test_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_zero():
     assert learning_rate(60, 1.0, 10, 110, "cosine") == pytest.approx(0.5)
     assert learning_rate(110, 1.0, 10, 110, "cosine") == pytest.approx(0.0, abs=1e-12)
     rates = [learning_rate(s, 1.0, 10, 110, "cosine") for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
     with pytest.raises(ValueError, match="lr_decay"):
         TrainConfig(lr_decay="linear")

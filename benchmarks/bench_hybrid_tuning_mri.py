@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="noise and mask draws (the matrix uses 0)")
     parser.add_argument("--factors", type=float, nargs="+",
-                        help="the acceleration study: anchor 1.0 and these TV factors instead of the grid")
+                        help="the mask study: anchor 1.0 and these TV factors instead of the grid")
     parser.add_argument("--no-references", action="store_true", help="skip the TV rows")
     parser.add_argument("--json", default=None)
     parser.add_argument("--merge", nargs="+", help="pool the rows of these JSON files, apply the rule; no runs")

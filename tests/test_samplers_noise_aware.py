@@ -44,9 +44,7 @@ import pytest
 import torch
 
 from recon.operators import CartesianMRI, Downsampling, Inpainting, ParallelBeamCT, random_pixel_mask
-from recon.priors.base import DiffusionPrior
 from recon.priors.gaussian import GaussianMixturePrior
-from recon.priors.schedules import EDMSchedule
 from recon.samplers import SamplerDivergence, reconstruct
 from recon.samplers.baselines import analytic_inverse
 from recon.samplers.daps import sample_daps
@@ -270,40 +268,6 @@ def test_hybrid_tv_follows_the_share_of_the_image_a_mask_leaves_out():
         assert opts["tv_gap"] == tv_gap and opts["tv_weight"] == pytest.approx(want)
     with pytest.raises(ValueError, match="tv_gap"):
         sample_hybrid(mri, y, prior, sigma_y=0.1, steps=2, generator=gen(0), tv_gap=float("nan"))
-
-
-class _PixelNet(torch.nn.Module):
-    """A 2D network that acts on each pixel alone (so every turn and flip commutes with it)."""
-
-    def forward(self, x, cond):
-        return torch.tanh(x)
-
-
-def test_hybrid_random_pose_changes_nothing_under_an_equivariant_prior_and_something_otherwise():
-    """``random_pose`` denoises each level turned and flipped and turns it back, with poses drawn apart from the
-    sampler's stream: under a prior that the square's symmetries leave unchanged (constant means, equal pixel
-    variances) the result is the same as without; under one they change (a random full-covariance mixture) it is
-    not. On a volume the poses act in each plane the prior denoises."""
-    from recon.samplers.hybrid import denoise_in_plane
-
-    d = 64
-    invariant = GaussianMixturePrior(torch.tensor([0.4, 0.6]), torch.stack([torch.full((1, 8, 8), -0.5),
-                                                                             torch.full((1, 8, 8), 0.5)]),
-                                     torch.tensor([[0.2] * d, [0.05] * d]))
-    _, physics, y = make_problem("projection")
-    runs = [sample_hybrid(physics, y, invariant, sigma_y=SIGMA_Y, steps=8, generator=gen(0), random_pose=rp).x
-            for rp in (False, True)]
-    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
-    skewed, physics, y = make_problem("projection")
-    runs = [sample_hybrid(physics, y, skewed, sigma_y=SIGMA_Y, steps=8, generator=gen(0), random_pose=rp).x
-            for rp in (False, True)]
-    assert float((runs[0] - runs[1]).abs().max()) > 1e-3
-    vol = torch.randn(1, 1, 3, 6, 5, generator=gen(2), dtype=F64)
-    vol_prior = DiffusionPrior(_PixelNet(), EDMSchedule(), "edm")  # a 2D slice prior, pixel by pixel
-    for axis in (2, 3, 4):
-        for pose in range(8):
-            torch.testing.assert_close(denoise_in_plane(vol_prior, vol, 0.4, axis, pose),
-                                       denoise_in_plane(vol_prior, vol, 0.4, axis, 0))
 
 
 def test_hybrid_averages_two_chains_on_images_and_runs_one_on_volumes():

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["SYMMETRIES", "d4_apply", "d4_average", "d4_invert", "d4_transforms"]
+__all__ = ["SYMMETRIES", "d4_average", "d4_transforms"]
 
 SYMMETRIES = ("d4",)
 
@@ -23,13 +23,13 @@ def d4_transforms() -> list[tuple[int, bool]]:
     return [(k, flip) for k in range(4) for flip in (False, True)]
 
 
-def d4_apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+def _apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     """``T x`` for ``T = (k, flip)`` on the last two axes."""
     x = torch.rot90(x, k, (-2, -1))
     return x.flip(-1) if flip else x
 
 
-def d4_invert(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+def _invert(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     """``T⁻¹ x`` for ``T = (k, flip)`` on the last two axes."""
     x = x.flip(-1) if flip else x
     return torch.rot90(x, -k, (-2, -1))
@@ -39,5 +39,5 @@ def d4_average(denoise: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     """``(1/8) Σ_T T⁻¹ denoise(T x)`` over D4 acting on the last two axes of ``x`` (``(B, C, H, W)``)."""
     out = torch.zeros_like(x)
     for k, flip in d4_transforms():
-        out = out + d4_invert(denoise(d4_apply(x, k, flip)), k, flip)
+        out = out + _invert(denoise(_apply(x, k, flip)), k, flip)
     return out / 8.0

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from recon.priors.symmetry import d4_apply, d4_invert, d4_transforms
 from recon.samplers.base import ReconstructionResult, check_bounded, check_finite, operator_norm
 from recon.samplers.dps import (
     chains_result,
@@ -35,8 +34,8 @@ from recon.samplers.loop import SamplerRun
 from recon.samplers.volume import admm_tv, ddim_renoise, forward_difference
 
 __all__ = ["IMAGE_CHAINS", "MAX_PLANE_ASPECT", "PLANES", "REFERENCE_UNSAMPLED", "default_chains", "default_planes",
-           "default_tv_weight", "denoise_in_plane", "pose_generator", "sample_hybrid", "sampling_factor",
-           "tv_data_step", "voxel_spacing"]
+           "default_tv_weight", "denoise_in_plane", "sample_hybrid", "sampling_factor", "tv_data_step",
+           "voxel_spacing"]
 
 # the slice axes of a (B, C, D, H, W) volume a 2D prior denoises along: axial (slices along D) only, or one plane
 # per level in turn, axial, coronal, sagittal (the prior sees z; docs/methods/hybrid.md, "Volumes: the prior in
@@ -67,9 +66,6 @@ def default_planes(prior, template: torch.Tensor, spacing: Sequence[float] | Non
         if max(dz / dy, dy / dz, dz / dx, dx / dz) > MAX_PLANE_ASPECT:
             return "axial"
     return "cycle"
-
-# added to the sampler's seed for the poses of ``random_pose`` (any fixed number apart from 0)
-POSE_SEED_OFFSET = 8_388_607
 
 # chains averaged by default on a 2D image: the most whose time stays within the 60 s budget per 256² slice on two
 # CPU cores with margin (36 s; 3 chains 49 s); averaging lowers the chains' texture (docs/methods/hybrid.md,
@@ -103,24 +99,12 @@ def default_tv_weight(tv_factor: float, norm_a: float, sigma_y: float, n_axes: i
     return float(tv_factor) * norm_a / float(sigma_y) * 2.0 / n_axes if sigma_y > 0 else 0.0
 
 
-def denoise_in_plane(prior, x: torch.Tensor, sigma: float, axis: int, pose: int = 0) -> torch.Tensor:
+def denoise_in_plane(prior, x: torch.Tensor, sigma: float, axis: int) -> torch.Tensor:
     """``prior.denoise`` of a volume ``(B, C, D, H, W)`` slice by slice along ``axis`` (2: axial, 3: coronal,
-    4: sagittal); an image ``(B, C, H, W)`` is denoised as it is. ``pose`` (0–7, ``recon.priors.symmetry``): the
-    slices are denoised turned and flipped by that element of the square's symmetries, and turned back."""
-    moved = x if x.dim() != 5 or axis == 2 else x.movedim(axis, 2)
-    if pose:
-        k, flip = d4_transforms()[pose]
-        out = d4_invert(prior.denoise(d4_apply(moved, k, flip), sigma), k, flip)
-    else:
-        out = prior.denoise(moved, sigma)
-    return out if x.dim() != 5 or axis == 2 else out.movedim(2, axis)
-
-
-def pose_generator(generator: torch.Generator | None) -> torch.Generator:
-    """The generator of ``random_pose``'s poses: seeded from ``generator``'s seed, apart from its stream, so that
-    turning the poses on changes nothing else (an equivariant prior gives the same result either way)."""
-    seed = generator.initial_seed() if generator is not None else torch.initial_seed()
-    return torch.Generator().manual_seed((int(seed) + POSE_SEED_OFFSET) % 2**63)
+    4: sagittal); an image ``(B, C, H, W)`` is denoised as it is."""
+    if x.dim() != 5 or axis == 2:
+        return prior.denoise(x, sigma)
+    return prior.denoise(x.movedim(axis, 2), sigma).movedim(2, axis)
 
 
 def tv_data_step(physics, x0: torch.Tensor, aty: torch.Tensor, *, gamma: float, tv_weight: float, admm_rho: float,
@@ -160,7 +144,6 @@ def sample_hybrid(
     sigmas: Sequence[float] | None = None,
     admm_penalty: float = 3.0,
     planes: str | None = None,
-    random_pose: bool = False,
 ) -> ReconstructionResult:
     """Diffusion with a TV-regularised, σ_y-weighted data step around the Tweedie estimate (module docstring).
 
@@ -195,10 +178,6 @@ def sample_hybrid(
         planes: on volumes, the planes a 2D prior denoises in (``PLANES``): ``"axial"`` (slice by slice along
             ``D``) or ``"cycle"`` (axial, coronal, sagittal in turn, one per level); default ``default_planes``
             (``"cycle"`` under a 2D prior on voxels within ``MAX_PLANE_ASPECT`` of isotropic); ignored on images.
-        random_pose: each level denoises turned by a random one of the square's rotations and flips
-            (``pose_generator``) and turns it back: a randomised equivariant denoiser, for priors trained with
-            flips and 90° rotations (as ``recon``'s are).
-
     Returns:
         ``ReconstructionResult``: ``x`` (mean of the samples, or the sample), ``samples (P, B, ...)``, ``weights``,
         ``std`` (``P > 1``), ``diagnostics``, ``info`` (``options``: the resolved ``tv_weight``).
@@ -220,13 +199,12 @@ def sample_hybrid(
         "anchor": float(anchor), "tv_weight": lam, "tv_factor": float(tv_factor), "tv_gap": float(tv_gap),
         "eta": float(eta), "admm_iters": int(admm_iters), "cg_iters": int(cg_iters), "planes": planes,
         "admm_penalty": float(admm_penalty), "tv_axes": list(axes), "operator_norm": norm_a, "sigma_y": float(sigma_y),
-        "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1]), "random_pose": bool(random_pose)})
-    poses = (torch.randint(8, (n,), generator=pose_generator(generator)).tolist() if random_pose else [0] * n)
+        "sigma_max": float(sig[0]), "sigma_min": float(sig[n - 1])})
     with torch.no_grad():
         aty = physics.A_adjoint(y_rep)
         for i in range(n):
             s, s_next = float(sig[i]), float(sig[i + 1])
-            x0 = denoise_in_plane(prior, x, s, PLANES[planes][i % len(PLANES[planes])], poses[i])
+            x0 = denoise_in_plane(prior, x, s, PLANES[planes][i % len(PLANES[planes])])
             check_finite(x0, "hybrid", i, "the prior's denoiser returned non-finite values")
             gamma = sy2 * float(anchor) / tweedie_std(s) ** 2
             admm_rho = gamma + float(admm_penalty) * float(sigma_y) * norm_a  # follows the anchor and the noise

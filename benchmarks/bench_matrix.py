@@ -106,6 +106,17 @@ TASKS: dict[str, tuple[str, dict, dict]] = {
     "mri4-n2": ("mri", {"acceleration": 4}, {"noise": 0.02}),
     "mri8-n0.5": ("mri", {"acceleration": 8}, {"noise": 0.005}),
     "mri8-n2": ("mri", {"acceleration": 8}, {"noise": 0.02}),
+    # image-domain tasks (the prior of the image's modality; noise relative to the measurement RMS, as the CLI)
+    # (blur FWHM in pixels of the image at its benchmark size: `fwhm_px`, turned into mm by `_simulate`)
+    "blur2.5": ("blur", {"fwhm_px": 2.5}, {"noise": 0.01}),
+    "blur2.5-n0.2": ("blur", {"fwhm_px": 2.5}, {"noise": 0.002}),
+    "inp50": ("inpainting", {"missing": 0.5}, {"noise": 0.01}),
+    "sr2": ("super-resolution", {"factor": 2}, {"noise": 0.01}),
+    # image-domain configurations no default was chosen on
+    "blur4": ("blur", {"fwhm_px": 4.0}, {"noise": 0.01}),
+    "inp80": ("inpainting", {"missing": 0.8}, {"noise": 0.01}),
+    "sr4": ("super-resolution", {"factor": 4}, {"noise": 0.01}),
+    "sr2-n0.2": ("super-resolution", {"factor": 2}, {"noise": 0.002}),
 }
 METHODS = ("analytic", "tv-auto", "tv-oracle", "dps", "red-diff", "dds", "diffpir", "daps", "pigdm", "hybrid",
            "deepinv-diffpir", "deepinv-dps", "tv-oracle-w")
@@ -256,6 +267,9 @@ def _simulate(task: str, image: np.ndarray, spacing: tuple, modality: str, seed:
 
     name, params, noise = TASKS[task]
     shape, spacing = ((1, *image.shape), (1.0, *spacing)) if image.ndim == 2 else (image.shape, spacing)
+    if "fwhm_px" in params:
+        params = {**params, "fwhm": params["fwhm_px"] * float(spacing[-1])}
+        del params["fwhm_px"]
     spec = make_task(name, shape, spacing, seed=seed, **params)
     unit = "HU" if is_ct(modality) else None
     img = torch.from_numpy(image).float()
@@ -315,6 +329,12 @@ def _run_method(method: str, ctx: dict) -> tuple[np.ndarray, dict]:
     return rec, {"seconds": seconds, "nfe": nfe, **extra}
 
 
+def _applies(task: str, ct_image: bool) -> bool:
+    """Whether a ``recon.tasks`` task runs on a CT image (``ct_image``) or an MR one: CT acquisitions on CT, MRI on
+    MR, the image-domain tasks (blur, inpainting, super-resolution) on both."""
+    return ct_image if task.endswith("-ct") else (not ct_image if task == "mri" else True)
+
+
 def _tv_factor(method: str) -> float | None:
     """F of a ``hybrid-tvfF`` method name, else None."""
     head, _, f = method.partition("-tvf")
@@ -346,7 +366,8 @@ def problem_context(ref: np.ndarray, spacing: tuple, modality: str, task: str, s
     physics = meas.physics()
     ctx = {"ref": ref, "modality": modality, "spec": spec, "meas": meas, "physics": physics, "seed": seed,
            "roi": flat_region(ref, modality)}
-    prior = priors["ct" if spec.is_ct else "mri"]
+    # the prior `recon reconstruct --prior default` picks: by the task (CT, MRI), else by the image's modality
+    prior = priors["ct" if spec.is_ct or (spec.task != "mri" and is_ct(modality)) else "mri"]
     with torch.no_grad():
         analytic_d = analytic_inverse(physics, meas.y)
     # the diffusion methods run on the whitened problem, as `recon reconstruct` runs them (PWLS for Beer–Lambert CT)
@@ -617,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         for image in args.images:
             ct_image = image.startswith("ct-")
             for task in args.tasks:
-                if (TASKS[task][0] == "mri") == ct_image:
+                if not _applies(TASKS[task][0], ct_image):
                     continue
                 case = f"{image}-{task}-{size}"
                 done = {r["method"]: r for r in rows if r["case"] == case}

@@ -150,7 +150,8 @@ def test_uncertainty_without_a_method_runs_an_ensemble_of_the_recommended_one(tm
     assert report["particles"] == 3 and report["uncertainty"]["intervals"] == "weighted sample quantiles"
     assert _load(tmp_path / "rec.std.nii.gz").max() > 0
     u = report["uncertainty"]  # default-ct's shipped calibration is for 16 hybrid runs, not these: not applied
-    assert u["calibration_factor"] is None and "not ensemble of dps with 3 samples" in u["calibration"]
+    base = recommended_method("image", "inpainting")
+    assert u["calibration_factor"] is None and f"not ensemble of {base} with 3 samples" in u["calibration"]
 
 
 def test_a_prior_ships_its_calibration_and_it_applies_only_to_the_runs_it_was_fitted_for(tmp_path, capsys):
@@ -163,7 +164,8 @@ def test_a_prior_ships_its_calibration_and_it_applies_only_to_the_runs_it_was_fi
                  *common]) == 0
     capsys.readouterr()
     doc = json.loads((prior / BUILTIN_CALIBRATION).read_text())
-    assert (doc["method"], doc["base"], doc["particles"], doc["tasks"]) == ("ensemble", "dps", 3, ["inpainting"])
+    base = recommended_method("image", "inpainting")
+    assert (doc["method"], doc["base"], doc["particles"], doc["tasks"]) == ("ensemble", base, 3, ["inpainting"])
     assert doc["prior_sha256"] == hashlib.sha256((prior / "model.safetensors").read_bytes()).hexdigest()
     out = tmp_path / "r.nii.gz"
     assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(out), "--particles", "3", *common,
@@ -177,7 +179,7 @@ def test_a_prior_ships_its_calibration_and_it_applies_only_to_the_runs_it_was_fi
                  "--uncertainty", "--json", "--overwrite"]) == 0
     u = json.loads(capsys.readouterr().out)["uncertainty"]
     assert u["calibration_factor"] is None
-    assert "with 3 samples of 2 steps, not ensemble of dps with 2 samples" in u["calibration"]
+    assert f"with 3 samples of 2 steps, not ensemble of {base} with 2 samples" in u["calibration"]
 
 
 def test_a_shipped_calibration_is_not_used_for_other_weights_or_tasks(tmp_path):

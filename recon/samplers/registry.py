@@ -247,9 +247,10 @@ def get_method(name: str) -> MethodSpec:
 # evaluation matrix (benchmarks/README.md, "Evaluation matrix" and "Noise-aware samplers"): on held-out head CT the
 # TV hybrid is the only diffusion method level with or above oracle-weighted TV (full range); on MRI the hybrid (with
 # its MRI options) beats the best TV on 9 of 12 cases but loses one image at 8× by about 2 dB ("Ninth pass"), so TV
-# (discrepancy-principle weight) it is; the other tasks
-# (blur, inpainting, super-resolution) were not in the matrix and keep DPS
-RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "tv", "image": "dps"}
+# (discrepancy-principle weight) it is; the image-domain tasks (blur, inpainting, super-resolution): the hybrid, whose
+# shipped options won on their tuning cases too (benchmarks/README.md, "Image-domain tasks"; DPS, their default
+# before, was the worst method there)
+RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "tv", "image": "hybrid"}
 # tasks whose matrix rows rank another method first (none at present: ΠGDM led limited angle at 128² until its
 # 256² rows showed it failing there, 12–21 dB, while the hybrid beats TV on every limited-angle number;
 # benchmarks/README.md, "Limited angle at 256²")
@@ -322,8 +323,9 @@ def markdown_table() -> str:
     """The README's method table, made from the registry (a test keeps the README equal to it)."""
     rows = ["| method | what it is | prior | checkpoint / resume | default for |", "|---|---|---|---|---|"]
     for name, spec in METHODS.items():
-        default_for = ", ".join([m.upper() if m != "image" else "other tasks" for m, v in RECOMMENDED.items()
-                                 if v == name] + [f"`{t}`" for t, v in RECOMMENDED_BY_TASK.items() if v == name])
+        default_for = ", ".join([m.upper() if m != "image" else "blur, inpainting, super-resolution"
+                                 for m, v in RECOMMENDED.items() if v == name]
+                                + [f"`{t}`" for t, v in RECOMMENDED_BY_TASK.items() if v == name])
         rows.append(f"| `{name}` | {spec.summary} | {'yes' if spec.needs_prior else 'no'} | "
                     f"{'yes' if spec.long_running else ''} | {default_for} |")
     return "\n".join(rows)

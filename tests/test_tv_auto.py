@@ -127,3 +127,45 @@ def test_noise_estimate_mri_outer_kspace(rel):
     away), 4× random mask, Gaussian noise on the sampled k-space only."""
     physics, y, sigma = _simulated("mri", "MR_small.dcm", 128, noise=rel)
     assert estimate_noise_sigma(physics, y) == pytest.approx(sigma, rel=0.2)
+
+
+
+def _inpainting_problem(missing: float, sigma: float):
+    """A smooth blob on MR-like intensities (200…1000 a.u.: the scale where a small λ fills holes slowly), pixels
+    missing at random, Gaussian noise on the measured ones."""
+    from recon.operators import Inpainting
+
+    yy, xx = torch.meshgrid(torch.arange(SIZE, dtype=torch.float64), torch.arange(SIZE, dtype=torch.float64),
+                            indexing="ij")
+    x = (200.0 + 800.0 * torch.exp(-((yy - 20) ** 2 + (xx - 26) ** 2) / 200.0))[None, None]
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand((SIZE, SIZE), generator=g) >= missing).double()
+    physics = Inpainting((SIZE, SIZE), mask)
+    return x, physics, physics.A(x) + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype) * mask, mask
+
+
+def test_fill_unmeasured_replaces_the_holes_only():
+    from recon.operators import ParallelBeamCT
+    from recon.samplers.baselines import fill_unmeasured
+
+    _, physics, _, mask = _inpainting_problem(0.5, 0.0)
+    ramp = torch.linspace(0, 1, SIZE, dtype=torch.float64).expand(SIZE, SIZE)[None, None].clone()
+    filled = fill_unmeasured(physics, physics.A(ramp))
+    seen = mask.bool()[None, None]
+    assert torch.equal(filled[seen], ramp[seen])                          # measured pixels untouched
+    assert float((filled - ramp)[~seen].abs().max()) < 3.0 / SIZE         # a hole gets its neighbours' mean
+    const = fill_unmeasured(physics, physics.A(torch.full_like(ramp, 7.0)))
+    torch.testing.assert_close(const, torch.full_like(ramp, 7.0))         # exact on a constant
+    ct = ParallelBeamCT((SIZE, SIZE), angles=8)
+    assert fill_unmeasured(ct, ramp) is ramp                              # an operator that sees every pixel
+
+
+def test_tv_on_inpainting_fills_the_holes_at_its_weight():
+    """TV moves an unmeasured pixel by about λ per iteration: from the zero-filled inverse, 300 iterations at the
+    discrepancy weight of low noise leave holes half empty (35 % error here; on MR_small 21.6 dB against 39.1 dB for
+    the same λ with more iterations, ``benchmarks/matrix_image_mr_128.json`` before the fix). From the filled start
+    the default solve is within a few per cent of the truth."""
+    x, physics, y, _ = _inpainting_problem(0.7, 0.5)
+    res = sample_tv(physics, y, sigma_y=0.5)
+    assert res.info["tv_weight"]["bracketed"]
+    assert float((res.x - x).norm() / x.norm()) < 0.05

@@ -58,6 +58,7 @@ from recon.samplers.loop import SamplerRun
 __all__ = [
     "PriorAsDeepinvDenoiser",
     "analytic_inverse",
+    "fill_unmeasured",
     "sample_analytic",
     "sample_deepinv_ddrm",
     "sample_deepinv_diffpir",
@@ -90,6 +91,29 @@ def analytic_inverse(physics, y: torch.Tensor) -> torch.Tensor:
         if _adjoint_is_inverse(physics):
             return physics.A_adjoint(y)
         return physics.A_dagger(y)
+
+
+def fill_unmeasured(physics, x: torch.Tensor, max_rounds: int = 256) -> torch.Tensor:
+    """``x`` with the pixels the operator never sees (``AᵀA 1 = 0``: an inpainting mask's holes) replaced by the mean
+    of their measured neighbours, the neighbourhood growing one pixel per round (normalised convolution). Other
+    pixels, and ``x`` of an operator that sees every pixel, are returned unchanged. A start for iterative solvers:
+    TV moves an unmeasured pixel by at most about λ per iteration, so from the zero-filled inverse it needs
+    thousands of iterations to fill a hole (``docs/methods/tv.md``)."""
+    with torch.no_grad():
+        seen = physics.A_adjoint(physics.A(torch.ones_like(x))).abs() > 0
+        if bool(seen.all()) or not bool(seen.any()):
+            return x
+        pool = torch.nn.functional.avg_pool3d if x.dim() == 5 else torch.nn.functional.avg_pool2d
+        out, known = x.clone(), seen.to(x.dtype)
+        num, den = x * known, known
+        for _ in range(int(max_rounds)):
+            num, den = pool(num, 3, 1, 1, count_include_pad=False), pool(den, 3, 1, 1, count_include_pad=False)
+            new = (known == 0) & (den > 0)
+            out = torch.where(new, num / den.clamp_min(1e-30), out)
+            known = torch.where(new, torch.ones_like(known), known)
+            if bool(known.all()):
+                break
+        return out
 
 
 def _single_step_result(x, physics, y, method, t0, callback, options) -> ReconstructionResult:
@@ -244,7 +268,8 @@ def sample_tv(
     template = image_template(physics, y)
     if template.dim() not in (4, 5):
         raise ValueError(f"sample_tv needs images (B, C, H, W) or volumes (B, C, D, H, W), got {tuple(template.shape)}")
-    x = analytic_inverse(physics, y).to(template.dtype) if init == "analytic" else template.clone()
+    x = fill_unmeasured(physics, analytic_inverse(physics, y).to(template.dtype)) if init == "analytic" \
+        else template.clone()
     norm_a = operator_norm(physics, template)
     if norm_a == 0:
         raise ValueError("the physics maps everything to zero (‖A‖ = 0)")
@@ -362,7 +387,7 @@ def tv_oracle_weight(
         def score(x_: torch.Tensor) -> float:
             return -float((x_ - truth).pow(2).sum())
     template = image_template(physics, y)
-    x0 = analytic_inverse(physics, y).to(template.dtype)
+    x0 = fill_unmeasured(physics, analytic_inverse(physics, y).to(template.dtype))
     norm_a = operator_norm(physics, template)
     y_s = y / norm_a
     lam0 = _heuristic_lam(x0, norm_a, sigma_y) if lam0 is None else float(lam0)

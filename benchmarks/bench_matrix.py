@@ -26,7 +26,10 @@ diffusion methods in the prior's normalised range with ``σ_y`` from the noise m
 sparse view (10⁵ photons, the command line's default dose), ``la90/la120`` limited angle (60/80 views over
 90°/120°, 10⁵ photons), ``ld1e4/ld1e5`` low dose (180 views, 10⁴/10⁵ photons), ``g0.2/g1/g2`` Gaussian noise
 of 0.2/1/2 % of the sinogram's peak (60 views), ``mri4/mri8`` (random 1D mask, noise 1 % of the k-space RMS,
-the command line's default) and ``mri4-n0.5/mri4-n2/mri8-n0.5/mri8-n2`` (0.5/2 %).
+the command line's default) and ``mri4-n0.5/mri4-n2/mri8-n0.5/mri8-n2`` (0.5/2 %); the image-domain tasks on CT
+and MR images alike, with the prior of the image's modality: ``blur2.5/blur4`` (Gaussian blur of 2.5/4 pixels
+FWHM), ``inp50/inp80`` (50/80 % of the pixels missing), ``sr2/sr4`` (super-resolution), noise 1 % of the
+measurement RMS (``-n0.2``: 0.2 %).
 
 Methods: ``analytic`` (FBP, Hann / zero-filled), ``tv-auto`` (``sample_tv``'s default: the discrepancy
 principle, ``σ_y`` from the noise model), ``tv-oracle`` (``tv_oracle_weight``: grid + golden section on the

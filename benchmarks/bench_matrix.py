@@ -139,6 +139,9 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
 
     if name.startswith("ct-head") or name == "ct-body":
         hu, ps = _dicom_slice("CT_small.dcm" if name == "ct-body" else "693_UNCR.dcm")
+        # the scanner's padding outside its field of view (−3024 HU) is air: the CT tasks see it so already (μ is
+        # clamped at 0), the image-domain tasks would otherwise be asked to reproduce a value no prior knows
+        hu = np.maximum(hu, -1024.0)
         if name == "ct-head-crop":
             hu = hu[128:384, 128:384]
         return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body" if name == "ct-body" else "CT"

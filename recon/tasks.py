@@ -51,6 +51,7 @@ from recon.datasets.io import atomic_write_bytes
 from recon.operators.parameters import MU_WATER_PER_MM
 
 __all__ = [
+    "AIR_HU",
     "MU_WATER_PER_MM",
     "TASKS",
     "TASK_TABLE",
@@ -69,6 +70,10 @@ __all__ = [
     "to_domain",
     "weighted_problem",
 ]
+
+# the lowest CT value an image-domain task keeps: a scanner's air; its out-of-field padding (−2000, −3024 HU) is air
+# too (the CT tasks see it so already: μ is clamped at 0)
+AIR_HU = -1024.0
 
 MEASUREMENT_FORMAT = "recon-measurement"
 MEASUREMENT_VERSION = 1
@@ -278,12 +283,14 @@ def stored_arrays(spec: TaskSpec, physics) -> dict:
 
 # ------------------------------------------------------------------------------------------------- units
 def to_domain(spec: TaskSpec, image: torch.Tensor, unit: str | None) -> torch.Tensor:
-    """Physical image → the operator's input: HU → μ (mm⁻¹) for CT tasks, unchanged otherwise."""
+    """Physical image → the operator's input: HU → μ (mm⁻¹, at least 0) for CT tasks; an image in HU under another
+    task floored at ``AIR_HU`` (a scanner's out-of-field padding is air, not an object of −3024 HU that the noise
+    level and the prior would have to account for); unchanged otherwise."""
     if spec.is_ct:
         if unit not in ("HU", None):
             raise TaskError(f"CT tasks need an image in HU, got unit {unit!r}")
         return (MU_WATER_PER_MM * (1.0 + image / 1000.0)).clamp_min(0.0)
-    return image
+    return image.clamp_min(AIR_HU) if unit == "HU" else image
 
 
 def from_domain(spec: TaskSpec, d: torch.Tensor) -> torch.Tensor:

@@ -265,3 +265,20 @@ def test_repr_has_geometry():
     parts = ("Blur(", "img_size=(16, 12)", "spacing=(0.5, 1) mm", "motion length=5 mm", "angle=30", "'zero'")
     for part in parts:
         assert part in text
+
+
+def test_out_of_field_padding_is_air_for_image_domain_tasks():
+    """A CT slice with the scanner's −3024 HU padding outside its field of view: an image-domain task measures it as
+    air (as the CT tasks do through μ ≥ 0), so the measurement, and the noise level relative to its RMS, are those
+    of the image with air there; an image in other units is measured as it is."""
+    from recon.tasks import AIR_HU, make_task, simulate
+
+    img = torch.full((32, 32), 40.0)
+    img[:6], img[10:20, 10:20] = -3024.0, -1000.0
+    air = img.clamp_min(AIR_HU)
+    spec = make_task("blur", (1, 32, 32), (1.0, 1.0, 1.0), fwhm=2.0)
+    padded, clean = simulate(spec, img, "HU", noise=0.01, seed=3), simulate(spec, air, "HU", noise=0.01, seed=3)
+    torch.testing.assert_close(padded.y, clean.y)
+    assert padded.sigma_y == clean.sigma_y
+    raw = simulate(spec, img, None, noise=0.01, seed=3)
+    assert float(raw.y.min()) < -3000 and raw.sigma_y > clean.sigma_y

@@ -129,7 +129,6 @@ def test_noise_estimate_mri_outer_kspace(rel):
     assert estimate_noise_sigma(physics, y) == pytest.approx(sigma, rel=0.2)
 
 
-
 def _inpainting_problem(missing: float, sigma: float):
     """A smooth blob on MR-like intensities (200…1000 a.u.: the scale where a small λ fills holes slowly), pixels
     missing at random, Gaussian noise on the measured ones."""

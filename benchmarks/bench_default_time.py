@@ -2,8 +2,10 @@
 prior): ``hybrid`` on 60-view sparse-view CT and on 90° limited angle (60 views), and ``pigdm`` (the limited-angle
 default until 2026-12-06) on the same limited-angle case, the 693 head CT at its full field of view averaged to
 256²; ``hybrid-mri`` times the hybrid with its MRI options on 4× single-coil MRI (1 % noise) of nibabel's
-``anatomical.nii`` central axial slice at 256² (what switching MRI's default to the hybrid would cost). Images and
-problems are ``bench_matrix.py``'s (``ct-head-full`` / ``mr-anat``; tasks ``sv60``, ``la90``, ``mri4``).
+``anatomical.nii`` central axial slice at 256² (what switching MRI's default to the hybrid would cost);
+``hybrid-blur`` / ``hybrid-inpainting`` / ``hybrid-sr`` the image-domain default on the head CT (2.5-pixel blur, 50 %
+missing, 2× super-resolution, 1 % noise). Images and problems are ``bench_matrix.py``'s (``ct-head-full`` /
+``mr-anat``; tasks ``sv60``, ``la90``, ``mri4``, ``blur2.5``, ``inp50``, ``sr2``).
 
     python benchmarks/bench_default_time.py --threads 1
 """
@@ -26,7 +28,9 @@ from recon.priors import load_prior
 
 # name -> (method, bench_matrix image, bench_matrix task)
 CASES = {"hybrid": ("hybrid", "ct-head-full", "sv60"), "hybrid-la": ("hybrid", "ct-head-full", "la90"),
-         "pigdm": ("pigdm", "ct-head-full", "la90"), "hybrid-mri": ("hybrid", "mr-anat", "mri4")}
+         "pigdm": ("pigdm", "ct-head-full", "la90"), "hybrid-mri": ("hybrid", "mr-anat", "mri4"),
+         "hybrid-blur": ("hybrid", "ct-head-full", "blur2.5"), "hybrid-inpainting": ("hybrid", "ct-head-full", "inp50"),
+         "hybrid-sr": ("hybrid", "ct-head-full", "sr2")}
 
 
 def main() -> None:

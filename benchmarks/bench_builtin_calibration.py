@@ -20,8 +20,10 @@ under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``).
 Report: held-out images never fitted on, each reconstructed exactly as ``recon reconstruct --uncertainty`` does
 (``recon.pipeline.reconstruct_in_memory``), noise draws ``--seeds`` (default 1). CT: the head CT ``693_UNCR.dcm``
 (full field of view averaged to 128², as ``bench_matrix.py``'s ``ct-head-full``; its −3024 HU padding outside the
-scan circle set to air, −1024) through the fitted configurations and some the fit never saw (sparse view: 45 and 120
-views at 1e5 photons, 180 views at 1e5; limited angle: 70 views over 105°, 100 views over 150°). MRI: MR_small and
+scan circle set to air, −1024, by ``load_image`` before the area-averaging since 2026-12-07; the committed CT
+reports set it after, which differs in about 300 pixels at the circle's edge, outside the head) through the fitted
+configurations and some the fit never saw (sparse view: 45 and 120 views at 1e5 photons, 180 views at 1e5; limited
+angle: 70 views over 105°, 100 views over 150°). MRI: MR_small and
 anatomical.nii (``bench_matrix``'s ``mr-small``, ``mr-anat``) at 4× and 8× and, unseen, 6× and 4× at 2 % noise.
 ``--images ct-body`` reports the trunk slice ``CT_small.dcm`` instead (a check outside the head the fit never saw). Per
 case: coverage of the nominal 90 % intervals over the image and inside the body (``body_mask``), uncalibrated
@@ -51,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_hybrid_tuning import slice_128
-from bench_matrix import is_ct, load_image
+from bench_matrix import load_image
 
 from recon.calibrate import calibrate_studies
 from recon.datasets import MedicalImage, read_image, write_nifti
@@ -244,9 +246,7 @@ def main() -> None:
             parser.error("--volume needs --data (the slab) and takes no --images")
         images = ["ct-slab"] if args.volume else args.images or spec["report"]
         for image in images:
-            values, spacing, modality = load_image(image, 128, *([Path(args.data)] if args.volume else []))
-            if is_ct(modality):
-                values = np.maximum(values, -1024.0)  # the scanner's padding outside its field of view (−3024) is air
+            values, spacing, _ = load_image(image, 128, *([Path(args.data)] if args.volume else []))
             path = Path(tmp) / f"{image}.nii.gz"
             if args.volume:  # (D, H, W) with (dz, dy, dx) mm voxels
                 dz, dy, dx = spacing

@@ -134,6 +134,8 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
     ``ct-slab`` a volume ``(24, size, size)`` with spacing ``(dz, dy, dx)``, read from ``slab``."""
     from skimage.transform import resize
 
+    from recon.tasks import AIR_HU
+
     def fit(img: np.ndarray) -> np.ndarray:
         return resize(img.astype(np.float64), (size, size), anti_aliasing=True, preserve_range=True)
 
@@ -141,7 +143,7 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         hu, ps = _dicom_slice("CT_small.dcm" if name == "ct-body" else "693_UNCR.dcm")
         # the scanner's padding outside its field of view (−3024 HU) is air: the CT tasks see it so already (μ is
         # clamped at 0), the image-domain tasks would otherwise be asked to reproduce a value no prior knows
-        hu = np.maximum(hu, -1024.0)
+        hu = np.maximum(hu, AIR_HU)  # before the area-averaging: the edge pixels mix air, not −3024
         if name == "ct-head-crop":
             hu = hu[128:384, 128:384]
         return fit(hu), (ps * hu.shape[0] / size,) * 2, "CT-body" if name == "ct-body" else "CT"

@@ -65,6 +65,7 @@ from recon.samplers.uncertainty import (
     body_mask,
     builtin_calibration,
     coverage,
+    load_calibration,
     spearman,
     uncertainty_maps,
 )
@@ -113,28 +114,43 @@ def write_slice(path: Path, hu: np.ndarray, spacing: float) -> None:
     nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.T[:, :, None]).astype(np.float32), affine), path)
 
 
-def tuning_slices(data: str, task: str, slices: list[int]) -> list[tuple[str, np.ndarray, float]]:
-    """``(name, image, spacing mm)`` of the tuning slices: the InVesalius slab's averaged to 128² (CT), or frames of
-    the held-out ``emri_small`` (64² at 1 mm) interpolated to 128² (MRI), as ``bench_matrix``'s MR images are."""
-    volume = read_image(data).array
+def tuning_slices(data: str, task: str, slices: list[int],
+                  native: int | None = None) -> list[tuple[str, np.ndarray, float]]:
+    """``(name, image, spacing mm)`` of the tuning slices: the InVesalius slab's averaged to 128² (CT), or MRI frames
+    resized to 128² as ``bench_matrix``'s MR images are: the held-out ``emri_small`` (64² at 1 mm, interpolated up) or
+    matplotlib's ``s1045`` (256², anti-aliased down: a real slice, not interpolated). ``native``: MRI frames are
+    first resized to ``native``² (then interpolated up to 128², as MR_small's 64² are)."""
+    image = read_image(data)
+    volume = image.array
     if _is_ct(task):
         return [(f"slab{i}", slice_128(volume, i), SLAB_SPACING) for i in slices]
     from skimage.transform import resize
 
-    return [(f"emri{i}", resize(np.abs(volume[i]).astype(np.float64), (128, 128), anti_aliasing=True,
-                                preserve_range=True), volume.shape[-1] / 128.0) for i in slices]
+    emri = Path(data).name.startswith("emri_small")
+    stem = "emri" if emri else Path(data).name.split(".")[0].removeprefix("matplotlib_") + "-"
+    spacing = float(np.linalg.norm(image.affine[:3, 0])) * volume.shape[-1] / 128.0
+    def frame(i: int) -> np.ndarray:
+        image = np.abs(volume[i]).astype(np.float64)
+        if native:
+            image = resize(image, (native, native), anti_aliasing=True, preserve_range=True)
+        return resize(image, (128, 128), anti_aliasing=True, preserve_range=True)
+
+    tag = f"@{native}" if native else ""
+    return [(f"{stem}{i}{tag}", frame(i), spacing) for i in slices]
 
 
-def fit(data: str, task: str, slices: list[int], out: Path) -> dict:
-    """``recon calibrate`` on the tuning slices × the task's fitted configurations; writes ``out``."""
+def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (0,)) -> dict:
+    """``recon calibrate`` on the tuning slices × the task's fitted configurations × noise (and mask) draws
+    ``seeds``; writes ``out``."""
     spec = TASKS[task]
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for name, image, spacing in tuning_slices(data, task, slices):
             write_slice(Path(tmp) / f"{name}.nii.gz", image, spacing)
             for config, (params, noise) in spec["fit"].items():
-                rows.append({"input": f"{name}.nii.gz", "output": f"{name}-{config}", "task": task, **params,
-                             **noise, "seed": 0})
+                for seed in seeds:
+                    rows.append({"input": f"{name}.nii.gz", "output": f"{name}-{config}-s{seed}", "task": task,
+                                 **params, **noise, "seed": seed})
         manifest = Path(tmp) / "studies.csv"
         with open(manifest, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -142,10 +158,13 @@ def fit(data: str, task: str, slices: list[int], out: Path) -> dict:
             writer.writerows(rows)
         summary = calibrate_studies(manifest, out, Settings(task=task, prior=spec["prior"]), coverage=LEVEL,
                                     overwrite=True, offset=spec.get("offset", 0.0))
-    source = "head CT: InVesalius slab slices" if _is_ct(task) else "brain MRI: emri_small frames"
+    source = ("head CT: InVesalius slab slices" if _is_ct(task) else
+              "brain MRI: emri_small frames" if Path(data).name.startswith("emri_small") else
+              f"brain MRI: {Path(data).name.split('.')[0]} frames")
     doc = json.loads(out.read_text())
     doc["fitted_on"] = (f"{source} {', '.join(map(str, slices))} at 128²; {spec['describe']}; "
-                        f"seed 0; benchmarks/bench_builtin_calibration.py --fit --task {task}")
+                        f"seeds {', '.join(map(str, seeds))}; benchmarks/bench_builtin_calibration.py --fit "
+                        f"--task {task}")
     out.write_text(json.dumps(doc, indent=1, sort_keys=True))
     return summary
 
@@ -161,8 +180,10 @@ def spearman_ceiling(std: torch.Tensor, mask: torch.Tensor, draws: int = 8) -> f
                           for _ in range(draws)]))
 
 
-def report_case(path: Path, task: str, name: str, params: dict, noise: dict, seed: int, prior) -> dict:
-    """One held-out case through ``reconstruct_in_memory``, scored uncalibrated and with the shipped factor."""
+def report_case(path: Path, task: str, name: str, params: dict, noise: dict, seed: int, prior,
+                calibration: Path | None = None) -> dict:
+    """One held-out case through ``reconstruct_in_memory``, scored uncalibrated and with the shipped factor (or the
+    ``calibration`` file's: a candidate, checked here before it ships)."""
     from recon.pipeline import reconstruct_in_memory
 
     s = Settings(task=task, task_params=params, seed=seed, uncertainty=LEVEL, prior=TASKS[task]["prior"], **noise)
@@ -170,6 +191,8 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
     truth, result, physics = reconstruct_in_memory(path, s)
     seconds = time.perf_counter() - t0
     doc, why = builtin_calibration(prior, result.info, task)
+    if calibration is not None:
+        doc, why = load_calibration(calibration), f"candidate {calibration.name}"
     hu = domain_scale(make_task(task, (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params)) if _is_ct(task) else 1.0
     truth = truth.reshape(result.x.shape).double()
     mask = body_mask(truth.cpu()).reshape(truth.shape)
@@ -215,7 +238,10 @@ def main() -> None:
                         help="for --fit: the held-out InVesalius slab (CT) or emri_small (MRI), as NIfTI")
     parser.add_argument("--task", default="sparse-view-ct", choices=list(TASKS))
     parser.add_argument("--slices", type=int, nargs="+", help="slices to fit on (default: the task's)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="noise draws of the report")
+    parser.add_argument("--fit-out", type=Path, help="--fit writes here instead of the prior's folder (a candidate)")
+    parser.add_argument("--calibration", type=Path, help="report with this calibration file instead of the shipped one")
+    parser.add_argument("--fit-seeds", type=int, nargs="+", default=[0], help="noise draws of --fit")
     parser.add_argument("--cases", nargs="+", help="configurations to report (default: the task's, fitted and unseen)")
     parser.add_argument("--images", nargs="+", help="held-out images to report (default: the task's)")
     parser.add_argument("--volume", type=int, nargs=2, metavar=("FIRST", "STOP"),
@@ -234,7 +260,8 @@ def main() -> None:
         if not args.data:
             parser.error("--fit needs --data")
         out = Path(__file__).resolve().parents[1] / "recon" / "priors" / "weights" / BUILTIN_PRIORS[spec["prior"]]
-        print(fit(args.data, args.task, args.slices or spec["slices"], out / spec["file"]), flush=True)
+        print(fit(args.data, args.task, args.slices or spec["slices"], args.fit_out or out / spec["file"],
+                  args.fit_seeds), flush=True)
         return
     configs = {**spec["fit"], **spec["unseen"]}
     unknown = sorted(set(args.cases or []) - set(configs))
@@ -256,7 +283,7 @@ def main() -> None:
             for seed in args.seeds:
                 for name in args.cases or configs:
                     params, noise = configs[name]
-                    rows.append(report_case(path, args.task, name, params, noise, seed, prior))
+                    rows.append(report_case(path, args.task, name, params, noise, seed, prior, args.calibration))
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"level": LEVEL, "task": args.task, "rows": rows}, indent=1))

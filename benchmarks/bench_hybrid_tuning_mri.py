@@ -144,6 +144,8 @@ def main() -> None:
                         help="noise and mask draws (the matrix uses 0)")
     parser.add_argument("--factors", type=float, nargs="+",
                         help="the mask study: anchor 1.0 and these TV factors instead of the grid")
+    parser.add_argument("--native", type=int, help="resize each frame to this size first, then up to 128² (64: "
+                        "the resolution of MR_small, the matrix's MR slice)")
     parser.add_argument("--no-references", action="store_true", help="skip the TV rows")
     parser.add_argument("--json", default=None)
     parser.add_argument("--merge", nargs="+", help="pool the rows of these JSON files, apply the rule; no runs")
@@ -159,9 +161,11 @@ def main() -> None:
         grid = GRID if args.settings is None else [GRID[i] for i in args.settings]
         if args.factors:
             grid = [{"anchor": 1.0, "tv_factor": f} for f in args.factors]
-        frames = {i: tuning_slices(args.data, "mri", [i])[0][1] for i in args.frames}
+        frames = {i: tuning_slices(args.data, "mri", [i], args.native)[0][1] for i in args.frames}
+        label = {"native": args.native} if args.native else {}
         rows = [r for i in args.frames for t in args.tasks for seed in args.seeds
-                for r in run_case(frames[i], t, prior, {"frame": i, "seed": seed}, grid, not args.no_references, seed)]
+                for r in run_case(frames[i], t, prior, {"frame": i, "seed": seed, **label}, grid,
+                                  not args.no_references, seed)]
     if args.factors or args.by_mask:
         doc = {"rule": "per mask the factor of highest mean PSNR over the frames (parabola in log factor); "
                        "log factor linear in the mask's unsampled energy, least squares",

@@ -17,7 +17,9 @@ were the hybrid's 2D tuning and calibration cases, so this row is held out from 
 ``ct-slab-t2`` / ``ct-slab-t3``, the same slab as thick slices (2 or 3 neighbouring slices averaged: 12 of 3 mm,
 8 of 4.5 mm, as a scanner reconstructs thick slices; scored against the averaged slab);
 ``mr-small``, pydicom's ``MR_small.dcm`` (64², interpolated); ``mr-anat``, the central axial slice of nibabel's
-``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``ct-phantom``, a random CT phantom (seed 10000; a secondary row).
+``anatomical.nii`` (33 × 41, 2 mm, interpolated); ``mr-sagittal``, matplotlib's ``s1045`` (a real 256² sagittal
+T1 slice, area-averaged; the MRI tuning slice, so a row held out from training, not from tuning); ``ct-phantom``,
+a random CT phantom (seed 10000; a secondary row).
 Pixel spacing follows the field of view (CT geometry in mm).
 
 Tasks, simulated exactly as the command line does (``recon.tasks.make_task`` / ``simulate`` /
@@ -76,7 +78,7 @@ BRAIN_WINDOW = (0.0, 80.0)  # HU
 BODY_WINDOW = (-160.0, 240.0)  # HU, soft tissue of the trunk
 CT_FULL = (-1000.0, 1000.0)  # HU, the full-range metric window of `recon reconstruct`
 IMAGES = ("ct-head-full", "ct-head-crop", "ct-body", "ct-slab", "ct-slab-t2", "ct-slab-t3", "mr-small", "mr-anat",
-          "ct-phantom")
+          "mr-sagittal", "ct-phantom")
 # `recon prepare-prior-data --modality ct` writes the held-out InVesalius slab here (``--slab`` overrides)
 SLAB = Path("prior-data/ct/held-out/invesalius_cranium_slab.nii.gz")
 # name -> (task, task parameters, noise: photons / noise (relative to the RMS) / peak (relative to the peak))
@@ -166,6 +168,13 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         vol = np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata())
         axial = vol[:, :, vol.shape[2] // 2]
         return fit(axial), (2.0 * axial.shape[0] / size, 2.0 * axial.shape[1] / size), "MR"
+    if name == "mr-sagittal":  # the MRI tuning slice (recon.priors.recipe holds it out): not a reported case
+        import gzip
+
+        from matplotlib.cbook import get_sample_data
+
+        raw = gzip.decompress(Path(get_sample_data("s1045.ima.gz", asfileobj=False)).read_bytes())
+        return fit(np.frombuffer(raw, dtype="<u2").reshape(256, 256)), (256.0 / size,) * 2, "MR"
     raise ValueError(f"unknown image {name!r}; choose from {', '.join(IMAGES)}")
 
 

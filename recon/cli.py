@@ -364,10 +364,20 @@ def _tasks():
     return TASKS
 
 
-def _recommended(modality: str | None) -> str:
+def _recommended(modality: str | None, volume: bool = False) -> str:
     from recon.samplers import recommended_method
 
-    return recommended_method(modality)
+    return recommended_method(modality, volume=volume)
+
+
+def _recommended_text() -> str:
+    """The defaults by modality as help text: CT …, MRI … (and where volumes differ, theirs)."""
+    parts = []
+    for modality in ("ct", "mri"):
+        image, volume = _recommended(modality), _recommended(modality, volume=True)
+        parts.append(f"{modality.upper()} {image}" + (f", {modality.upper()} volumes {volume}" if volume != image
+                                                       else ""))
+    return ", ".join(parts)
 
 
 def _methods() -> dict:
@@ -581,7 +591,7 @@ def _add_reconstruct(sub, METHODS: dict) -> None:
                      help="reconstruction: .nii.gz/.nii/.npy/.png, or a folder (no suffix) for a DICOM series")
     rec.add_argument("--method", choices=list(METHODS), default=None, metavar="METHOD",
                     help=f"one of {', '.join(METHODS)} (`recon methods` describes them); default: the recommended "
-                    f"method of the task's modality (CT {_recommended('ct')}, MRI {_recommended('mri')})")
+                    f"method of the task's modality ({_recommended_text()})")
     rec.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
     rec.add_argument("--steps", type=int, default=None)
     rec.add_argument("--particles", type=int, default=None)
@@ -613,7 +623,7 @@ def _add_batch(sub, METHODS: dict) -> None:
     bt.add_argument("-o", "--output", default=None, help="output folder (one subfolder per study)")
     bt.add_argument("--method", choices=list(METHODS), default=None, metavar="METHOD",
                     help=f"one of {', '.join(METHODS)} (`recon methods` describes them); default: the recommended "
-                    f"method of the task's modality (CT {_recommended('ct')}, MRI {_recommended('mri')})")
+                    f"method of the task's modality ({_recommended_text()})")
     bt.add_argument("--prior", default=None, help="default (by modality), default-ct, default-mri or a prior folder")
     bt.add_argument("--steps", type=int, default=None)
     bt.add_argument("--particles", type=int, default=None)

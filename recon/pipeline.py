@@ -319,7 +319,8 @@ def reconstruct_file(
     timings["read_and_simulate"] = time.perf_counter() - t0
     physics = _physics(problem.meas, dev, cache)
     problem.meas.y = problem.meas.y.to(dev)
-    method = _resolve_method(s.method, s.options, physics, problem.complex_input, in_path, problem.meas.spec.task)
+    method = _resolve_method(s.method, s.options, physics, problem.complex_input, in_path, problem.meas.spec.task,
+                             problem.meas.spec.is_volume)
     method, s = _with_spread(method, s, getattr(physics, "modality", None))
     t0 = time.perf_counter()
     run = _run_method(problem.meas, physics, method, s, dev, cache, callback)
@@ -404,13 +405,15 @@ def _read_problem(in_path: Path, s: Settings) -> _Problem:
 
 
 def _resolve_method(method: str | None, options: dict | None, physics, complex_input: bool, in_path: Path,
-                    task: str | None = None) -> str:
-    """The method to run (None: the recommended one for the operator; ``analytic`` for measured k-space), checked
-    against the data: measured complex k-space needs a method that takes complex images."""
+                    task: str | None = None, volume: bool = False) -> str:
+    """The method to run (None: the recommended one for the operator, on an image or a ``volume``; ``analytic`` for
+    measured k-space), checked against the data: measured complex k-space needs a method that takes complex
+    images."""
     from recon.samplers import METHODS, get_method, recommended_method
 
     if method is None:
-        method = "analytic" if complex_input else recommended_method(getattr(physics, "modality", None), task)
+        modality = getattr(physics, "modality", None)
+        method = "analytic" if complex_input else recommended_method(modality, task, volume)
     spec = get_method(method)
     spec.check_options(options or {})
     if complex_input and not spec.complex_data:
@@ -530,7 +533,7 @@ def reconstruct_in_memory(input: str | os.PathLike, settings: Settings, cache: d
     physics = _physics(problem.meas, dev, cache)
     problem.meas.y = problem.meas.y.to(dev)
     method = _resolve_method(settings.method, settings.options, physics, problem.complex_input, Path(input),
-                             problem.meas.spec.task)
+                             problem.meas.spec.task, problem.meas.spec.is_volume)
     method, settings = _with_spread(method, settings, getattr(physics, "modality", None))
     run = _run_method(problem.meas, physics, method, settings, dev, cache, None)
     run.result.info["prior_sha256"] = _prior_checksum(run.prior) if run.prior else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import plistlib
@@ -137,10 +138,17 @@ def test_mri_recipe_holds_out_anatomical_and_reads_4d_files(tmp_path):
     nib.save(nib.Nifti1Image(rng.random((10, 12, 8)).astype(np.float32), np.eye(4)), nib_dir / "anatomical.nii")
     nib.save(nib.Nifti1Image(rng.random((10, 12, 8, 3)).astype(np.float32), np.diag([2, 2, 3, 1])),
              nib_dir / "example4d.nii.gz")
-    m = prepare_prior_data(tmp_path / "out", "mri", {"nibabel": str(nib_dir)}, report=lambda line: None)
+    mpl_dir = tmp_path / "matplotlib"
+    mpl_dir.mkdir()
+    slice_ = rng.integers(0, 60000, (256, 256)).astype("<u2")  # matplotlib's raw s1045.ima.gz: no header
+    (mpl_dir / "s1045.ima.gz").write_bytes(gzip.compress(slice_.tobytes()))
+    m = prepare_prior_data(tmp_path / "out", "mri", {"nibabel": str(nib_dir), "matplotlib": str(mpl_dir)},
+                           report=lambda line: None)
     roles = {f["origin"]: f["role"] for f in m["files"]}
-    assert roles == {"anatomical.nii": "held-out", "example4d.nii.gz": "train"}
+    assert roles == {"anatomical.nii": "held-out", "example4d.nii.gz": "train", "s1045.ima.gz": "held-out"}
     assert len(m["missing_sources"]) == 4  # pydicom, mricron, nilearn, dipy: not given
+    tuning = nib.load(tmp_path / "out" / "held-out" / "matplotlib_s1045.nii.gz").get_fdata()
+    assert np.array_equal(tuning[:, :, 0].T, slice_)  # row-major (H, W) stored as NIfTI (x, y, z)
     epi = nib.load(tmp_path / "out" / "train" / "nibabel_example4d.nii.gz")
     assert epi.shape == (10, 12, 8) and np.allclose(epi.affine, np.diag([2, 2, 3, 1]))
 
@@ -151,3 +159,18 @@ def test_pixel_hash_and_crop_detection():
     assert pixel_hash(a) == pixel_hash(a.astype(np.int16)) == pixel_hash(a + 1e-4) != pixel_hash(a + 0.1)
     assert pixel_hash(a) != pixel_hash(a.reshape(1, 30, 20))
     assert is_crop(a[:, 3:15, 5:], a) and not is_crop(a, a[:, 3:15, 5:]) and not is_crop(a[:, 3:15, 5:] + 1, a)
+
+
+def test_truncated_raw_tuning_slice_is_dropped_not_trained_on(tmp_path):
+    mpl_dir = tmp_path / "matplotlib"
+    mpl_dir.mkdir()
+    (mpl_dir / "s1045.ima.gz").write_bytes(gzip.compress(np.zeros(1000, "<u2").tobytes()))
+    nib_dir = tmp_path / "nibabel"
+    nib_dir.mkdir()
+    nib.save(nib.Nifti1Image(np.random.default_rng(4).random((6, 6, 4)).astype(np.float32), np.eye(4)),
+             nib_dir / "example4d.nii.gz")
+    m = prepare_prior_data(tmp_path / "out", "mri", {"nibabel": str(nib_dir), "matplotlib": str(mpl_dir)},
+                           report=lambda line: None)
+    assert [f["origin"] for f in m["files"]] == ["example4d.nii.gz"]
+    (dropped,) = [d for d in m["dropped"] if d["origin"] == "s1045.ima.gz"]
+    assert "expected a raw (256, 256) uint16 image" in dropped["reason"]

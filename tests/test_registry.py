@@ -198,6 +198,27 @@ def test_the_recommended_method_can_depend_on_the_task():
     assert recommended_method("ct", "sparse-view-ct") == RECOMMENDED["ct"]
 
 
+def test_mri_volumes_have_their_own_default_and_every_caller_tells_them_apart():
+    """The registry's default for MRI images is not the one for MRI volumes (``RECOMMENDED_FOR_VOLUMES``): the API
+    picks by the operator's output shape, the README's table says both."""
+    from recon.operators import CartesianMRI
+    from recon.samplers.registry import RECOMMENDED, RECOMMENDED_FOR_VOLUMES, markdown_table
+
+    assert recommended_method("mri") == RECOMMENDED["mri"] != RECOMMENDED_FOR_VOLUMES["mri"]
+    assert recommended_method("mri", volume=True) == RECOMMENDED_FOR_VOLUMES["mri"]
+    assert recommended_method("ct", volume=True) == recommended_method("ct")  # no CT override
+    table = markdown_table()
+    assert f"| `{RECOMMENDED_FOR_VOLUMES['mri']}` |" in table and "MRI volumes |" in table
+    g = torch.Generator().manual_seed(0)
+    volume_op = CartesianMRI((4, 8, 8), acceleration=2, seed=0)
+    y = volume_op.A(torch.rand(1, 2, 4, 8, 8, generator=g))
+    res = recon.reconstruct(volume_op, y, sigma_y=0.01, steps=5)  # no prior needed: the volume default is TV
+    assert res.info["method"] == RECOMMENDED_FOR_VOLUMES["mri"] and res.x.shape == (1, 2, 4, 8, 8)
+    image_op = CartesianMRI((8, 8), acceleration=2, seed=0)
+    with pytest.raises(OptionError, match=f"method '{RECOMMENDED['mri']}' needs a prior"):  # an image: not TV
+        recon.reconstruct(image_op, image_op.A(torch.rand(1, 2, 8, 8, generator=g)), sigma_y=0.01)
+
+
 def test_uncertainty_without_a_method_wraps_only_methods_that_sample_from_a_prior():
     from recon.samplers.registry import spread_method
 
@@ -209,11 +230,11 @@ def test_uncertainty_without_a_method_wraps_only_methods_that_sample_from_a_prio
 
 
 def test_uncertainty_on_mri_samples_the_modalitys_spread_method_not_tv():
-    """MRI's recommended TV has nothing to sample: its uncertainty maps come from the hybrid's ensemble; a named
-    prior-free method other than the recommended one (the analytic inverse of measured k-space) stays as it is."""
-    from recon.samplers.registry import RECOMMENDED, SPREAD_BY_MODALITY, spread_method
+    """MRI volumes' recommended TV has nothing to sample: their uncertainty maps come from the hybrid's ensemble; a
+    named prior-free method other than a recommended one (the analytic inverse of measured k-space) stays as it is."""
+    from recon.samplers.registry import RECOMMENDED_FOR_VOLUMES, SPREAD_BY_MODALITY, spread_method
 
-    assert RECOMMENDED["mri"] == "tv" and SPREAD_BY_MODALITY["mri"] == "hybrid"
+    assert RECOMMENDED_FOR_VOLUMES["mri"] == "tv" and SPREAD_BY_MODALITY["mri"] == "hybrid"
     assert spread_method("tv", "mri") == ("ensemble", {"base": "hybrid"})
     assert spread_method("analytic", "mri") == ("analytic", {})
     assert spread_method("hybrid", "mri") == ("ensemble", {"base": "hybrid"})

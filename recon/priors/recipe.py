@@ -7,7 +7,8 @@ CT or MR images that ship inside packages (nothing is downloaded; the Debian pac
 - ``DIR/train/*.nii.gz``: the training images (the trainer's ``--data DIR/train``; presets take ``DIR``),
 - ``DIR/held-out/*.nii.gz``: images kept for evaluation and never trained on (every ``693_*`` file, ``MR_small.dcm``
   and its study, nibabel's ``anatomical.nii`` and the files derived from it, ``CT_small.dcm``, pydicom's
-  ``emri_small`` study, and a 24-slice slab of the InVesalius head CT for the volume benchmark),
+  ``emri_small`` study, matplotlib's ``s1045`` slice, and a 24-slice slab of the InVesalius head CT for the volume
+  benchmark),
 - ``DIR/manifest.json``: every file's source, licence, role (``train`` / ``held-out``), shape, spacing and checksum,
   and every candidate that was dropped (duplicate, derived map, lossy copy, ...) with the reason.
 
@@ -20,6 +21,8 @@ Sources (each optional; a missing one is reported in one line and skipped, or is
 - ``nilearn`` (MR): the MNI152 2009a T1 template inside nilearn.
 - ``nibabel`` (MR): nibabel's test data (``anatomical.nii`` held out; ``example4d.nii.gz`` EPI).
 - ``dipy`` (MR): ``dipy/data/files`` (``t1_coronal_slice.npy``, ``S0_10slices.nii.gz``, ``aniso_vox.nii.gz``).
+- ``matplotlib`` (MR): ``mpl-data/sample_data/s1045.ima.gz``, a raw 256² sagittal T1 head slice (held out: the MRI
+  tuning slice; its pixel spacing is not recorded, 1 mm is assumed).
 
 Deduplication: one image in several encodings counts once (SHA-256 of the decoded pixel array rounded to two
 decimals; held-out files are taken first, so a re-encoded copy of a held-out image is dropped, never trained on),
@@ -71,7 +74,7 @@ DEFAULT_ROOTS = {"debian": "debian-root"}  # relative to the working folder; REC
 HELD_OUT_NAMES = {
     "ct": ("693_", "CT_small.dcm"),
     "mri": ("MR_small", "MR2_", "anatomical.nii", "functional.nii", "reoriented_anat_moved.nii",
-            "resampled_anat_moved.nii", "emri_small"),
+            "resampled_anat_moved.nii", "emri_small", "s1045"),
 }
 HELD_OUT_REASONS = {
     "693_": "the benchmark's head CT (all four encodings)",
@@ -83,6 +86,7 @@ HELD_OUT_REASONS = {
     "reoriented_anat_moved.nii": "derived from anatomical.nii",
     "resampled_anat_moved.nii": "derived from anatomical.nii",
     "emri_small": "second held-out MR (chosen: 10-frame T1, all encodings)",
+    "s1045": "MRI tuning slice (chosen: a real 256² T1 slice, not interpolated, that no benchmark reports)",
 }
 
 LICENCES = {
@@ -93,6 +97,7 @@ LICENCES = {
                "with the notice (shipped in nilearn, BSD-3-Clause)",
     "nibabel": "MIT (nibabel test data)",
     "dipy": "BSD-3-Clause (dipy data files)",
+    "matplotlib": "matplotlib licence (PSF-based; matplotlib's sample data)",
 }
 
 CT_DICOM = ("693_UNCR.dcm", "693_UNCI.dcm", "693_J2KR.dcm", "693_J2KI.dcm", "CT_small.dcm",
@@ -131,7 +136,8 @@ def default_roots() -> dict[str, str | None]:
     """Where each source lives on this machine (None: not installed)."""
     roots: dict[str, str | None] = {"debian": os.environ.get("RECON_DEBIAN_ROOT", DEFAULT_ROOTS["debian"])}
     roots["pydicom"] = _pydicom_dirs()
-    for name, sub in (("nilearn", "datasets/data"), ("nibabel", "tests/data"), ("dipy", "data/files")):
+    for name, sub in (("nilearn", "datasets/data"), ("nibabel", "tests/data"), ("dipy", "data/files"),
+                      ("matplotlib", "mpl-data/sample_data")):
         try:
             module = __import__(name)
             roots[name] = str(Path(module.__file__).parent / sub)
@@ -267,6 +273,27 @@ def _mni_candidates(root: str) -> list[Candidate]:
                             "pip install nilearn")
 
 
+S1045_SHAPE = (256, 256)  # matplotlib's s1045.ima.gz: raw little-endian uint16, no header
+
+
+def _s1045_candidates(root: str) -> list[Candidate]:
+    path = Path(root) / "s1045.ima.gz"
+    if not path.is_file():
+        raise RecipeError(f"{path}: missing (pip install matplotlib)")
+
+    def load() -> MedicalImage:
+        import gzip
+
+        raw = gzip.decompress(path.read_bytes())
+        if len(raw) != 2 * S1045_SHAPE[0] * S1045_SHAPE[1]:
+            raise RecipeError(f"{path}: {len(raw)} bytes, expected a raw {S1045_SHAPE} uint16 image")
+        array = np.frombuffer(raw, dtype="<u2").reshape(S1045_SHAPE).astype(np.float64)
+        return MedicalImage(array[None], np.eye(4), modality="MR", source="raw uint16 slice",
+                            meta={"format": "raw", "spacing": "unknown; 1 mm assumed"})
+
+    return [Candidate("matplotlib_s1045", path.name, "matplotlib", load, study="matplotlib:s1045.ima.gz")]
+
+
 SOURCES: dict[str, list[tuple[str, Callable[[str], list[Candidate]]]]] = {
     "ct": [("invesalius", lambda r: _inv3_candidates(r)),
            ("pydicom", lambda r: [c for c in _dicom_candidates(r, CT_DICOM)])],
@@ -279,7 +306,8 @@ SOURCES: dict[str, list[tuple[str, Callable[[str], list[Candidate]]]]] = {
                                                                   "resampled_anat_moved.nii", "example4d.nii.gz"],
                                                    "pip install nibabel")),
             ("dipy", lambda r: _file_candidates("dipy", r, ["t1_coronal_slice.npy", "S0_10slices.nii.gz",
-                                                            "aniso_vox.nii.gz"], "pip install dipy"))],
+                                                            "aniso_vox.nii.gz"], "pip install dipy")),
+            ("matplotlib", _s1045_candidates)],
 }
 ROOT_OF = {"invesalius": "debian", "mricron": "debian"}
 

@@ -189,7 +189,8 @@ def reconstruct(
         prior: a diffusion prior (not needed by ``analytic`` and ``tv``).
         method: a name of ``recon.samplers.registry.METHODS`` (``"dps"``, ``"red-diff"``, ``"smc"``,
             ``"analytic"``, ``"tv"``, ``"dds3d"``, ...); an unknown name raises ``OptionError``. None: the
-            recommended method for ``physics.modality`` (``recon.samplers.registry.recommended_method``).
+            recommended method for ``physics.modality`` on images or volumes
+            (``recon.samplers.registry.recommended_method``).
         sigma_y: measurement noise standard deviation (in the units of ``y``).
         seed: seeds every random draw (same seed, same result on the same device).
         steps: number of sampler steps (method default if None).
@@ -201,7 +202,10 @@ def reconstruct(
             sampler's defaults.
     """
     modality = getattr(physics, "modality", None)
-    method = recommended_method(modality) if method is None else method
+    if method is None:
+        with torch.no_grad():
+            volume = physics.A_adjoint(y[:1]).dim() == 5
+        method = recommended_method(modality, volume=volume)
     spec = get_method(method)
     check_noise_level(sigma_y, y)
     if spec.needs_prior and prior is None:

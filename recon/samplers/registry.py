@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-__all__ = ["COMMON_ARGUMENTS", "METHODS", "RECOMMENDED", "RECOMMENDED_BY_TASK", "TUNED_OPTIONS", "UNCERTAINTY_SAMPLES",
-           "MethodSpec", "OptionError", "OptionSpec", "get_method", "markdown_table", "modality_options",
-           "recommended_method", "sampler_settings", "spread_method"]
+__all__ = ["COMMON_ARGUMENTS", "METHODS", "RECOMMENDED", "RECOMMENDED_BY_TASK", "RECOMMENDED_FOR_VOLUMES",
+           "TUNED_OPTIONS", "UNCERTAINTY_SAMPLES", "MethodSpec", "OptionError", "OptionSpec", "get_method",
+           "markdown_table", "modality_options", "recommended_method", "sampler_settings", "spread_method"]
 
 # every sampler takes these; they are ``reconstruct``'s own arguments, not method options
 COMMON_ARGUMENTS = ("physics", "y", "prior", "sigma_y", "steps", "particles", "generator", "callback")
@@ -245,24 +245,28 @@ def get_method(name: str) -> MethodSpec:
 
 # the method used when none is named, by what the operator measures (``physics.modality``), chosen from the
 # evaluation matrix (benchmarks/README.md, "Evaluation matrix" and "Noise-aware samplers"): on held-out head CT the
-# TV hybrid is the only diffusion method level with or above oracle-weighted TV (full range); on MRI the hybrid (with
-# its MRI options) beats the best TV on 9 of 12 cases but loses one image at 8× by about 2 dB ("Ninth pass"), so TV
-# (discrepancy-principle weight) it is; the image-domain tasks (blur, inpainting, super-resolution): the hybrid, whose
-# shipped options won on their tuning cases too (benchmarks/README.md, "Image-domain tasks"; DPS, their default
-# before, ranked fourth of eight there and behind the hybrid on 29 of 32 cases)
-RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "tv", "image": "hybrid"}
-# tasks whose matrix rows rank another method first (none at present: ΠGDM led limited angle at 128² until its
-# 256² rows showed it failing there, 12–21 dB, while the hybrid beats TV on every limited-angle number;
-# benchmarks/README.md, "Limited angle at 256²")
+# TV hybrid is the only diffusion method level with or above oracle-weighted TV (full range); on MRI slices the
+# hybrid (with its MRI options) beats the best TV on 9 of 12 matrix cases, 8 of 10 unseen ones and all 9 cases of
+# a real whole-head tuning slice, and loses one image at 8× by about 2 dB ("MRI: a real tuning slice"); the
+# image-domain tasks (blur, inpainting, super-resolution): the hybrid, whose shipped options won on their tuning cases
+# too (benchmarks/README.md, "Image-domain tasks"; DPS, their default before, ranked fourth of eight there)
+RECOMMENDED: dict[str, str] = {"ct": "hybrid", "mri": "hybrid", "image": "hybrid"}
+# modalities whose volumes ``(B, C, D, H, W)`` rank another method first: a whole MRI volume (anatomical.nii, 4×) is
+# below TV with the hybrid (27.6 against 28.1 dB; benchmarks/README.md, "MRI: unseen accelerations and other masks")
+RECOMMENDED_FOR_VOLUMES: dict[str, str] = {"mri": "tv"}
 RECOMMENDED_BY_TASK: dict[str, str] = {}
 
 
-def recommended_method(modality: str | None = None, task: str | None = None) -> str:
+def recommended_method(modality: str | None = None, task: str | None = None, volume: bool = False) -> str:
     """The default method for ``task`` (a ``recon.tasks`` name) or, without a task-specific choice, for an operator
-    measuring ``modality`` (``"ct"``, ``"mri"``, ``"image"``; None or an unknown modality: the CT choice)."""
+    measuring ``modality`` (``"ct"``, ``"mri"``, ``"image"``; None or an unknown modality: the CT choice) on images,
+    or on volumes with ``volume`` (``RECOMMENDED_FOR_VOLUMES``)."""
     if task in RECOMMENDED_BY_TASK:
         return RECOMMENDED_BY_TASK[task]
-    return RECOMMENDED.get(str(modality).lower(), RECOMMENDED["ct"])
+    key = str(modality).lower()
+    if volume and key in RECOMMENDED_FOR_VOLUMES:
+        return RECOMMENDED_FOR_VOLUMES[key]
+    return RECOMMENDED.get(key, RECOMMENDED["ct"])
 
 
 # a method's option defaults where a modality's own tuning cases chose other values than the function's defaults
@@ -286,9 +290,9 @@ def modality_options(method: str, modality: str | None, options: Mapping[str, ob
 UNCERTAINTY_SAMPLES = 16
 
 
-# the method whose ensemble gives uncertainty maps where the recommended method has no prior to sample from: on MRI
-# TV leads the single-image matrix, but the mean of 16 hybrid runs beats the best TV on 3 of its 4 cases at 1 % noise
-# and has a spread (benchmarks/README.md, "MRI: the calibration `default-mri` ships")
+# the method whose ensemble gives uncertainty maps where the recommended method has no prior to sample from (MRI
+# volumes, whose default is TV): the hybrid's, the MRI slices' default, whose 16-run mean beats the best TV on 3 of
+# 4 cases at 1 % noise (benchmarks/README.md, "MRI: the calibration `default-mri` ships")
 SPREAD_BY_MODALITY: dict[str, str] = {"mri": "hybrid"}
 
 
@@ -296,9 +300,11 @@ def spread_method(name: str, modality: str | None = None) -> tuple[str, dict]:
     """The method to run for uncertainty maps instead of ``name``, and its options: ``name`` itself if it returns a
     spread (a particle method) or has no prior to sample from (TV, analytic: no spread at all), else an
     ``ensemble`` of independent runs of ``name``. ``name`` being the recommended method of ``modality`` without a
-    prior, the ensemble of ``SPREAD_BY_MODALITY[modality]`` instead (MRI: the hybrid's, not TV)."""
+    prior (on images or volumes), the ensemble of ``SPREAD_BY_MODALITY[modality]`` instead (MRI volumes: the
+    hybrid's, not TV)."""
     key = str(modality).lower()
-    if key in SPREAD_BY_MODALITY and name == RECOMMENDED.get(key) and not get_method(name).needs_prior:
+    defaults = (RECOMMENDED.get(key), RECOMMENDED_FOR_VOLUMES.get(key))
+    if key in SPREAD_BY_MODALITY and name in defaults and not get_method(name).needs_prior:
         name = SPREAD_BY_MODALITY[key]
     spec = get_method(name)
     if spec.family == "particles" or not spec.needs_prior:
@@ -319,12 +325,18 @@ def sampler_settings(info: Mapping[str, object]) -> dict[str, object]:
             if k != "base" and isinstance(o.default, (bool, int, float, str))}
 
 
+def _modality_label(modality: str) -> str:
+    return "blur, inpainting, super-resolution" if modality == "image" else modality.upper()
+
+
 def markdown_table() -> str:
     """The README's method table, made from the registry (a test keeps the README equal to it)."""
     rows = ["| method | what it is | prior | checkpoint / resume | default for |", "|---|---|---|---|---|"]
     for name, spec in METHODS.items():
-        default_for = ", ".join([m.upper() if m != "image" else "blur, inpainting, super-resolution"
+        default_for = ", ".join([_modality_label(m) + (" images" if RECOMMENDED_FOR_VOLUMES.get(m) else "")
                                  for m, v in RECOMMENDED.items() if v == name]
+                                + [f"{_modality_label(m)} volumes" for m, v in RECOMMENDED_FOR_VOLUMES.items()
+                                   if v == name]
                                 + [f"`{t}`" for t, v in RECOMMENDED_BY_TASK.items() if v == name])
         rows.append(f"| `{name}` | {spec.summary} | {'yes' if spec.needs_prior else 'no'} | "
                     f"{'yes' if spec.long_running else ''} | {default_for} |")

@@ -100,6 +100,21 @@ TASKS = {
         "slices": [0, 4, 9], "report": ["mr-small", "mr-anat"], "file": BUILTIN_CALIBRATION,
         "describe": "single-coil MRI, random 1D masks at 4× and 8×, noise 1 % of the k-space RMS"},
 }
+# the image-domain tasks on CT images (the CT prior; parameters in mm at the slab's 1.91 mm pixels at 128²: a blur
+# FWHM of 4.8 mm is 2.5 pixels there, as bench_matrix's blur2.5)
+for _task, _fit, _unseen, _describe in (
+        ("blur", {"blur2.5": ({"fwhm": 4.8}, {"noise": 0.01})},
+         {"blur4": ({"fwhm": 7.7}, {"noise": 0.01}), "blur2.5-n0.2": ({"fwhm": 4.8}, {"noise": 0.002})},
+         "Gaussian blur of FWHM 4.8 mm (2.5 pixels), noise 1 % of the measurement RMS"),
+        ("inpainting", {"inp50": ({"missing": 0.5}, {"noise": 0.01})}, {"inp80": ({"missing": 0.8}, {"noise": 0.01})},
+         "inpainting of 50 % missing pixels, noise 1 % of the measurement RMS"),
+        ("super-resolution", {"sr2": ({"factor": 2}, {"noise": 0.01})}, {"sr4": ({"factor": 4}, {"noise": 0.01})},
+         "2× super-resolution, noise 1 % of the measurement RMS")):
+    TASKS[_task] = {"prior": "default-ct", "fit": _fit, "unseen": _unseen, "slices": [6, 18],
+                    "report": ["ct-head-full", "ct-head-crop"], "file": BUILTIN_TASK_CALIBRATION.format(task=_task),
+                    "describe": _describe}
+
+
 def _is_ct(task: str) -> bool:
     return TASKS[task]["prior"] == "default-ct"
 

@@ -278,3 +278,16 @@ def test_a_modalitys_tuned_options_fill_in_what_the_caller_did_not_give():
     res = recon.reconstruct(mri, mri.A(x), prior, "hybrid", sigma_y=0.01, steps=3, particles=1, anchor=0.5)
     assert res.info["options"]["anchor"] == 0.5 and res.info["options"]["tv_factor"] == tuned["tv_factor"]
     assert modality_options("dps", "mri", {"zeta": 1.0}) == {"zeta": 1.0}  # a method without tuned values
+
+
+def test_the_ensembles_own_defaults_are_the_configuration_the_priors_calibrations_are_fitted_for():
+    """``--method ensemble`` alone runs what ``--uncertainty`` runs: the recommended method's ensemble, of
+    ``UNCERTAINTY_SAMPLES`` runs (so that a shipped calibration applies to it)."""
+    from recon.samplers.ensemble import sample_ensemble
+    from recon.samplers.registry import UNCERTAINTY_SAMPLES, spread_method
+
+    params = inspect.signature(sample_ensemble).parameters
+    for modality in ("ct", "mri", "image"):
+        assert spread_method(recommended_method(modality), modality) == ("ensemble", {"base": params["base"].default})
+    assert spread_method(recommended_method("mri", volume=True), "mri")[1]["base"] == params["base"].default
+    assert params["particles"].default == UNCERTAINTY_SAMPLES

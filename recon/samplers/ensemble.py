@@ -70,10 +70,10 @@ def sample_ensemble(
     *,
     sigma_y: float = 0.0,
     steps: int | None = None,
-    particles: int = 8,
+    particles: int = 16,
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
-    base: str = "dps",
+    base: str = "hybrid",
     per_run: int = 1,
     min_spread: float = 1e-6,
     **base_options,
@@ -86,12 +86,14 @@ def sample_ensemble(
         prior: the diffusion prior, passed to the base sampler.
         sigma_y: measurement noise standard deviation, passed to the base sampler.
         steps: steps of every base run (None: the base sampler's default).
-        particles: ``K``, the number of samples in the ensemble.
+        particles: ``K``, the number of samples in the ensemble (default 16: the size the built-in priors'
+            calibrations are fitted for, ``recon.samplers.registry.UNCERTAINTY_SAMPLES``).
         generator: the seeded ``torch.Generator`` the runs' seeds are drawn from.
         callback: called with the base sampler's step records, ``step``/``steps`` counted over the whole ensemble
             and ``run`` (1-based).
-        base: the registered method run ``K`` times (``"dps"``, ``"dds"``, ``"red-diff"``, ...; from Python also a
-            sampler function). A weighted base (``smc``, ``fps``) keeps its weights, each run counting equally.
+        base: the registered method run ``K`` times (default ``"hybrid"``, the recommended method of every
+            modality that samples from a prior; ``"dps"``, ``"dds"``, ...; from Python also a sampler function). A
+            weighted base (``smc``, ``fps``) keeps its weights, each run counting equally.
         per_run: chains per base run (the base's ``particles``; 1: one seed per sample, larger: fewer, batched
             runs, faster on CPU).
         min_spread: a mean std below this (in the prior's normalised units) is reported as a degenerate

@@ -13,9 +13,12 @@ pixels); ``--task sparse-view-ct`` (``calibration.json``): sparse view at 30 and
 (180 views, 1e4 photons), slices 6 and 18; ``--task limited-angle-ct`` (``calibration-limited-angle-ct.json``): 60
 views over 90° and 80 views over 120° (1e5 photons), slices 6, 12 and 18, intervals ``x ± c·(std + offset)`` with
 the offset that covers the six studies most evenly (``recon calibrate --offset balanced``). MRI, ``--task mri``
-(``default-mri``'s ``calibration.json``): frames 0, 4 and 9 of the held-out ``emri_small`` (64², interpolated to
-128²), single-coil MRI at 4× and 8× with 1 % noise, factor only (the balanced offset, tried on 2026-12-06,
-under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``).
+(``default-mri``'s ``calibration.json``): the held-out MRI tuning slice ``s1045`` (matplotlib's 256² sagittal T1,
+area-averaged to 128²; ``--data …/matplotlib_s1045.nii.gz --slices 0 --fit-seeds 0 1 2``; until 2026-12-07 frames
+0, 4 and 9 of ``emri_small``, 64² interpolated to 128²), single-coil MRI at 4× and 8× with 1 % noise, factor only
+(the balanced offset, tried on 2026-12-06, under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``).
+Image-domain tasks on CT images (``--task blur``, ``inpainting``, ``super-resolution``: ``calibration-<task>.json``
+of ``default-ct``): slab slices 6 and 18 × the task's configuration × ``--fit-seeds 0 1``.
 
 Report: held-out images never fitted on, each reconstructed exactly as ``recon reconstruct --uncertainty`` does
 (``recon.pipeline.reconstruct_in_memory``), noise draws ``--seeds`` (default 1). CT: the head CT ``693_UNCR.dcm``
@@ -33,7 +36,8 @@ and mean std inside the body (HU for CT); network evaluations and seconds.
     python benchmarks/bench_builtin_calibration.py --fit --data prior-data/ct/held-out/invesalius_cranium_slab.nii.gz
     python benchmarks/bench_builtin_calibration.py --json benchmarks/calibration_builtin_ct.json
     python benchmarks/bench_builtin_calibration.py --task limited-angle-ct --fit --data …slab.nii.gz   # then --json
-    python benchmarks/bench_builtin_calibration.py --task mri --fit --data prior-data/mri/held-out/emri_small.nii.gz
+    python benchmarks/bench_builtin_calibration.py --task mri --fit \
+        --data prior-data/mri/held-out/matplotlib_s1045.nii.gz --slices 0 --fit-seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ from recon.settings import Settings
 from recon.tasks import domain_scale, make_task
 
 # per task: the prior; the fitted and the unseen configurations, name → (task parameters, noise settings); the
-# slices fitted on (of the slab, or of emri_small for MRI); the images reported; the file in the prior's folder;
+# slices fitted on (of the slab, or of the MRI tuning file); the images reported; the file in the prior's folder;
 # how the fit is described in it
 TASKS = {
     "sparse-view-ct": {
@@ -175,7 +179,7 @@ def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (
                                     overwrite=True, offset=spec.get("offset", 0.0))
     source = ("head CT: InVesalius slab slices" if _is_ct(task) else
               "brain MRI: emri_small frames" if Path(data).name.startswith("emri_small") else
-              f"brain MRI: {Path(data).name.split('.')[0]} frames")
+              f"brain MRI: {Path(data).name.split('.')[0]} (recon prepare-prior-data's held-out tuning slice), frame")
     doc = json.loads(out.read_text())
     doc["fitted_on"] = (f"{source} {', '.join(map(str, slices))} at 128²; {spec['describe']}; "
                         f"seeds {', '.join(map(str, seeds))}; benchmarks/bench_builtin_calibration.py --fit "
@@ -250,7 +254,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fit", action="store_true", help="fit and write the prior's calibration file for --task")
     parser.add_argument("--data", "--slab", dest="data",
-                        help="for --fit: the held-out InVesalius slab (CT) or emri_small (MRI), as NIfTI")
+                        help="for --fit: the held-out InVesalius slab (CT) or an MRI tuning file (matplotlib_s1045, "
+                        "emri_small), as NIfTI")
     parser.add_argument("--task", default="sparse-view-ct", choices=list(TASKS))
     parser.add_argument("--slices", type=int, nargs="+", help="slices to fit on (default: the task's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="noise draws of the report")

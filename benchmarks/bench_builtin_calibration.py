@@ -14,11 +14,11 @@ pixels); ``--task sparse-view-ct`` (``calibration.json``): sparse view at 30 and
 views over 90° and 80 views over 120° (1e5 photons), slices 6, 12 and 18, intervals ``x ± c·(std + offset)`` with
 the offset that covers the six studies most evenly (``recon calibrate --offset balanced``). MRI, ``--task mri``
 (``default-mri``'s ``calibration.json``): the held-out MRI tuning slice ``s1045`` (matplotlib's 256² sagittal T1,
-area-averaged to 128²; ``--data …/matplotlib_s1045.nii.gz --slices 0 --fit-seeds 0 1 2``; until 2026-12-07 frames
-0, 4 and 9 of ``emri_small``, 64² interpolated to 128²), single-coil MRI at 4× and 8× with 1 % noise, factor only
-(the balanced offset, tried on 2026-12-06, under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``).
-Image-domain tasks on CT images (``--task blur``, ``inpainting``, ``super-resolution``: ``calibration-<task>.json``
-of ``default-ct``): slab slices 6 and 18 × the task's configuration × ``--fit-seeds 0 1``.
+area-averaged to 128²) × mask and noise draws 0, 1, 2 (until 2026-12-07 frames 0, 4 and 9 of ``emri_small``, 64²
+interpolated to 128², one draw), single-coil MRI at 4× and 8× with 1 % noise, factor only (the balanced offset,
+tried on 2026-12-06, under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``). Image-domain tasks
+on CT images (``--task blur``, ``inpainting``, ``super-resolution``: ``calibration-<task>.json`` of
+``default-ct``): slab slices 6 and 18 × the task's configuration × noise draws 0 and 1.
 
 Report: held-out images never fitted on, each reconstructed exactly as ``recon reconstruct --uncertainty`` does
 (``recon.pipeline.reconstruct_in_memory``), noise draws ``--seeds`` (default 1). CT: the head CT ``693_UNCR.dcm``
@@ -36,8 +36,8 @@ and mean std inside the body (HU for CT); network evaluations and seconds.
     python benchmarks/bench_builtin_calibration.py --fit --data prior-data/ct/held-out/invesalius_cranium_slab.nii.gz
     python benchmarks/bench_builtin_calibration.py --json benchmarks/calibration_builtin_ct.json
     python benchmarks/bench_builtin_calibration.py --task limited-angle-ct --fit --data …slab.nii.gz   # then --json
-    python benchmarks/bench_builtin_calibration.py --task mri --fit \
-        --data prior-data/mri/held-out/matplotlib_s1045.nii.gz --slices 0 --fit-seeds 0 1 2
+    python benchmarks/bench_builtin_calibration.py --task mri --fit --data …/mri/held-out/matplotlib_s1045.nii.gz
+    python benchmarks/bench_builtin_calibration.py --task blur --fit --data …slab.nii.gz  # inpainting, super-resolution
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ TASKS = {
         "prior": "default-mri",
         "fit": {"mri4": ({"acceleration": 4}, {"noise": 0.01}), "mri8": ({"acceleration": 8}, {"noise": 0.01})},
         "unseen": {"mri6": ({"acceleration": 6}, {"noise": 0.01}), "mri4-n2": ({"acceleration": 4}, {"noise": 0.02})},
-        "slices": [0, 4, 9], "report": ["mr-small", "mr-anat"], "file": BUILTIN_CALIBRATION,
+        "slices": [0], "fit_seeds": [0, 1, 2], "report": ["mr-small", "mr-anat"], "file": BUILTIN_CALIBRATION,
         "describe": "single-coil MRI, random 1D masks at 4× and 8×, noise 1 % of the k-space RMS"},
 }
 # the image-domain tasks on CT images (the CT prior; parameters in mm at the slab's 1.91 mm pixels at 128²: a blur
@@ -114,7 +114,7 @@ for _task, _fit, _unseen, _describe in (
          "inpainting of 50 % missing pixels, noise 1 % of the measurement RMS"),
         ("super-resolution", {"sr2": ({"factor": 2}, {"noise": 0.01})}, {"sr4": ({"factor": 4}, {"noise": 0.01})},
          "2× super-resolution, noise 1 % of the measurement RMS")):
-    TASKS[_task] = {"prior": "default-ct", "fit": _fit, "unseen": _unseen, "slices": [6, 18],
+    TASKS[_task] = {"prior": "default-ct", "fit": _fit, "unseen": _unseen, "slices": [6, 18], "fit_seeds": [0, 1],
                     "report": ["ct-head-full", "ct-head-crop"], "file": BUILTIN_TASK_CALIBRATION.format(task=_task),
                     "describe": _describe}
 
@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="noise draws of the report")
     parser.add_argument("--fit-out", type=Path, help="--fit writes here instead of the prior's folder (a candidate)")
     parser.add_argument("--calibration", type=Path, help="report with this calibration file instead of the shipped one")
-    parser.add_argument("--fit-seeds", type=int, nargs="+", default=[0], help="noise draws of --fit")
+    parser.add_argument("--fit-seeds", type=int, nargs="+", help="noise draws of --fit (default: the task's)")
     parser.add_argument("--cases", nargs="+", help="configurations to report (default: the task's, fitted and unseen)")
     parser.add_argument("--images", nargs="+", help="held-out images to report (default: the task's)")
     parser.add_argument("--volume", type=int, nargs=2, metavar=("FIRST", "STOP"),
@@ -281,7 +281,7 @@ def main() -> None:
             parser.error("--fit needs --data")
         out = Path(__file__).resolve().parents[1] / "recon" / "priors" / "weights" / BUILTIN_PRIORS[spec["prior"]]
         print(fit(args.data, args.task, args.slices or spec["slices"], args.fit_out or out / spec["file"],
-                  args.fit_seeds), flush=True)
+                  args.fit_seeds or spec.get("fit_seeds", [0])), flush=True)
         return
     configs = {**spec["fit"], **spec["unseen"]}
     unknown = sorted(set(args.cases or []) - set(configs))

@@ -86,7 +86,11 @@ def validation_images(prior, folder: str, modality: str) -> list[tuple[str, np.n
         images.append(("validation: CT_small", read("CT_small.nii.gz")[..., 0]))
         return [(n, prior.normalize(torch.from_numpy(i)).clamp(-1, 1).numpy()) for n, i in images]
     frames = np.abs(read("emri_small.nii.gz"))
-    return [(f"validation: emri_small frame {k}", mri_unit(frames[..., k], frames[..., k])) for k in (2, 7)]
+    images = [(f"validation: emri_small frame {k}", mri_unit(frames[..., k], frames[..., k])) for k in (2, 7)]
+    if (root / "matplotlib_s1045.nii.gz").is_file():  # the MRI tuning slice (a real 256² T1; recipe since 2026-12-07)
+        s1045 = np.abs(read("matplotlib_s1045.nii.gz")[..., 0])
+        images.append(("validation: s1045 (256²)", mri_unit(s1045, s1045)))
+    return images
 
 
 def mri_unit(magnitude: np.ndarray, reference: np.ndarray) -> np.ndarray:

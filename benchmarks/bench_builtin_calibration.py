@@ -117,6 +117,16 @@ for _task, _fit, _unseen, _describe in (
     TASKS[_task] = {"prior": "default-ct", "fit": _fit, "unseen": _unseen, "slices": [6, 18], "fit_seeds": [0, 1],
                     "report": ["ct-head-full", "ct-head-crop"], "file": BUILTIN_TASK_CALIBRATION.format(task=_task),
                     "describe": _describe}
+# the same on MR images with the MRI prior (``--task inpainting-mri``: ``task`` is the recon task), fitted on the MRI
+# tuning slice; blur is left out: its FWHM is in mm, and the MR images' pixels differ eightfold (0.16–2 mm at 128²)
+for _task in ("inpainting", "super-resolution"):
+    TASKS[f"{_task}-mri"] = {**TASKS[_task], "task": _task, "prior": "default-mri", "slices": [0],
+                             "fit_seeds": [0, 1, 2], "report": ["mr-small", "mr-anat"]}
+
+
+def _recon_task(key: str) -> str:
+    """The ``recon.tasks`` name of a ``TASKS`` entry (its key, unless it names one: ``inpainting-mri``)."""
+    return TASKS[key].get("task", key)
 
 
 def _is_ct(task: str) -> bool:
@@ -168,15 +178,17 @@ def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (
             write_slice(Path(tmp) / f"{name}.nii.gz", image, spacing)
             for config, (params, noise) in spec["fit"].items():
                 for seed in seeds:
-                    rows.append({"input": f"{name}.nii.gz", "output": f"{name}-{config}-s{seed}", "task": task,
+                    rows.append({"input": f"{name}.nii.gz", "output": f"{name}-{config}-s{seed}",
+                                 "task": _recon_task(task),
                                  **params, **noise, "seed": seed})
         manifest = Path(tmp) / "studies.csv"
         with open(manifest, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
             writer.writerows(rows)
-        summary = calibrate_studies(manifest, out, Settings(task=task, prior=spec["prior"]), coverage=LEVEL,
-                                    overwrite=True, offset=spec.get("offset", 0.0))
+        settings = Settings(task=_recon_task(task), prior=spec["prior"])
+        summary = calibrate_studies(manifest, out, settings, coverage=LEVEL, overwrite=True,
+                                    offset=spec.get("offset", 0.0))
     source = ("head CT: InVesalius slab slices" if _is_ct(task) else
               "brain MRI: emri_small frames" if Path(data).name.startswith("emri_small") else
               f"brain MRI: {Path(data).name.split('.')[0]} (recon prepare-prior-data's held-out tuning slice), frame")
@@ -205,14 +217,16 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
     ``calibration`` file's: a candidate, checked here before it ships)."""
     from recon.pipeline import reconstruct_in_memory
 
-    s = Settings(task=task, task_params=params, seed=seed, uncertainty=LEVEL, prior=TASKS[task]["prior"], **noise)
+    s = Settings(task=_recon_task(task), task_params=params, seed=seed, uncertainty=LEVEL, prior=TASKS[task]["prior"],
+                 **noise)
     t0 = time.perf_counter()
     truth, result, physics = reconstruct_in_memory(path, s)
     seconds = time.perf_counter() - t0
-    doc, why = builtin_calibration(prior, result.info, task)
+    doc, why = builtin_calibration(prior, result.info, _recon_task(task))
     if calibration is not None:
         doc, why = load_calibration(calibration), f"candidate {calibration.name}"
-    hu = domain_scale(make_task(task, (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params)) if _is_ct(task) else 1.0
+    hu = (domain_scale(make_task(_recon_task(task), (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params))
+          if _is_ct(task) else 1.0)
     truth = truth.reshape(result.x.shape).double()
     mask = body_mask(truth.cpu()).reshape(truth.shape)
     err = (result.x.double() - truth).abs()

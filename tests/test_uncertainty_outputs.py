@@ -241,7 +241,9 @@ def test_the_hybrids_averaged_chains_give_no_std_map_unless_a_spread_is_asked_fo
                                                                 ("default-ct", "limited-angle-ct", "ct", True),
                                                                 ("default-ct", "inpainting", "image", False),
                                                                 ("default-ct", "super-resolution", "image", False),
-                                                                ("default-mri", "mri", "mri", False)])
+                                                                ("default-mri", "mri", "mri", False),
+                                                                ("default-mri", "inpainting", "image", False),
+                                                                ("default-mri", "super-resolution", "image", False)])
 def test_the_shipped_calibrations_apply_to_what_uncertainty_runs_by_default(prior_name, task, modality, offset):
     """Each calibration a built-in prior ships matches its weights and the default ensemble of 16 hybrid runs with the
     hybrid's current defaults for the modality (``TUNED_OPTIONS``): a changed default or retrained weights fail here

@@ -18,7 +18,8 @@ area-averaged to 128²) × mask and noise draws 0, 1, 2 (until 2026-12-07 frames
 interpolated to 128², one draw), single-coil MRI at 4× and 8× with 1 % noise, factor only (the balanced offset,
 tried on 2026-12-06, under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``). Image-domain tasks
 on CT images (``--task blur``, ``inpainting``, ``super-resolution``: ``calibration-<task>.json`` of
-``default-ct``): slab slices 6 and 18 × the task's configuration × noise draws 0 and 1.
+``default-ct``): slab slices 6 and 18 × the task's configuration × noise draws 0 and 1; on MR images with
+``default-mri`` (``--task inpainting-mri``, ``super-resolution-mri``): the MRI tuning slice × draws 0, 1, 2.
 
 Report: held-out images never fitted on, each reconstructed exactly as ``recon reconstruct --uncertainty`` does
 (``recon.pipeline.reconstruct_in_memory``), noise draws ``--seeds`` (default 1). CT: the head CT ``693_UNCR.dcm``

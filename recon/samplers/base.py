@@ -169,6 +169,16 @@ def check_noise_level(sigma_y: float, y: torch.Tensor) -> None:
                          f"{rms:.4g} (is sigma_y in the units of y?)")
 
 
+def _is_volume(physics, y: torch.Tensor) -> bool:
+    """Whether the reconstruction is a volume ``(B, C, D, H, W)``: the adjoint's output, or the data's shape for a
+    physics without one."""
+    adjoint = getattr(physics, "A_adjoint", None)
+    if adjoint is None:
+        return y.dim() == 5
+    with torch.no_grad():
+        return adjoint(y[:1]).dim() == 5
+
+
 def reconstruct(
     physics,
     y: torch.Tensor,
@@ -202,10 +212,7 @@ def reconstruct(
             sampler's defaults.
     """
     modality = getattr(physics, "modality", None)
-    if method is None:
-        with torch.no_grad():
-            volume = physics.A_adjoint(y[:1]).dim() == 5
-        method = recommended_method(modality, volume=volume)
+    method = recommended_method(modality, volume=_is_volume(physics, y)) if method is None else method
     spec = get_method(method)
     check_noise_level(sigma_y, y)
     if spec.needs_prior and prior is None:

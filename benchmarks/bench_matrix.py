@@ -169,12 +169,11 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         axial = vol[:, :, vol.shape[2] // 2]
         return fit(axial), (2.0 * axial.shape[0] / size, 2.0 * axial.shape[1] / size), "MR"
     if name == "mr-sagittal":  # the MRI tuning slice (recon.priors.recipe holds it out): not a reported case
-        import gzip
-
         from matplotlib.cbook import get_sample_data
 
-        raw = gzip.decompress(Path(get_sample_data("s1045.ima.gz", asfileobj=False)).read_bytes())
-        return fit(np.frombuffer(raw, dtype="<u2").reshape(256, 256)), (256.0 / size,) * 2, "MR"
+        from recon.priors.recipe import read_s1045
+
+        return fit(read_s1045(get_sample_data("s1045.ima.gz", asfileobj=False)).array[0]), (256.0 / size,) * 2, "MR"
     raise ValueError(f"unknown image {name!r}; choose from {', '.join(IMAGES)}")
 
 

@@ -15,7 +15,7 @@ the truth (``c``, the same quantile of ``|x̄ − truth| / s`` inside the body),
 ``x̄ ± c*·s``. No tuning: nothing here is chosen from the results.
 
     python benchmarks/bench_self_calibration.py --task mri --json a.json
-    python benchmarks/bench_self_calibration.py --task sparse-view-ct --images ct-body --json b.json
+    python benchmarks/bench_self_calibration.py --task sparse-view-ct --images ct-body --json b.json   # not run yet
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from recon.tasks import from_domain, make_task, simulate
 
 
 def _ensemble(meas, settings: Settings, path: Path):
-    """The sampler's result (domain units) on ``meas`` exactly as ``reconstruct_in_memory`` runs it."""
+    """The sampler's result (domain units) on ``meas`` exactly as ``reconstruct_in_memory`` runs it. That function
+    simulates from one seed, which draws the MRI mask and the noise together; the bootstrap needs the same mask
+    with fresh noise, hence the pipeline's steps here on a measurement made by ``simulate``."""
     dev = pipeline.resolve_device(settings.device)
     physics = pipeline._physics(meas, dev, None)
     meas.y = meas.y.to(dev)

@@ -65,6 +65,7 @@ __all__ = [
     "pixel_hash",
     "prepare_prior_data",
     "read_inv3",
+    "read_s1045",
     "run",
 ]
 
@@ -276,22 +277,29 @@ def _mni_candidates(root: str) -> list[Candidate]:
 S1045_SHAPE = (256, 256)  # matplotlib's s1045.ima.gz: raw little-endian uint16, no header
 
 
+def read_s1045(path: str | os.PathLike) -> MedicalImage:
+    """matplotlib's ``s1045.ima.gz`` (a gzipped raw 256² uint16 sagittal T1 slice, no header) as an MR image with
+    1 mm pixels (its spacing is not recorded); a file of another size raises ``RecipeError`` naming it."""
+    import gzip
+
+    raw = gzip.decompress(Path(path).read_bytes())
+    if len(raw) != 2 * S1045_SHAPE[0] * S1045_SHAPE[1]:
+        raise RecipeError(f"{path}: {len(raw)} bytes, expected a raw {S1045_SHAPE} uint16 image")
+    array = np.frombuffer(raw, dtype="<u2").reshape(S1045_SHAPE).astype(np.float64)
+    return MedicalImage(array[None], np.eye(4), modality="MR", source="raw uint16 slice",
+                        meta={"format": "raw", "spacing": "unknown; 1 mm assumed"})
+
+
 def _s1045_candidates(root: str) -> list[Candidate]:
     path = Path(root) / "s1045.ima.gz"
     if not path.is_file():
         raise RecipeError(f"{path}: missing (pip install matplotlib)")
+    return [Candidate("matplotlib_s1045", path.name, "matplotlib", _s1045_loader(path),
+                      study="matplotlib:s1045.ima.gz")]
 
-    def load() -> MedicalImage:
-        import gzip
 
-        raw = gzip.decompress(path.read_bytes())
-        if len(raw) != 2 * S1045_SHAPE[0] * S1045_SHAPE[1]:
-            raise RecipeError(f"{path}: {len(raw)} bytes, expected a raw {S1045_SHAPE} uint16 image")
-        array = np.frombuffer(raw, dtype="<u2").reshape(S1045_SHAPE).astype(np.float64)
-        return MedicalImage(array[None], np.eye(4), modality="MR", source="raw uint16 slice",
-                            meta={"format": "raw", "spacing": "unknown; 1 mm assumed"})
-
-    return [Candidate("matplotlib_s1045", path.name, "matplotlib", load, study="matplotlib:s1045.ima.gz")]
+def _s1045_loader(path: Path) -> Callable[[], MedicalImage]:
+    return lambda: read_s1045(path)
 
 
 SOURCES: dict[str, list[tuple[str, Callable[[str], list[Candidate]]]]] = {

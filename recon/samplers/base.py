@@ -212,7 +212,10 @@ def reconstruct(
             sampler's defaults.
     """
     modality = getattr(physics, "modality", None)
-    method = recommended_method(modality, volume=_is_volume(physics, y)) if method is None else method
+    if method is None:  # the operator's adjoint tells a volume, asked only where volumes have their own default
+        method = recommended_method(modality)
+        if recommended_method(modality, volume=True) != method and _is_volume(physics, y):
+            method = recommended_method(modality, volume=True)
     spec = get_method(method)
     check_noise_level(sigma_y, y)
     if spec.needs_prior and prior is None:

@@ -223,9 +223,8 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
     t0 = time.perf_counter()
     truth, result, physics = reconstruct_in_memory(path, s)
     seconds = time.perf_counter() - t0
-    doc, why = builtin_calibration(prior, result.info, _recon_task(task))
-    if calibration is not None:
-        doc, why = load_calibration(calibration), f"candidate {calibration.name}"
+    doc, why = ((load_calibration(calibration), f"candidate {calibration.name}") if calibration is not None
+                else builtin_calibration(prior, result.info, _recon_task(task)))
     hu = (domain_scale(make_task(_recon_task(task), (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params))
           if _is_ct(task) else 1.0)
     truth = truth.reshape(result.x.shape).double()

@@ -67,6 +67,7 @@ from recon.priors.io import BUILTIN_PRIORS
 from recon.samplers.uncertainty import (
     BUILTIN_CALIBRATION,
     BUILTIN_TASK_CALIBRATION,
+    BUILTIN_VOLUME_CALIBRATION,
     body_mask,
     builtin_calibration,
     coverage,
@@ -125,6 +126,14 @@ for _task in ("inpainting", "super-resolution"):
                              "fit_seeds": [0, 1, 2], "report": ["mr-small", "mr-anat"]}
 
 
+# MRI volumes (``--task mri-volume``: ``calibration-mri-volume.json`` of ``default-mri``, which volume runs look
+# for first): the held-out ``emri_small`` (ten contiguous 64² frames, 1 × 1 × 1.2 mm) as one volume × the slices'
+# configurations × draws 0, 1, 2; reported on the whole of nibabel's anatomical.nii (33 × 41 × 25 at 2 mm)
+TASKS["mri-volume"] = {**TASKS["mri"], "task": "mri", "volume": True, "slices": [], "report": ["anatomical.nii"],
+                       "file": BUILTIN_VOLUME_CALIBRATION.format(task="mri"),
+                       "describe": "3D Cartesian MRI, random masks at 4× and 8×, noise 1 % of the k-space RMS"}
+
+
 def _recon_task(key: str) -> str:
     """The ``recon.tasks`` name of a ``TASKS`` entry (its key, unless it names one: ``inpainting-mri``)."""
     return TASKS[key].get("task", key)
@@ -175,8 +184,15 @@ def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (
     spec = TASKS[task]
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for name, image, spacing in tuning_slices(data, task, slices):
-            write_slice(Path(tmp) / f"{name}.nii.gz", image, spacing)
+        if spec.get("volume"):  # the tuning volume as it is, one study per configuration and draw
+            studies = [Path(data).name.split(".")[0]]
+            write_nifti(read_image(data), Path(tmp) / f"{studies[0]}.nii.gz")
+        else:
+            studies = []
+            for name, image, spacing in tuning_slices(data, task, slices):
+                write_slice(Path(tmp) / f"{name}.nii.gz", image, spacing)
+                studies.append(name)
+        for name in studies:
             for config, (params, noise) in spec["fit"].items():
                 for seed in seeds:
                     rows.append({"input": f"{name}.nii.gz", "output": f"{name}-{config}-s{seed}",
@@ -191,10 +207,12 @@ def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (
         summary = calibrate_studies(manifest, out, settings, coverage=LEVEL, overwrite=True,
                                     offset=spec.get("offset", 0.0))
     source = ("head CT: InVesalius slab slices" if _is_ct(task) else
+              "brain MRI volume: emri_small, all frames" if spec.get("volume") else
               "brain MRI: emri_small frames" if Path(data).name.startswith("emri_small") else
               f"brain MRI: {Path(data).name.split('.')[0]} (recon prepare-prior-data's held-out tuning slice), frame")
     doc = json.loads(out.read_text())
-    doc["fitted_on"] = (f"{source} {', '.join(map(str, slices))} at 128²; {spec['describe']}; "
+    where = "" if spec.get("volume") else f" {', '.join(map(str, slices))} at 128²"
+    doc["fitted_on"] = (f"{source}{where}; {spec['describe']}; "
                         f"seeds {', '.join(map(str, seeds))}; benchmarks/bench_builtin_calibration.py --fit "
                         f"--task {task}")
     out.write_text(json.dumps(doc, indent=1, sort_keys=True))
@@ -213,9 +231,11 @@ def spearman_ceiling(std: torch.Tensor, mask: torch.Tensor, draws: int = 8) -> f
 
 
 def report_case(path: Path, task: str, name: str, params: dict, noise: dict, seed: int, prior,
-                calibration: Path | None = None) -> dict:
+                calibration: Path | None = None, scores: Path | None = None) -> dict:
     """One held-out case through ``reconstruct_in_memory``, scored uncalibrated and with the shipped factor (or the
-    ``calibration`` file's: a candidate, checked here before it ships)."""
+    ``calibration`` file's: a candidate, checked here before it ships). ``scores``: a folder to save the case's
+    normalised errors ``|x − truth| / std`` inside the body (``.npy``), from which any other factor's coverage
+    follows without re-running."""
     from recon.pipeline import reconstruct_in_memory
 
     s = Settings(task=_recon_task(task), task_params=params, seed=seed, uncertainty=LEVEL, prior=TASKS[task]["prior"],
@@ -224,7 +244,7 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
     truth, result, physics = reconstruct_in_memory(path, s)
     seconds = time.perf_counter() - t0
     doc, why = ((load_calibration(calibration), f"candidate {calibration.name}") if calibration is not None
-                else builtin_calibration(prior, result.info, _recon_task(task)))
+                else builtin_calibration(prior, result.info, _recon_task(task), volume=truth.dim() == 3))
     hu = (domain_scale(make_task(_recon_task(task), (1, *truth.shape[-2:]), (1.0, 1.0, 1.0), **params))
           if _is_ct(task) else 1.0)
     truth = truth.reshape(result.x.shape).double()
@@ -239,6 +259,11 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
            "spearman_ceiling_body": spearman_ceiling(result.std, mask),
            "rmse_body_hu": float(err[mask].pow(2).mean().sqrt()) * hu,
            "mean_std_body_hu": float(result.std.double()[mask].mean()) * hu}
+    if scores is not None:
+        body = (err[mask] / result.std.double()[mask].clamp_min(1e-6)).cpu().numpy().astype(np.float32)
+        scores.mkdir(parents=True, exist_ok=True)
+        np.save(scores / f"{row['image']}-{name}-s{seed}.npy", body)
+        row["needed_factor_body"] = float(np.quantile(body, LEVEL))
     for label, cal in (("uncalibrated", None), ("calibrated", doc)):
         if label == "calibrated" and doc is None:
             continue
@@ -280,6 +305,8 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", help="held-out images to report (default: the task's)")
     parser.add_argument("--volume", type=int, nargs=2, metavar=("FIRST", "STOP"),
                         help="report the slab (--data) slices FIRST..STOP-1 at 128² as one volume instead of images")
+    parser.add_argument("--save-scores", type=Path, metavar="DIR",
+                        help="save each case's normalised body errors here (coverage of any factor, later)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--markdown", metavar="JSON", help="print the README table of saved results")
@@ -307,17 +334,24 @@ def main() -> None:
             parser.error("--volume needs --data (the slab) and takes no --images")
         images = ["ct-slab"] if args.volume else args.images or spec["report"]
         for image in images:
-            values, spacing, _ = load_image(image, 128, *([Path(args.data)] if args.volume else []))
-            path = Path(tmp) / f"{image}.nii.gz"
-            if args.volume:  # (D, H, W) with (dz, dy, dx) mm voxels
-                dz, dy, dx = spacing
-                write_nifti(MedicalImage(values[slice(*args.volume)], np.diag([dx, dy, dz, 1.0]), "CT", "HU"), path)
+            if image == "anatomical.nii":  # a whole held-out volume, read by the pipeline as it is
+                from nibabel.testing import data_path
+
+                path = Path(data_path) / image
             else:
-                write_slice(path, values, spacing[0])
+                values, spacing, _ = load_image(image, 128, *([Path(args.data)] if args.volume else []))
+                path = Path(tmp) / f"{image}.nii.gz"
+                if args.volume:  # (D, H, W) with (dz, dy, dx) mm voxels
+                    dz, dy, dx = spacing
+                    write_nifti(MedicalImage(values[slice(*args.volume)], np.diag([dx, dy, dz, 1.0]), "CT", "HU"),
+                                path)
+                else:
+                    write_slice(path, values, spacing[0])
             for seed in args.seeds:
                 for name in args.cases or configs:
                     params, noise = configs[name]
-                    rows.append(report_case(path, args.task, name, params, noise, seed, prior, args.calibration))
+                    rows.append(report_case(path, args.task, name, params, noise, seed, prior, args.calibration,
+                                            args.save_scores))
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"level": LEVEL, "task": args.task, "rows": rows}, indent=1))

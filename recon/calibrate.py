@@ -63,12 +63,17 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
         s = replace(s, uncertainty=coverage)
     stds, errors, masks, names, tasks, t0 = [], [], [], [], set(), time.perf_counter()
     cache: dict = {}
+    truths_dims: set[int] = set()
     for study in discover_studies(input):
         study_settings = Settings.from_mapping(study.options, s)
         truth, result, _ = reconstruct_in_memory(study.input, study_settings, cache)
         if result.std is None:
             raise PipelineError(f"method {result.info.get('method')!r} gives no spread to calibrate: use a sampler "
                                 "with several particles (e.g. --particles 8)")
+        if truths_dims and truth.dim() not in truths_dims:
+            raise PipelineError(f"{study.name}: the reference studies mix 2D slices and 3D volumes; calibrate "
+                                "them separately (a factor fitted on one does not hold for the other)")
+        truths_dims.add(truth.dim())
         stds.append(result.std.detach().double().cpu())
         errors.append((result.x - truth).detach().double().cpu().abs())
         masks.append(body_mask(truth.detach().cpu()).reshape(truth.shape))
@@ -87,7 +92,7 @@ def calibrate_studies(input: str | os.PathLike, output: str | os.PathLike, setti
             "particles": result.info.get("particles"), "prior_sha256": result.info.get("prior_sha256"),
             "task": s.task, "tasks": sorted(tasks), "task_params": s.task_params, "photons": s.photons,
             "noise": s.noise, "steps": result.info.get("steps"), "sampler_options": sampler_settings(result.info),
-            "studies": len(names),
+            "studies": len(names), "volume": truths_dims == {3},
             "seconds": time.perf_counter() - t0}
     save_calibration(out, factor, coverage, n_scores=n_scores, offset=offset, **meta)
     return {"output": str(out), "factor": factor, "offset": offset, "coverage": coverage, "n_scores": n_scores,

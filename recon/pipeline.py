@@ -568,11 +568,16 @@ def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, le
 
     spec = problem.meas.spec
     if calibration is not None:
-        calibration_source = "the calibration file given"
+        fitted_on_volumes = bool(calibration.get("volume", False))
+        calibration_source = "the calibration file given" + (
+            "" if fitted_on_volumes == spec.is_volume else
+            f" (fitted on {'volumes' if fitted_on_volumes else 'slices'}, applied to a "
+            f"{'volume' if spec.is_volume else 'slice'})")
     elif run.result.std is None and run.result.samples is None:
         calibration_source = None  # one estimate: no intervals to calibrate
     else:
-        calibration, calibration_source = builtin_calibration(run.prior, run.result.info, spec.task)
+        calibration, calibration_source = builtin_calibration(run.prior, run.result.info, spec.task,
+                                                              volume=spec.is_volume)
     maps = uncertainty_maps(physics, _domain_result(run), level=level, calibration=calibration)
     phys = {"null_space": _difference_map(spec, maps["null_space"])}
     if "std" in maps:

@@ -23,6 +23,7 @@ from recon.samplers.registry import sampler_settings
 from recon.samplers.uncertainty import (
     BUILTIN_CALIBRATION,
     BUILTIN_TASK_CALIBRATION,
+    BUILTIN_VOLUME_CALIBRATION,
     builtin_calibration,
     builtin_calibration_path,
     save_calibration,
@@ -221,6 +222,47 @@ def test_a_task_calibration_file_comes_before_the_general_one(tmp_path):
     assert builtin_calibration_path(tmp_path, "mri") == tmp_path / BUILTIN_CALIBRATION
     assert builtin_calibration(prior, info, "mri")[0] is None  # the general file does not list MRI
     assert builtin_calibration_path(tmp_path / "nowhere", "mri") is None
+
+
+def test_volumes_look_for_a_volume_calibration_first_and_slices_never_use_one(tmp_path):
+    """``calibration-<task>-volume.json`` (fitted on volumes) holds for volume runs of its task; slices keep the slice
+    files, and a volume without a file of its own falls back to them, saying so in the reason."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    prior = SimpleNamespace(card={"path": str(tmp_path)})
+    info = {"method": "ensemble", "base": "hybrid", "particles": 16, "steps": 50, "options": {"base": "hybrid"}}
+    meta = dict(**info, prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=6,
+                sampler_options=sampler_settings(info), tasks=["mri"])
+    save_calibration(tmp_path / BUILTIN_CALIBRATION, 8.0, 0.9, **meta, volume=False)
+    doc, why = builtin_calibration(prior, info, "mri", volume=True)
+    assert doc["factor"] == 8.0 and "slices, applied to this volume" in why
+    volume_file = tmp_path / BUILTIN_VOLUME_CALIBRATION.format(task="mri")
+    save_calibration(volume_file, 12.0, 0.9, **meta, volume=True)
+    assert builtin_calibration_path(tmp_path, "mri", volume=True) == volume_file
+    assert builtin_calibration_path(tmp_path, "mri") == tmp_path / BUILTIN_CALIBRATION
+    doc, why = builtin_calibration(prior, info, "mri", volume=True)
+    assert doc["factor"] == 12.0 and "(volumes;" in why
+    assert builtin_calibration(prior, info, "mri")[0]["factor"] == 8.0
+    # a volume-fitted file under a slice name is refused for slices
+    save_calibration(tmp_path / BUILTIN_CALIBRATION, 12.0, 0.9, **meta, volume=True)
+    refused = (None, "the prior's calibration was fitted on volumes, not slices")
+    assert builtin_calibration(prior, info, "mri") == refused
+
+
+def test_calibrate_records_volumes_and_refuses_to_pool_them_with_slices(tmp_path, capsys):
+    refs = _refs(tmp_path)
+    vol = tmp_path / "vols"
+    vol.mkdir()
+    slices = np.stack([_load(refs / "ref0.nii.gz")[0]] * 4)  # (4, 64, 64) in HU
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(slices.T).astype(np.float32), np.eye(4)), vol / "v.nii.gz")
+    common = ["--task", "inpainting", "--method", "dps", "--steps", "2", "--particles", "3", "-q"]
+    assert main(["calibrate", "-i", str(vol), "-o", str(tmp_path / "v.json"), *common]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["volume"] is True
+    assert main(["calibrate", "-i", str(refs), "-o", str(tmp_path / "s.json"), *common]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["volume"] is False
+    shutil.copy(vol / "v.nii.gz", refs / "v.nii.gz")
+    capsys.readouterr()
+    assert main(["calibrate", "-i", str(refs), "-o", str(tmp_path / "m.json"), *common]) != 0
+    assert "mix 2D slices and 3D volumes" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
 
 
 def test_the_hybrids_averaged_chains_give_no_std_map_unless_a_spread_is_asked_for(tmp_path, capsys):

@@ -46,6 +46,7 @@ import torch
 __all__ = [
     "BUILTIN_CALIBRATION",
     "BUILTIN_TASK_CALIBRATION",
+    "BUILTIN_VOLUME_CALIBRATION",
     "CALIBRATION_KIND",
     "OFFSET_GRID",
     "balanced_offset",
@@ -71,6 +72,8 @@ CALIBRATION_KIND = "recon-conformal-calibration"
 BUILTIN_CALIBRATION = "calibration.json"  # a ``recon calibrate`` file shipped in a prior's folder
 # a calibration for one task only, shipped next to it (``calibration-limited-angle-ct.json``); it comes first
 BUILTIN_TASK_CALIBRATION = "calibration-{task}.json"
+# a calibration fitted on volumes (``recon calibrate`` on volume studies): volume runs of the task look for it first
+BUILTIN_VOLUME_CALIBRATION = "calibration-{task}-volume.json"
 # offsets tried by ``balanced_offset``, in units of the reference studies' median std
 OFFSET_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 _F64 = torch.float64
@@ -443,31 +446,36 @@ def load_calibration(path: str | os.PathLike) -> dict:
     return doc
 
 
-def builtin_calibration_path(folder: str | os.PathLike | None, task: str | None) -> Path | None:
-    """The calibration file a prior's ``folder`` ships for ``task``: ``calibration-<task>.json`` if there is one,
-    else ``calibration.json``; None if neither exists."""
+def builtin_calibration_path(folder: str | os.PathLike | None, task: str | None,
+                             volume: bool = False) -> Path | None:
+    """The calibration file a prior's ``folder`` ships for ``task``: for a ``volume`` run
+    ``calibration-<task>-volume.json`` if there is one; then ``calibration-<task>.json``, then ``calibration.json``
+    (fitted on slices); None if none exists."""
     if not folder:
         return None
-    for name in ([BUILTIN_TASK_CALIBRATION.format(task=task)] if task else []) + [BUILTIN_CALIBRATION]:
+    names = [BUILTIN_VOLUME_CALIBRATION.format(task=task)] if task and volume else []
+    names += ([BUILTIN_TASK_CALIBRATION.format(task=task)] if task else []) + [BUILTIN_CALIBRATION]
+    for name in names:
         if (Path(folder) / name).is_file():
             return Path(folder) / name
     return None
 
 
-def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | None, str]:
+def builtin_calibration(prior, info: dict, task: str | None, volume: bool = False) -> tuple[dict | None, str]:
     """The calibration shipped in ``prior``'s folder for ``task`` (``builtin_calibration_path``, written by
     ``recon calibrate``) if it was fitted for this run, else None; and a one-line reason either way, for the report.
 
     It applies when it was fitted on these weights (``prior_sha256``) for the same method, base sampler, number
     of samples and steps (``info``: the sampler's ``method``, ``base``, ``particles``, ``steps``), with the same
     sampler options (``recon.samplers.registry.sampler_settings``) and lists ``task`` among its tasks. A file that
-    exists but does not match is not used: intervals stay the uncalibrated ones.
+    exists but does not match is not used: intervals stay the uncalibrated ones. A file fitted on volumes applies
+    to ``volume`` runs only; one fitted on slices applies to both, and the reason says when a volume uses it.
     """
     from recon.priors.io import weights_sha256
     from recon.samplers.registry import sampler_settings
 
     folder = (getattr(prior, "card", None) or {}).get("path") if prior is not None else None
-    path = builtin_calibration_path(folder, task)
+    path = builtin_calibration_path(folder, task, volume)
     if path is None:
         return None, "the prior ships no calibration"
     doc = load_calibration(path)
@@ -478,6 +486,8 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
         return None, f"the prior's calibration was fitted for {_describe_run(fitted)}, not {_describe_run(run)}"
     if task not in (doc.get("tasks") or []):
         return None, f"the prior's calibration was fitted on {', '.join(doc.get('tasks') or [])}, not {task}"
+    if doc.get("volume", False) and not volume:
+        return None, "the prior's calibration was fitted on volumes, not slices"
     used = sampler_settings(info)
     if doc.get("sampler_options") != used:
         there = doc.get("sampler_options") or {}
@@ -486,7 +496,9 @@ def builtin_calibration(prior, info: dict, task: str | None) -> tuple[dict | Non
                       + ", ".join(f"{k}: {there.get(k)!r} there, {used.get(k)!r} here" for k in changed) + ")")
     if doc.get("prior_sha256") != weights_sha256(prior):
         return None, "the prior's calibration was fitted on other weights"
-    return doc, f"built into the prior: fitted on {doc.get('studies')} reference studies ({doc.get('fitted_on', '')})"
+    kind = "volumes" if doc.get("volume", False) else "slices, applied to this volume" if volume else "slices"
+    return doc, (f"built into the prior: fitted on {doc.get('studies')} reference studies ({kind}; "
+                 f"{doc.get('fitted_on', '')})")
 
 
 def _describe_run(run: dict) -> str:

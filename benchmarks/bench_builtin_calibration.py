@@ -16,7 +16,9 @@ the offset that covers the six studies most evenly (``recon calibrate --offset b
 (``default-mri``'s ``calibration.json``): the held-out MRI tuning slice ``s1045`` (matplotlib's 256² sagittal T1,
 area-averaged to 128²) × mask and noise draws 0, 1, 2 (until 2026-12-07 frames 0, 4 and 9 of ``emri_small``, 64²
 interpolated to 128², one draw), single-coil MRI at 4× and 8× with 1 % noise, factor only (the balanced offset,
-tried on 2026-12-06, under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``). Image-domain tasks
+tried on 2026-12-06, under-covered the held-out MRI: ``calibration_builtin_mri_offset.json``); MRI volumes,
+``--task mri-volume`` (``calibration-mri-volume.json``, which volume runs look for first): the held-out
+``emri_small`` as one volume (ten 64² frames) × the same configurations × draws 0, 1, 2. Image-domain tasks
 on CT images (``--task blur``, ``inpainting``, ``super-resolution``: ``calibration-<task>.json`` of
 ``default-ct``): slab slices 6 and 18 × the task's configuration × noise draws 0 and 1; on MR images with
 ``default-mri`` (``--task inpainting-mri``, ``super-resolution-mri``): the MRI tuning slice × draws 0, 1, 2.
@@ -28,7 +30,8 @@ scan circle set to air, −1024, by ``load_image`` before the area-averaging sin
 reports set it after, which differs in about 300 pixels at the circle's edge, outside the head) through the fitted
 configurations and some the fit never saw (sparse view: 45 and 120 views at 1e5 photons, 180 views at 1e5; limited
 angle: 70 views over 105°, 100 views over 150°). MRI: MR_small and
-anatomical.nii (``bench_matrix``'s ``mr-small``, ``mr-anat``) at 4× and 8× and, unseen, 6× and 4× at 2 % noise.
+anatomical.nii (``bench_matrix``'s ``mr-small``, ``mr-anat``) at 4× and 8× and, unseen, 6× and 4× at 2 % noise
+(``mri-volume``: the whole anatomical.nii, 33 × 41 × 25 at 2 mm, the same four).
 ``--images ct-body`` reports the trunk slice ``CT_small.dcm`` instead (a check outside the head the fit never saw). Per
 case: coverage of the nominal 90 % intervals over the image and inside the body (``body_mask``), uncalibrated
 (Student-t intervals of the 16 samples) and with the shipped factor; Spearman(std, |error|) inside the body; RMSE
@@ -109,9 +112,9 @@ TASKS = {
 # the image-domain tasks on CT images (the CT prior; parameters in mm at the slab's 1.91 mm pixels at 128²: a blur
 # FWHM of 4.8 mm is 2.5 pixels there, as bench_matrix's blur2.5)
 for _task, _fit, _unseen, _describe in (
-        ("blur", {"blur2.5": ({"fwhm": 4.8}, {"noise": 0.01})},
+        ("blur", {"blur2.5": ({"fwhm": 4.8}, {"noise": 0.01}), "blur2.5-n0.5": ({"fwhm": 4.8}, {"noise": 0.005})},
          {"blur4": ({"fwhm": 7.7}, {"noise": 0.01}), "blur2.5-n0.2": ({"fwhm": 4.8}, {"noise": 0.002})},
-         "Gaussian blur of FWHM 4.8 mm (2.5 pixels), noise 1 % of the measurement RMS"),
+         "Gaussian blur of FWHM 4.8 mm (2.5 pixels), noise 1 % and 0.5 % of the measurement RMS"),
         ("inpainting", {"inp50": ({"missing": 0.5}, {"noise": 0.01})}, {"inp80": ({"missing": 0.8}, {"noise": 0.01})},
          "inpainting of 50 % missing pixels, noise 1 % of the measurement RMS"),
         ("super-resolution", {"sr2": ({"factor": 2}, {"noise": 0.01})}, {"sr4": ({"factor": 4}, {"noise": 0.01})},
@@ -178,7 +181,8 @@ def tuning_slices(data: str, task: str, slices: list[int],
     return [(f"{stem}{i}{tag}", frame(i), spacing) for i in slices]
 
 
-def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (0,)) -> dict:
+def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (0,),
+        offset: str | float | None = None) -> dict:
     """``recon calibrate`` on the tuning slices × the task's fitted configurations × noise (and mask) draws
     ``seeds``; writes ``out``."""
     spec = TASKS[task]
@@ -205,7 +209,7 @@ def fit(data: str, task: str, slices: list[int], out: Path, seeds: list[int] = (
             writer.writerows(rows)
         settings = Settings(task=_recon_task(task), prior=spec["prior"])
         summary = calibrate_studies(manifest, out, settings, coverage=LEVEL, overwrite=True,
-                                    offset=spec.get("offset", 0.0))
+                                    offset=spec.get("offset", 0.0) if offset is None else offset)
     source = ("head CT: InVesalius slab slices" if _is_ct(task) else
               "brain MRI volume: emri_small, all frames" if spec.get("volume") else
               "brain MRI: emri_small frames" if Path(data).name.startswith("emri_small") else
@@ -234,8 +238,8 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
                 calibration: Path | None = None, scores: Path | None = None) -> dict:
     """One held-out case through ``reconstruct_in_memory``, scored uncalibrated and with the shipped factor (or the
     ``calibration`` file's: a candidate, checked here before it ships). ``scores``: a folder to save the case's
-    normalised errors ``|x − truth| / std`` inside the body (``.npy``), from which any other factor's coverage
-    follows without re-running."""
+    errors ``|x − truth|`` and stds inside the body (``.npz``), from which any other factor's (and offset's)
+    coverage follows without re-running."""
     from recon.pipeline import reconstruct_in_memory
 
     s = Settings(task=_recon_task(task), task_params=params, seed=seed, uncertainty=LEVEL, prior=TASKS[task]["prior"],
@@ -259,11 +263,11 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
            "spearman_ceiling_body": spearman_ceiling(result.std, mask),
            "rmse_body_hu": float(err[mask].pow(2).mean().sqrt()) * hu,
            "mean_std_body_hu": float(result.std.double()[mask].mean()) * hu}
-    if scores is not None:
-        body = (err[mask] / result.std.double()[mask].clamp_min(1e-6)).cpu().numpy().astype(np.float32)
+    if scores is not None:  # the body's errors and stds (domain units), for any factor and offset later
+        error, std = (v[mask].cpu().numpy().astype(np.float32) for v in (err, result.std.double()))
         scores.mkdir(parents=True, exist_ok=True)
-        np.save(scores / f"{row['image']}-{name}-s{seed}.npy", body)
-        row["needed_factor_body"] = float(np.quantile(body, LEVEL))
+        np.savez_compressed(scores / f"{row['image']}-{name}-s{seed}.npz", error=error, std=std)
+        row["needed_factor_body"] = float(np.quantile(error / np.maximum(std, 1e-6), LEVEL))
     for label, cal in (("uncalibrated", None), ("calibrated", doc)):
         if label == "calibrated" and doc is None:
             continue
@@ -300,13 +304,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="noise draws of the report")
     parser.add_argument("--fit-out", type=Path, help="--fit writes here instead of the prior's folder (a candidate)")
     parser.add_argument("--calibration", type=Path, help="report with this calibration file instead of the shipped one")
+    parser.add_argument("--offset", help="--fit with this offset rule instead of the task's ('balanced' or a number)")
     parser.add_argument("--fit-seeds", type=int, nargs="+", help="noise draws of --fit (default: the task's)")
     parser.add_argument("--cases", nargs="+", help="configurations to report (default: the task's, fitted and unseen)")
     parser.add_argument("--images", nargs="+", help="held-out images to report (default: the task's)")
     parser.add_argument("--volume", type=int, nargs=2, metavar=("FIRST", "STOP"),
                         help="report the slab (--data) slices FIRST..STOP-1 at 128² as one volume instead of images")
     parser.add_argument("--save-scores", type=Path, metavar="DIR",
-                        help="save each case's normalised body errors here (coverage of any factor, later)")
+                        help="save each case's body errors and stds here (coverage of any factor, later)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--markdown", metavar="JSON", help="print the README table of saved results")
@@ -322,7 +327,9 @@ def main() -> None:
             parser.error("--fit needs --data")
         out = Path(__file__).resolve().parents[1] / "recon" / "priors" / "weights" / BUILTIN_PRIORS[spec["prior"]]
         print(fit(args.data, args.task, args.slices or spec["slices"], args.fit_out or out / spec["file"],
-                  args.fit_seeds or spec.get("fit_seeds", [0])), flush=True)
+                  args.fit_seeds or spec.get("fit_seeds", [0]),
+                  None if args.offset is None else args.offset if args.offset == "balanced" else float(args.offset)),
+              flush=True)
         return
     configs = {**spec["fit"], **spec["unseen"]}
     unknown = sorted(set(args.cases or []) - set(configs))

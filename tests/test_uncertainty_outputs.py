@@ -279,24 +279,30 @@ def test_the_hybrids_averaged_chains_give_no_std_map_unless_a_spread_is_asked_fo
     assert "std_map" not in report and _load(tmp_path / "p.std.nii.gz").max() > 0
 
 
-@pytest.mark.parametrize("prior_name, task, modality, offset", [("default-ct", "sparse-view-ct", "ct", False),
-                                                                ("default-ct", "limited-angle-ct", "ct", True),
-                                                                ("default-ct", "inpainting", "image", False),
-                                                                ("default-ct", "super-resolution", "image", False),
-                                                                ("default-mri", "mri", "mri", False),
-                                                                ("default-mri", "inpainting", "image", False),
-                                                                ("default-mri", "super-resolution", "image", False)])
-def test_the_shipped_calibrations_apply_to_what_uncertainty_runs_by_default(prior_name, task, modality, offset):
+@pytest.mark.parametrize("prior_name, task, modality, offset, volume",
+                         [("default-ct", "sparse-view-ct", "ct", False, False),
+                          ("default-ct", "limited-angle-ct", "ct", True, False),
+                          ("default-ct", "inpainting", "image", False, False),
+                          ("default-ct", "super-resolution", "image", False, False),
+                          ("default-mri", "mri", "mri", False, False),
+                          ("default-mri", "mri", "mri", False, True),
+                          ("default-mri", "inpainting", "image", False, False),
+                          ("default-mri", "super-resolution", "image", False, False)])
+def test_the_shipped_calibrations_apply_to_what_uncertainty_runs_by_default(prior_name, task, modality, offset, volume):
     """Each calibration a built-in prior ships matches its weights and the default ensemble of 16 hybrid runs with the
     hybrid's current defaults for the modality (``TUNED_OPTIONS``): a changed default or retrained weights fail here
-    until the file is refitted (``benchmarks/bench_builtin_calibration.py --fit``)."""
+    until the file is refitted (``benchmarks/bench_builtin_calibration.py --fit``). MRI volumes have their own."""
     from recon.priors import load_prior
     from recon.samplers.registry import UNCERTAINTY_SAMPLES, modality_options
 
     info = {"method": "ensemble", "base": "hybrid", "particles": UNCERTAINTY_SAMPLES, "steps": 50,
             "options": modality_options("ensemble", modality, {"base": "hybrid"})}
-    doc, why = builtin_calibration(load_prior(prior_name), info, task)
+    doc, why = builtin_calibration(load_prior(prior_name), info, task, volume=volume)
     assert doc is not None, why
     assert task in doc["tasks"] and (doc.get("offset", 0.0) > 0) == offset and doc["factor"] > 1.645
+    assert doc.get("volume", False) == volume
+    if task == "sparse-view-ct":  # CT volumes have no file of their own: the slices' factor holds for them
+        doc_volume, why = builtin_calibration(load_prior(prior_name), info, task, volume=True)
+        assert doc_volume == doc and "slices, applied to this volume" in why
     if prior_name == "default-ct":  # blur's candidate under-covered its held-out cases and was not shipped
         assert builtin_calibration(load_prior(prior_name), info, "blur")[0] is None

@@ -248,15 +248,29 @@ def test_volumes_look_for_a_volume_calibration_first_and_slices_never_use_one(tm
     assert builtin_calibration(prior, info, "mri") == refused
 
 
-def test_calibrate_records_volumes_and_refuses_to_pool_them_with_slices(tmp_path, capsys):
+def test_a_volume_calibration_applies_to_volumes_and_calibrate_refuses_to_pool_them_with_slices(tmp_path, capsys):
+    prior = tmp_path / "prior"
+    shutil.copytree(files("recon.priors") / "weights" / "default-ct", prior,
+                    ignore=shutil.ignore_patterns("calibration*.json"))
     refs = _refs(tmp_path)
     vol = tmp_path / "vols"
     vol.mkdir()
     slices = np.stack([_load(refs / "ref0.nii.gz")[0]] * 4)  # (4, 64, 64) in HU
     nib.save(nib.Nifti1Image(np.ascontiguousarray(slices.T).astype(np.float32), np.eye(4)), vol / "v.nii.gz")
-    common = ["--task", "inpainting", "--method", "dps", "--steps", "2", "--particles", "3", "-q"]
-    assert main(["calibrate", "-i", str(vol), "-o", str(tmp_path / "v.json"), *common]) == 0
-    assert json.loads((tmp_path / "v.json").read_text())["volume"] is True
+    common = ["--task", "inpainting", "--prior", str(prior), "--steps", "2", "--particles", "3", "-q"]
+    target = prior / BUILTIN_VOLUME_CALIBRATION.format(task="inpainting")
+    assert main(["calibrate", "-i", str(vol), "-o", str(target), *common]) == 0
+    doc = json.loads(target.read_text())
+    assert doc["volume"] is True
+    capsys.readouterr()
+    assert main(["reconstruct", "-i", str(vol / "v.nii.gz"), "-o", str(tmp_path / "v.nii.gz"), *common,
+                 "--uncertainty", "--json"]) == 0
+    u = json.loads(capsys.readouterr().out)["uncertainty"]
+    assert u["calibration_factor"] == doc["factor"] and "(volumes;" in u["calibration"]
+    assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(tmp_path / "s.nii.gz"), *common,
+                 "--uncertainty", "--json"]) == 0  # a slice: the volume file is not for it
+    u = json.loads(capsys.readouterr().out)["uncertainty"]
+    assert u["calibration_factor"] is None and u["calibration"] == "the prior ships no calibration"
     assert main(["calibrate", "-i", str(refs), "-o", str(tmp_path / "s.json"), *common]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["volume"] is False
     shutil.copy(vol / "v.nii.gz", refs / "v.nii.gz")

@@ -78,7 +78,7 @@ BRAIN_WINDOW = (0.0, 80.0)  # HU
 BODY_WINDOW = (-160.0, 240.0)  # HU, soft tissue of the trunk
 CT_FULL = (-1000.0, 1000.0)  # HU, the full-range metric window of `recon reconstruct`
 IMAGES = ("ct-head-full", "ct-head-crop", "ct-body", "ct-slab", "ct-slab-t2", "ct-slab-t3", "mr-small", "mr-anat",
-          "mr-sagittal", "ct-phantom")
+          "mr-sagittal", "mr-anat-volume", "mr-emri-volume", "ct-phantom")
 # `recon prepare-prior-data --modality ct` writes the held-out InVesalius slab here (``--slab`` overrides)
 SLAB = Path("prior-data/ct/held-out/invesalius_cranium_slab.nii.gz")
 # name -> (task, task parameters, noise: photons / noise (relative to the RMS) / peak (relative to the peak))
@@ -168,6 +168,20 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         vol = np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata())
         axial = vol[:, :, vol.shape[2] // 2]
         return fit(axial), (2.0 * axial.shape[0] / size, 2.0 * axial.shape[1] / size), "MR"
+    if name == "mr-anat-volume":  # the whole of anatomical.nii as it is (25 axial slices of 33 × 41 at 2 mm)
+        import nibabel as nib
+        from nibabel.testing import data_path
+
+        return np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata()).transpose(2, 0, 1), (2.0,) * 3, "MR"
+    if name == "mr-emri-volume":  # the MRI tuning volume: the recipe's held-out emri_small (10 × 64², not reported)
+        from recon.datasets.io import read_image
+
+        path = Path(slab).parents[2] / "mri" / "held-out" / "emri_small.nii.gz"  # the recipe's folder layout
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: mr-emri-volume needs recon prepare-prior-data --modality mri")
+        image = read_image(path)
+        spacing = tuple(float(np.linalg.norm(image.affine[:3, k])) for k in (2, 1, 0))  # (dz, dy, dx)
+        return np.abs(image.array).astype(np.float64), spacing, "MR"
     if name == "mr-sagittal":  # the MRI tuning slice (recon.priors.recipe holds it out): not a reported case
         from matplotlib.cbook import get_sample_data
 

@@ -6,6 +6,7 @@
     python benchmarks/bench_priors.py --prior /path/to/prior-folder --label old --skip-throughput
     python benchmarks/bench_priors.py --prior default-ct --patch-gmm patch-gmm-ct --json /tmp/prior_ct_gmm.json
     python benchmarks/bench_priors.py --prior RUN/prior --validation prior-data/ct/held-out --skip-throughput
+    python benchmarks/bench_priors.py --prior default-mri --training prior-data/mri/train --skip-throughput
     python benchmarks/bench_priors.py --prior default-ct --symmetry d4 --json benchmarks/prior_ct_d4.json
 
 Quality: one Tweedie step ``prior.denoise(x + σ n, σ)`` on images the prior never saw, against
@@ -90,6 +91,26 @@ def validation_images(prior, folder: str, modality: str) -> list[tuple[str, np.n
     if (root / "matplotlib_s1045.nii.gz").is_file():  # the MRI tuning slice (a real 256² T1; recipe since 2026-12-07)
         s1045 = np.abs(read("matplotlib_s1045.nii.gz")[..., 0])
         images.append(("validation: s1045 (256²)", mri_unit(s1045, s1045)))
+    return images
+
+
+def training_images(prior, folder: str, modality: str) -> list[tuple[str, np.ndarray]]:
+    """The middle slice (third axis) of each 3D NIfTI file of the recipe's training folder (at least 128² and 5
+    slices), normalised like the prior's input: how well the network fits what it was trained on."""
+    import nibabel as nib
+
+    paths = sorted(Path(folder).glob("*.nii*"))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: --training needs the recipe's training folder (recon prepare-prior-data)")
+    images = []
+    for path in paths:
+        vol = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+        if vol.ndim != 3 or min(vol.shape[:2]) < 128 or vol.shape[2] < 5:
+            continue
+        name = f"training: {path.name.split('.')[0]} slice {vol.shape[2] // 2}"
+        sl = vol[:, :, vol.shape[2] // 2]
+        images.append((name, mri_unit(np.abs(sl), np.abs(vol)) if modality == "mri" else
+                       prior.normalize(torch.from_numpy(sl)).clamp(-1, 1).numpy()))
     return images
 
 
@@ -244,6 +265,17 @@ def throughput(prior_name, threads, symmetry=None):
     return dict(zip(keys, map(float, out), strict=True))
 
 
+def scored_images(prior, modality: str, training: str | None, validation: str | None):
+    """``(images, HU per normalised unit or None)``: the training folder's, the validation folder's or the
+    reported held-out images."""
+    hu_per_unit = (prior.intensity.high - prior.intensity.low) / 2 if modality == "ct" else None
+    if training:
+        return training_images(prior, training, modality), hu_per_unit
+    if validation:
+        return validation_images(prior, validation, modality), hu_per_unit
+    return (held_out_ct(prior) if modality == "ct" else held_out_mri()), hu_per_unit
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prior", default="default-ct", help="a built-in name or a prior folder")
@@ -254,6 +286,8 @@ def main():
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--validation", metavar="FOLDER", help="score the validation images of the recipe's held-out "
                         "folder instead of the reported ones (choosing between training runs)")
+    parser.add_argument("--training", metavar="FOLDER", help="score the middle slice of each volume of the recipe's "
+                        "training folder instead (does the network fit what it was trained on?)")
     parser.add_argument("--symmetry", choices=["d4"], help="the prior's denoiser averaged over the square's rotations "
                         "and flips (8 network evaluations per image; `load_prior(..., symmetry=...)`)")
     parser.add_argument("--patch-gmm", metavar="PRIOR", help="also the patch-GMM prior (e.g. patch-gmm-ct) as a column")
@@ -265,20 +299,14 @@ def main():
     modality = args.modality or ("ct" if getattr(prior.intensity, "unit", "") == "HU" else "mri")
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    if args.validation:
-        images = validation_images(prior, args.validation, modality)
-        hu_per_unit = (prior.intensity.high - prior.intensity.low) / 2 if modality == "ct" else None
-    elif modality == "ct":
-        images = held_out_ct(prior)
-        hu_per_unit = (prior.intensity.high - prior.intensity.low) / 2
-    else:
-        images, hu_per_unit = held_out_mri(), None
+    images, hu_per_unit = scored_images(prior, modality, args.training, args.validation)
     steps = prior.card.get("training", {}).get("steps")
     label = args.label or (f"{args.prior} ({args.symmetry} mean)" if args.symmetry else args.prior)
     groups: dict = {}
     for name, img in images:
         group = ("phantoms (unseen seeds)" if name.startswith("phantom") else
-                 "validation" if name.startswith("validation") else name.split(" axial")[0])
+                 "validation" if name.startswith("validation") else
+                 "training" if name.startswith("training") else name.split(" axial")[0])
         groups.setdefault(group, []).append((name, img))
     result = {"prior": label, "modality": modality, "steps": steps, "symmetry": args.symmetry, "quality": {}}
     extra, timing = {}, {}

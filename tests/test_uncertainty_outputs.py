@@ -296,6 +296,7 @@ def test_the_hybrids_averaged_chains_give_no_std_map_unless_a_spread_is_asked_fo
 @pytest.mark.parametrize("prior_name, task, modality, offset, volume",
                          [("default-ct", "sparse-view-ct", "ct", False, False),
                           ("default-ct", "limited-angle-ct", "ct", True, False),
+                          ("default-ct", "blur", "image", True, False),
                           ("default-ct", "inpainting", "image", False, False),
                           ("default-ct", "super-resolution", "image", False, False),
                           ("default-mri", "mri", "mri", False, False),
@@ -318,5 +319,3 @@ def test_the_shipped_calibrations_apply_to_what_uncertainty_runs_by_default(prio
     if task == "sparse-view-ct":  # CT volumes have no file of their own: the slices' factor holds for them
         doc_volume, why = builtin_calibration(load_prior(prior_name), info, task, volume=True)
         assert doc_volume == doc and "slices, applied to this volume" in why
-    if prior_name == "default-ct":  # blur's candidate under-covered its held-out cases and was not shipped
-        assert builtin_calibration(load_prior(prior_name), info, "blur")[0] is None

@@ -545,7 +545,8 @@ def _add_calibrate(sub, METHODS: dict) -> None:
                          description="Each reference image is measured by simulation (--task, noise) and "
                          "reconstructed (--method, --particles); the conformal quantile of |error|/std inside the "
                          "body is the factor c that makes x ± c·std cover --coverage of pixels. Apply it with "
-                         "`recon reconstruct --uncertainty --calibration FILE`.")
+                         "`recon reconstruct --uncertainty --calibration FILE`. Calibrate 2D slices and 3D "
+                         "volumes separately: the file records which it was fitted on.")
     cal.add_argument("-i", "--input", required=True, help="folder of reference studies, or a .csv manifest")
     cal.add_argument("-o", "--output", required=True, help="calibration file (.json)")
     cal.add_argument("--coverage", type=float, default=0.9, help="nominal coverage of the intervals (default 0.9)")

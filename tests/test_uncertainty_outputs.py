@@ -271,6 +271,11 @@ def test_a_volume_calibration_applies_to_volumes_and_calibrate_refuses_to_pool_t
                  "--uncertainty", "--json"]) == 0  # a slice: the volume file is not for it
     u = json.loads(capsys.readouterr().out)["uncertainty"]
     assert u["calibration_factor"] is None and u["calibration"] == "the prior ships no calibration"
+    assert main(["reconstruct", "-i", str(refs / "ref0.nii.gz"), "-o", str(tmp_path / "s.nii.gz"), *common,
+                 "--uncertainty", "--json", "--overwrite", "--calibration", str(target)]) == 0
+    u = json.loads(capsys.readouterr().out)["uncertainty"]  # the user's own file is applied, and the report warns
+    assert u["calibration_factor"] == doc["factor"]
+    assert u["calibration"] == "the calibration file given (fitted on volumes, applied to a slice)"
     assert main(["calibrate", "-i", str(refs), "-o", str(tmp_path / "s.json"), *common]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["volume"] is False
     shutil.copy(vol / "v.nii.gz", refs / "v.nii.gz")

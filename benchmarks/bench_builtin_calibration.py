@@ -114,7 +114,8 @@ TASKS = {
 # FWHM of 4.8 mm is 2.5 pixels there, as bench_matrix's blur2.5)
 for _task, _fit, _unseen, _describe in (
         ("blur", {"blur2.5": ({"fwhm": 4.8}, {"noise": 0.01}), "blur2.5-n0.5": ({"fwhm": 4.8}, {"noise": 0.005})},
-         {"blur4": ({"fwhm": 7.7}, {"noise": 0.01}), "blur2.5-n0.2": ({"fwhm": 4.8}, {"noise": 0.002})},
+         {"blur4": ({"fwhm": 7.7}, {"noise": 0.01}), "blur2.5-n0.2": ({"fwhm": 4.8}, {"noise": 0.002}),
+          "blur3": ({"fwhm": 5.7}, {"noise": 0.01}), "blur2.5-n2": ({"fwhm": 4.8}, {"noise": 0.02})},
          "Gaussian blur of FWHM 4.8 mm (2.5 pixels), noise 1 % and 0.5 % of the measurement RMS"),
         ("inpainting", {"inp50": ({"missing": 0.5}, {"noise": 0.01})}, {"inp80": ({"missing": 0.8}, {"noise": 0.01})},
          "inpainting of 50 % missing pixels, noise 1 % of the measurement RMS"),

@@ -168,11 +168,12 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         vol = np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata())
         axial = vol[:, :, vol.shape[2] // 2]
         return fit(axial), (2.0 * axial.shape[0] / size, 2.0 * axial.shape[1] / size), "MR"
-    if name == "mr-anat-volume":  # the whole of anatomical.nii as it is (25 axial slices of 33 × 41 at 2 mm)
-        import nibabel as nib
+    if name == "mr-anat-volume":  # the whole of anatomical.nii as `recon reconstruct` reads it ((D, H, W) at 2 mm)
         from nibabel.testing import data_path
 
-        return np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata()).transpose(2, 0, 1), (2.0,) * 3, "MR"
+        from recon.datasets.io import read_image
+
+        return np.abs(read_image(f"{data_path}/anatomical.nii").array).astype(np.float64), (2.0,) * 3, "MR"
     if name == "mr-emri-volume":  # the MRI tuning volume: the recipe's held-out emri_small (10 × 64², not reported)
         from recon.datasets.io import read_image
 

@@ -568,9 +568,9 @@ def _add_uncertainty(written: Written, problem: _Problem, run: _Run, physics, le
 
     spec = problem.meas.spec
     if calibration is not None:
-        fitted_on_volumes = bool(calibration.get("volume", False))
+        fitted_on_volumes = calibration.get("volume")  # absent in files written before it was recorded
         calibration_source = "the calibration file given" + (
-            "" if fitted_on_volumes == spec.is_volume else
+            "" if fitted_on_volumes is None or bool(fitted_on_volumes) == spec.is_volume else
             f" (fitted on {'volumes' if fitted_on_volumes else 'slices'}, applied to a "
             f"{'volume' if spec.is_volume else 'slice'})")
     elif run.result.std is None and run.result.samples is None:

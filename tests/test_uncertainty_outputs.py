@@ -231,10 +231,13 @@ def test_volumes_look_for_a_volume_calibration_first_and_slices_never_use_one(tm
     prior = SimpleNamespace(card={"path": str(tmp_path)})
     info = {"method": "ensemble", "base": "hybrid", "particles": 16, "steps": 50, "options": {"base": "hybrid"}}
     meta = dict(**info, prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=6,
-                sampler_options=sampler_settings(info), tasks=["mri"])
+                sampler_options=sampler_settings(info), tasks=["mri", "sparse-view-ct"])
     save_calibration(tmp_path / BUILTIN_CALIBRATION, 8.0, 0.9, **meta, volume=False)
-    doc, why = builtin_calibration(prior, info, "mri", volume=True)
+    # a slice file holds for volumes only where that was measured (SLICE_CALIBRATION_HOLDS_FOR_VOLUMES)
+    doc, why = builtin_calibration(prior, info, "sparse-view-ct", volume=True)
     assert doc["factor"] == 8.0 and "slices, applied to this volume" in why
+    doc, why = builtin_calibration(prior, info, "mri", volume=True)
+    assert doc is None and "has not been measured on mri volumes" in why
     volume_file = tmp_path / BUILTIN_VOLUME_CALIBRATION.format(task="mri")
     save_calibration(volume_file, 12.0, 0.9, **meta, volume=True)
     assert builtin_calibration_path(tmp_path, "mri", volume=True) == volume_file
@@ -276,6 +279,10 @@ def test_a_volume_calibration_applies_to_volumes_and_calibrate_refuses_to_pool_t
     u = json.loads(capsys.readouterr().out)["uncertainty"]  # the user's own file is applied, and the report warns
     assert u["calibration_factor"] == doc["factor"]
     assert u["calibration"] == "the calibration file given (fitted on volumes, applied to a slice)"
+    save_calibration(tmp_path / "old.json", 2.0, 0.9)  # a file from before `volume` was recorded: no note
+    assert main(["reconstruct", "-i", str(vol / "v.nii.gz"), "-o", str(tmp_path / "v.nii.gz"), *common,
+                 "--uncertainty", "--json", "--overwrite", "--calibration", str(tmp_path / "old.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["uncertainty"]["calibration"] == "the calibration file given"
     assert main(["calibrate", "-i", str(refs), "-o", str(tmp_path / "s.json"), *common]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["volume"] is False
     shutil.copy(vol / "v.nii.gz", refs / "v.nii.gz")

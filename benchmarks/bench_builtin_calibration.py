@@ -331,10 +331,14 @@ def main() -> None:
         if not args.data:
             parser.error("--fit needs --data")
         out = Path(__file__).resolve().parents[1] / "recon" / "priors" / "weights" / BUILTIN_PRIORS[spec["prior"]]
+        offset = args.offset
+        if offset not in (None, "balanced"):
+            try:
+                offset = float(offset)
+            except ValueError:
+                parser.error(f"--offset: a number >= 0 or 'balanced' expected, got {offset!r}")
         print(fit(args.data, args.task, args.slices or spec["slices"], args.fit_out or out / spec["file"],
-                  args.fit_seeds or spec.get("fit_seeds", [0]),
-                  None if args.offset is None else args.offset if args.offset == "balanced" else float(args.offset)),
-              flush=True)
+                  args.fit_seeds or spec.get("fit_seeds", [0]), offset), flush=True)
         return
     configs = {**spec["fit"], **spec["unseen"]}
     unknown = sorted(set(args.cases or []) - set(configs))

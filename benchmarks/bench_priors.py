@@ -284,9 +284,10 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--validation", metavar="FOLDER", help="score the validation images of the recipe's held-out "
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--validation", metavar="FOLDER", help="score the validation images of the recipe's held-out "
                         "folder instead of the reported ones (choosing between training runs)")
-    parser.add_argument("--training", metavar="FOLDER", help="score the middle slice of each volume of the recipe's "
+    which.add_argument("--training", metavar="FOLDER", help="score the middle slice of each volume of the recipe's "
                         "training folder instead (does the network fit what it was trained on?)")
     parser.add_argument("--symmetry", choices=["d4"], help="the prior's denoiser averaged over the square's rotations "
                         "and flips (8 network evaluations per image; `load_prior(..., symmetry=...)`)")

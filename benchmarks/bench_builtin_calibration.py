@@ -138,6 +138,8 @@ for _task in ("inpainting", "super-resolution"):
 # for first): the held-out ``emri_small`` (ten contiguous 64² frames, 1 × 1 × 1.2 mm) as one volume × the slices'
 # configurations × draws 0, 1, 2; reported on the whole of nibabel's anatomical.nii (33 × 41 × 25 at 2 mm)
 TASKS["mri-volume"] = {**TASKS["mri"], "task": "mri", "volume": True, "slices": [], "report": ["anatomical.nii"],
+                       "unseen": {**TASKS["mri"]["unseen"], "mri3": ({"acceleration": 3}, {"noise": 0.01}),
+                                  "mri8-n2": ({"acceleration": 8}, {"noise": 0.02})},
                        "file": BUILTIN_VOLUME_CALIBRATION.format(task="mri"),
                        "describe": "3D Cartesian MRI, random masks at 4× and 8×, noise 1 % of the k-space RMS"}
 

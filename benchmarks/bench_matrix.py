@@ -168,21 +168,8 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
         vol = np.abs(nib.load(f"{data_path}/anatomical.nii").get_fdata())
         axial = vol[:, :, vol.shape[2] // 2]
         return fit(axial), (2.0 * axial.shape[0] / size, 2.0 * axial.shape[1] / size), "MR"
-    if name == "mr-anat-volume":  # the whole of anatomical.nii as `recon reconstruct` reads it ((D, H, W) at 2 mm)
-        from nibabel.testing import data_path
-
-        from recon.datasets.io import read_image
-
-        return np.abs(read_image(f"{data_path}/anatomical.nii").array).astype(np.float64), (2.0,) * 3, "MR"
-    if name == "mr-emri-volume":  # the MRI tuning volume: the recipe's held-out emri_small (10 × 64², not reported)
-        from recon.datasets.io import read_image
-
-        path = Path(slab).parents[2] / "mri" / "held-out" / "emri_small.nii.gz"  # the recipe's folder layout
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: mr-emri-volume needs recon prepare-prior-data --modality mri")
-        image = read_image(path)
-        spacing = tuple(float(np.linalg.norm(image.affine[:3, k])) for k in (2, 1, 0))  # (dz, dy, dx)
-        return np.abs(image.array).astype(np.float64), spacing, "MR"
+    if name in ("mr-anat-volume", "mr-emri-volume"):  # whole MRI volumes as `recon reconstruct` reads them
+        return _mri_volume(name, slab)
     if name == "mr-sagittal":  # the MRI tuning slice (recon.priors.recipe holds it out): not a reported case
         from matplotlib.cbook import get_sample_data
 
@@ -190,6 +177,22 @@ def load_image(name: str, size: int, slab: Path = SLAB) -> tuple[np.ndarray, tup
 
         return fit(read_s1045(get_sample_data("s1045.ima.gz", asfileobj=False)).array[0]), (256.0 / size,) * 2, "MR"
     raise ValueError(f"unknown image {name!r}; choose from {', '.join(IMAGES)}")
+
+
+def _mri_volume(name: str, slab: Path) -> tuple[np.ndarray, tuple[float, float, float], str]:
+    """``mr-anat-volume``: the whole of nibabel's anatomical.nii (held out, reported); ``mr-emri-volume``: the MRI
+    tuning volume, the recipe's held-out emri_small (10 × 64², not reported), found next to the slab (the recipe's
+    folder layout). ``(D, H, W)`` magnitude, ``(dz, dy, dx)`` mm."""
+    from nibabel.testing import data_path
+
+    from recon.datasets.io import read_image
+
+    path = (Path(data_path) / "anatomical.nii" if name == "mr-anat-volume"
+            else Path(slab).parents[2] / "mri" / "held-out" / "emri_small.nii.gz")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {name} needs recon prepare-prior-data --modality mri")
+    image = read_image(path)
+    return np.abs(image.array).astype(np.float64), image.spacing, "MR"
 
 
 def _dicom_slice(filename: str) -> tuple[np.ndarray, float]:

@@ -34,6 +34,7 @@ dropped. ``--skip invesalius`` leaves the GPL-2 volume out (for weights free of 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -294,12 +295,8 @@ def _s1045_candidates(root: str) -> list[Candidate]:
     path = Path(root) / "s1045.ima.gz"
     if not path.is_file():
         raise RecipeError(f"{path}: missing (pip install matplotlib)")
-    return [Candidate("matplotlib_s1045", path.name, "matplotlib", _s1045_loader(path),
+    return [Candidate("matplotlib_s1045", path.name, "matplotlib", functools.partial(read_s1045, path),
                       study="matplotlib:s1045.ima.gz")]
-
-
-def _s1045_loader(path: Path) -> Callable[[], MedicalImage]:
-    return lambda: read_s1045(path)
 
 
 SOURCES: dict[str, list[tuple[str, Callable[[str], list[Candidate]]]]] = {

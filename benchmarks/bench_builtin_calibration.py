@@ -177,7 +177,7 @@ def tuning_slices(data: str, task: str, slices: list[int],
 
     emri = Path(data).name.startswith("emri_small")
     stem = "emri" if emri else Path(data).name.split(".")[0].removeprefix("matplotlib_") + "-"
-    spacing = float(np.linalg.norm(image.affine[:3, 0])) * volume.shape[-1] / 128.0
+    spacing = image.spacing[-1] * volume.shape[-1] / 128.0
     def frame(i: int) -> np.ndarray:
         image = np.abs(volume[i]).astype(np.float64)
         if native:

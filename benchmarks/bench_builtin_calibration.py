@@ -39,6 +39,8 @@ case: coverage of the nominal 90 % intervals over the image and inside the body 
 and mean std inside the body (HU for CT); network evaluations and seconds.
 
     python benchmarks/bench_builtin_calibration.py --fit --data prior-data/ct/held-out/invesalius_cranium_slab.nii.gz
+    # after a refit of the sparse-view file, re-check it on the volume (--volume 8 16) before its ``holds_for_volumes``
+    # record is written back: without it volume runs keep uncalibrated intervals
     python benchmarks/bench_builtin_calibration.py --json benchmarks/calibration_builtin_ct.json
     python benchmarks/bench_builtin_calibration.py --task limited-angle-ct --fit --data …slab.nii.gz   # then --json
     python benchmarks/bench_builtin_calibration.py --task mri --fit --data …/mri/held-out/matplotlib_s1045.nii.gz

@@ -232,12 +232,14 @@ def test_volumes_look_for_a_volume_calibration_first_and_slices_never_use_one(tm
     info = {"method": "ensemble", "base": "hybrid", "particles": 16, "steps": 50, "options": {"base": "hybrid"}}
     meta = dict(**info, prior_sha256=hashlib.sha256(b"weights").hexdigest(), studies=6,
                 sampler_options=sampler_settings(info), tasks=["mri", "sparse-view-ct"])
+    # a slice file holds for volumes only where the file says it was measured to (holds_for_volumes)
     save_calibration(tmp_path / BUILTIN_CALIBRATION, 8.0, 0.9, **meta, volume=False)
-    # a slice file holds for volumes only where that was measured (SLICE_CALIBRATION_HOLDS_FOR_VOLUMES)
-    doc, why = builtin_calibration(prior, info, "sparse-view-ct", volume=True)
-    assert doc["factor"] == 8.0 and "slices, applied to this volume" in why
     doc, why = builtin_calibration(prior, info, "mri", volume=True)
     assert doc is None and "has not been measured on mri volumes" in why
+    save_calibration(tmp_path / BUILTIN_CALIBRATION, 8.0, 0.9, **meta, volume=False,
+                     holds_for_volumes="checked on one CT volume")
+    doc, why = builtin_calibration(prior, info, "sparse-view-ct", volume=True)
+    assert doc["factor"] == 8.0 and "slices, applied to this volume" in why
     volume_file = tmp_path / BUILTIN_VOLUME_CALIBRATION.format(task="mri")
     save_calibration(volume_file, 12.0, 0.9, **meta, volume=True)
     assert builtin_calibration_path(tmp_path, "mri", volume=True) == volume_file

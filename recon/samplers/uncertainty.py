@@ -49,7 +49,6 @@ __all__ = [
     "BUILTIN_VOLUME_CALIBRATION",
     "CALIBRATION_KIND",
     "OFFSET_GRID",
-    "SLICE_CALIBRATION_HOLDS_FOR_VOLUMES",
     "balanced_offset",
     "body_mask",
     "builtin_calibration",
@@ -75,9 +74,6 @@ BUILTIN_CALIBRATION = "calibration.json"  # a ``recon calibrate`` file shipped i
 BUILTIN_TASK_CALIBRATION = "calibration-{task}.json"
 # a calibration fitted on volumes (``recon calibrate`` on volume studies): volume runs of the task look for it first
 BUILTIN_VOLUME_CALIBRATION = "calibration-{task}-volume.json"
-# tasks whose slice-fitted calibration was measured to hold on volumes too (benchmarks/README.md, "The same
-# calibration on a CT volume"); a volume of any other task needs a file fitted on volumes
-SLICE_CALIBRATION_HOLDS_FOR_VOLUMES = frozenset({"sparse-view-ct"})
 # offsets tried by ``balanced_offset``, in units of the reference studies' median std
 OFFSET_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 _F64 = torch.float64
@@ -473,8 +469,8 @@ def builtin_calibration(prior, info: dict, task: str | None, volume: bool = Fals
     of samples and steps (``info``: the sampler's ``method``, ``base``, ``particles``, ``steps``), with the same
     sampler options (``recon.samplers.registry.sampler_settings``) and lists ``task`` among its tasks. A file that
     exists but does not match is not used: intervals stay the uncalibrated ones. A file fitted on volumes applies
-    to ``volume`` runs only; one fitted on slices applies to volumes only for the tasks where that was measured to
-    hold (``SLICE_CALIBRATION_HOLDS_FOR_VOLUMES``), and the reason says so.
+    to ``volume`` runs only; one fitted on slices applies to volumes only when the file says where it was checked on
+    volumes (``holds_for_volumes``, written by whoever measured it), and the reason says so.
     """
     from recon.priors.io import weights_sha256
     from recon.samplers.registry import sampler_settings
@@ -493,7 +489,7 @@ def builtin_calibration(prior, info: dict, task: str | None, volume: bool = Fals
         return None, f"the prior's calibration was fitted on {', '.join(doc.get('tasks') or [])}, not {task}"
     if doc.get("volume", False) and not volume:
         return None, "the prior's calibration was fitted on volumes, not slices"
-    if volume and not doc.get("volume", False) and task not in SLICE_CALIBRATION_HOLDS_FOR_VOLUMES:
+    if volume and not doc.get("volume", False) and not doc.get("holds_for_volumes"):
         return None, (f"the prior's calibration was fitted on slices and has not been measured on {task} volumes "
                       "(recon calibrate on volumes like these fits one)")
     used = sampler_settings(info)

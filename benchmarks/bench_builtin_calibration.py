@@ -76,6 +76,8 @@ from recon.samplers.uncertainty import (
     BUILTIN_VOLUME_CALIBRATION,
     body_mask,
     builtin_calibration,
+    builtin_calibration_path,
+    conformal_factor,
     coverage,
     load_calibration,
     spearman,
@@ -276,7 +278,7 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
         error, std = (v[mask].cpu().numpy().astype(np.float32) for v in (err, result.std.double()))
         scores.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(scores / f"{row['image']}-{name}-s{seed}.npz", error=error, std=std)
-        row["needed_factor_body"] = float(np.quantile(error / np.maximum(std, 1e-6), LEVEL))
+        row["needed_factor_body"] = conformal_factor(torch.from_numpy(std), torch.from_numpy(error), coverage=LEVEL)
     for label, cal in (("uncalibrated", None), ("calibrated", doc)):
         if label == "calibrated" and doc is None:
             continue
@@ -285,6 +287,43 @@ def report_case(path: Path, task: str, name: str, params: dict, noise: dict, see
         row[f"coverage_90_body_{label}"] = coverage(maps["lower"], maps["upper"], truth, mask)
     print(json.dumps(row), flush=True)
     return row
+
+
+def _share_covered(case: dict, factor: float, offset: float = 0.0) -> float:
+    """The share of a saved case's body pixels inside ``x ± factor·(std + offset)`` (the conformal std floor)."""
+    return float(np.mean(case["error"] <= factor * np.maximum(case["std"] + offset, 1e-6)))
+
+
+def rescore(folder: Path, calibration: dict) -> list[dict]:
+    """The cases saved by ``--save-scores`` in ``folder`` (``IMAGE-CASE-sSEED.npz``) scored again without
+    re-running: their coverage with ``calibration``'s factor and offset, and, for each other draw of the same
+    image and configuration, the coverage of that draw's own conformal factor (what ``recon calibrate`` on one
+    study like it would give)."""
+    cases = {f.stem: dict(np.load(f)) for f in sorted(folder.glob("*.npz"))}
+    rows = []
+    for name, case in cases.items():
+        stem, seed = name.rsplit("-s", 1)
+        row = {"case": stem, "seed": int(seed), "factor": calibration["factor"],
+               "offset": calibration.get("offset", 0.0),
+               "coverage_90_body": _share_covered(case, calibration["factor"], calibration.get("offset", 0.0))}
+        for other, fit in cases.items():
+            if other != name and other.rsplit("-s", 1)[0] == stem:
+                c = conformal_factor(torch.from_numpy(fit["std"]), torch.from_numpy(fit["error"]), coverage=LEVEL)
+                row[f"coverage_90_body_factor_of_draw_{other.rsplit('-s', 1)[1]}"] = _share_covered(case, c)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def rescore_main(args, prior) -> None:
+    """``--rescore``: with ``--calibration`` or the file the prior ships for the task (slice or volume)."""
+    spec = TASKS[args.task]
+    path = args.calibration or builtin_calibration_path(prior.card["path"], _recon_task(args.task),
+                                                        bool(spec.get("volume")))
+    rows = rescore(args.rescore, load_calibration(path))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"level": LEVEL, "task": args.task, "calibration": str(path),
+                                               "rows": rows}, indent=1))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -300,6 +339,16 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['coverage_90_body_uncalibrated']:.1%} | {cal} | {r['spearman_body']:.2f} | {ceiling} | "
                      f"{r['rmse_body_hu']:.1f} / {r['mean_std_body_hu']:.1f} | {r['nfe']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def _offset(parser, value: str | None) -> str | float | None:
+    """``--offset``: None (the task's rule), ``"balanced"`` or a number."""
+    if value in (None, "balanced"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        parser.error(f"--offset: a number >= 0 or 'balanced' expected, got {value!r}")
 
 
 def main() -> None:
@@ -321,6 +370,8 @@ def main() -> None:
                         help="report the slab (--data) slices FIRST..STOP-1 at 128² as one volume instead of images")
     parser.add_argument("--save-scores", type=Path, metavar="DIR",
                         help="save each case's body errors and stds here (coverage of any factor, later)")
+    parser.add_argument("--rescore", type=Path, metavar="DIR", help="score the cases --save-scores saved in DIR with "
+                        "--calibration (default: the task's shipped file) and with each other draw's own factor")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--markdown", metavar="JSON", help="print the README table of saved results")
@@ -331,18 +382,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = TASKS[args.task]
     prior = load_prior(spec["prior"])
+    if args.rescore:
+        rescore_main(args, prior)
+        return
     if args.fit:
         if not args.data:
             parser.error("--fit needs --data")
         out = Path(__file__).resolve().parents[1] / "recon" / "priors" / "weights" / BUILTIN_PRIORS[spec["prior"]]
-        offset = args.offset
-        if offset not in (None, "balanced"):
-            try:
-                offset = float(offset)
-            except ValueError:
-                parser.error(f"--offset: a number >= 0 or 'balanced' expected, got {offset!r}")
         print(fit(args.data, args.task, args.slices or spec["slices"], args.fit_out or out / spec["file"],
-                  args.fit_seeds or spec.get("fit_seeds", [0]), offset), flush=True)
+                  args.fit_seeds or spec.get("fit_seeds", [0]), _offset(parser, args.offset)), flush=True)
         return
     configs = {**spec["fit"], **spec["unseen"]}
     unknown = sorted(set(args.cases or []) - set(configs))

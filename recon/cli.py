@@ -693,6 +693,9 @@ def _add_train_prior(sub) -> None:
     tp.add_argument("--focus-hu", type=float, nargs=2, metavar=("LOW", "HIGH"),
                     help="CT: weigh the loss more where the noisy input lies in this HU range (e.g. -100 200)")
     tp.add_argument("--focus-weight", type=float, help="the extra loss weight inside --focus-hu (0: off)")
+    tp.add_argument("--scale-range", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="random zoom of each crop, source pixels per output pixel (log-uniform; above 1 zooms out, "
+                         "area-averaged: coarser, larger views)")
     tp.add_argument("--device", default="cpu")
     tp.add_argument("--threads", type=int, help="CPU threads for torch")
     tp.set_defaults(func=_train_prior_command, quiet=False, verbose=False)
@@ -796,7 +799,7 @@ def _train_prior_command(args) -> int:
             "checkpoint_every": args.checkpoint_every, "sample_every": args.sample_every, "seed": args.seed,
             "on_error": args.on_error, "init_from": args.init_from,
             "focus_hu": tuple(args.focus_hu) if args.focus_hu else None, "focus_weight": args.focus_weight,
-            "lr_decay": args.lr_decay,
+            "lr_decay": args.lr_decay, "scale_range": tuple(args.scale_range) if args.scale_range else None,
         }.items()
         if v is not None
     }

@@ -353,6 +353,24 @@ def test_augmentations_rotation_zoom_and_through_plane(tmp_path):
     assert through_plane_slices(tmp_path / "v.nii.gz", TrainConfig()) == []
 
 
+def test_zooming_out_averages_instead_of_aliasing():
+    """A one-pixel checkerboard seen at 2 source pixels per output pixel is its mean (0) everywhere, as a detector
+    of twice the pixel size would see it, not a pattern picked by where the samples fall; at 3 it is the 3 × 3 block
+    mean (±1/9); below 2 nothing is averaged; the zoom range is checked."""
+    from recon.priors.train import BatchMaker, zoomed_out
+
+    i, j = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    board = ((i + j) % 2 * 2 - 1).float()
+    cfg = TrainConfig(crop=16, batch_size=1, modality="mri", rotation_deg=0.0, scale_range=(2.0, 2.0),
+                      min_foreground=0.0)
+    patch = BatchMaker([board], cfg, torch.Generator().manual_seed(0))._warped_crop(board)
+    assert patch.shape == (16, 16) and patch.abs().max() < 1e-6
+    assert torch.allclose(zoomed_out(board, 3.5).abs(), torch.full((21, 21), 1 / 9))
+    assert zoomed_out(board, 1.9) is board
+    with pytest.raises(ValueError, match="scale_range"):
+        TrainConfig(scale_range=(2.0, 1.0))
+
+
 def test_presets_read_the_recipe_folder(tmp_path, monkeypatch):
     from recon.priors.train import default_ct_config, default_mri_config, prior_data_dir, pydicom_ct_files
 

@@ -53,6 +53,7 @@ __all__ = [
     "through_plane_slices",
     "train_prior",
     "write_grid",
+    "zoomed_out",
 ]
 
 log = logging.getLogger("recon.train")
@@ -80,7 +81,8 @@ class TrainConfig:
     volume_axes: tuple = (2,)  # NIfTI volumes: axes to slice along ((0, 1, 2): all three orientations)
     intensity_jitter: float = 0.0  # random intensity scale in [1 - j, 1 + j] (MRI: robustness to normalisation)
     rotation_deg: float = 0.0  # small random rotations in [-r, r] degrees (bilinear resampling of the crop)
-    scale_range: tuple = (1.0, 1.0)  # random zoom: source pixels per output pixel, log-uniform in [lo, hi]
+    scale_range: tuple = (1.0, 1.0)  # random zoom: source pixels per output pixel, log-uniform in [lo, hi]; from
+    # 2 up, the source is first area-averaged by the zoom's integer part (no aliasing in coarse, larger views)
     through_plane_stride: int = 0  # NIfTI volumes (≥ 32 voxels each way): also every k-th slice along the other
     # two axes, resampled to the in-plane spacing (0: off)
     p_mean: float = -1.0
@@ -109,6 +111,8 @@ class TrainConfig:
         self.exclude = tuple(self.exclude)
         self.volume_axes = tuple(int(a) for a in self.volume_axes)
         self.scale_range = tuple(float(v) for v in self.scale_range)
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range must be (lo, hi) with 0 < lo <= hi, got {self.scale_range!r}")
         if self.focus_hu is not None:
             self.focus_hu = tuple(float(v) for v in self.focus_hu)
             if self.modality != "ct" or len(self.focus_hu) != 2 or self.focus_hu[0] >= self.focus_hu[1]:
@@ -281,6 +285,17 @@ def through_plane_slices(path: Path, cfg: TrainConfig) -> list[np.ndarray]:
     return out
 
 
+def zoomed_out(img: torch.Tensor, s: float) -> torch.Tensor:
+    """``img`` area-averaged over ``k × k`` blocks, ``k = ⌊s⌋`` (trailing rows and columns that do not fill a block
+    dropped), for sampling at ``s`` source pixels per output pixel without aliasing; ``img`` itself when ``s < 2`` or
+    the image is smaller than a block. ``grid_sample``'s normalised coordinates span the image whatever its size, so
+    the same sampling grid applies to the averaged image."""
+    k = int(s)
+    if k < 2 or min(img.shape[-2:]) < k:
+        return img
+    return torch.nn.functional.avg_pool2d(img[None, None].float(), k)[0, 0]
+
+
 class BatchMaker:
     """Draws training batches (crops, flips, rotations, phantoms) from one seeded generator."""
 
@@ -300,7 +315,8 @@ class BatchMaker:
 
     def _warped_crop(self, img: torch.Tensor) -> torch.Tensor:
         """A crop seen through a random small rotation and zoom (one bilinear ``grid_sample`` of the crop's
-        c × c output grid, border padding), centred on a random pixel of the image."""
+        c × c output grid, border padding), centred on a random pixel of the image. Zooming out by ``s ≥ 2`` samples
+        the image area-averaged over ``⌊s⌋ × ⌊s⌋`` blocks (``zoomed_out``), as a coarser acquisition would see it."""
         c = self.cfg.crop
         lo, hi = self.cfg.scale_range
         h, w = img.shape
@@ -314,7 +330,7 @@ class BatchMaker:
                                   [s * c / h * math.sin(t), s * c / h * math.cos(t), 2 * ci / h - 1]],
                                  dtype=torch.float32)[None]
             grid = torch.nn.functional.affine_grid(theta, [1, 1, c, c], align_corners=False)
-            patch = torch.nn.functional.grid_sample(img[None, None].float(), grid, mode="bilinear",
+            patch = torch.nn.functional.grid_sample(zoomed_out(img, s)[None, None].float(), grid, mode="bilinear",
                                                     padding_mode="border", align_corners=False)[0, 0]
             if float((patch > -0.98).float().mean()) >= self.cfg.min_foreground:
                 break

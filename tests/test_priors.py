@@ -436,15 +436,18 @@ def test_focus_weighting_keeps_the_posterior_mean_as_the_loss_minimiser():
     assert (from_x0 - exact).abs().max() > 0.05, (from_x0, exact)
 
 
-def test_train_prior_command_takes_a_focus_range(tmp_path, ct_file):
+def test_train_prior_command_takes_a_focus_range_and_a_zoom_range(tmp_path, ct_file):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "recon.cli", "train-prior", "-i", ct_file, "-o", str(out), "--steps", "2",
            "--crop", "16", "--batch-size", "2", "--sample-every", "0", "--focus-hu", "-100", "200",
            "--focus-weight", "4"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([*cmd, "--scale-range", "0.5", "3"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     config = load_prior(out / "prior").card["training"]["config"]
     assert config["focus_hu"] == [-100.0, 200.0] and config["focus_weight"] == 4.0
+    assert config["scale_range"] == [0.5, 3.0]
+    res = subprocess.run([*cmd, "--scale-range", "3", "0.5"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "scale_range" in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run([*cmd[:-5], "--modality", "mri", "--focus-hu", "-100", "200", "--focus-weight", "4"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "focus" in res.stderr and "Traceback" not in res.stderr

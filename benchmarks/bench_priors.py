@@ -8,6 +8,7 @@
     python benchmarks/bench_priors.py --prior RUN/prior --validation prior-data/ct/held-out --skip-throughput
     python benchmarks/bench_priors.py --prior default-mri --training prior-data/mri/train --skip-throughput
     python benchmarks/bench_priors.py --prior default-ct --symmetry d4 --json benchmarks/prior_ct_d4.json
+    python benchmarks/bench_priors.py --prior default-ct --pixel-sizes --skip-throughput --json /tmp/prior_ct_scale.json
 
 Quality: one Tweedie step ``prior.denoise(x + σ n, σ)`` on images the prior never saw, against
 Gaussian filtering and TV (Chambolle) with their parameter tuned per image and noise level on a grid (an
@@ -65,6 +66,24 @@ def held_out_ct(prior) -> list[tuple[str, np.ndarray]]:
     for seed in range(10_000, 10_004):
         images.append((f"phantom seed {seed} (128²)", random_ct_phantom((128, 128), torch.Generator().manual_seed(seed))
                        .double().numpy()))
+    return [(name, prior.normalize(torch.from_numpy(img)).clamp(-1, 1).numpy()) for name, img in images]
+
+
+def ct_pixel_sizes(prior) -> list[tuple[str, np.ndarray]]:
+    """The 693 head at three pixel sizes: its central 256² at 0.48 mm, and the whole 512² slice area-averaged 2× and
+    4× (0.96 mm, 1.9 mm: the evaluation matrix's 128² rows)."""
+    from pydicom.data import get_testdata_file
+    from skimage.transform import downscale_local_mean
+
+    from recon.datasets.slices import read_slices
+
+    path = get_testdata_file("693_UNCR.dcm", download=False)
+    if path is None:
+        raise FileNotFoundError("693_UNCR.dcm not found: pip install pydicom-data")
+    hu = next(read_slices(path)).astype(np.float64)
+    images = [("693 head at 0.48 mm (central 256²)", hu[128:384, 128:384]),
+              ("693 head at 0.96 mm (whole slice, 256²)", downscale_local_mean(hu, (2, 2))),
+              ("693 head at 1.9 mm (whole slice, 128²)", downscale_local_mean(hu, (4, 4)))]
     return [(name, prior.normalize(torch.from_numpy(img)).clamp(-1, 1).numpy()) for name, img in images]
 
 
@@ -265,10 +284,14 @@ def throughput(prior_name, threads, symmetry=None):
     return dict(zip(keys, map(float, out), strict=True))
 
 
-def scored_images(prior, modality: str, training: str | None, validation: str | None):
-    """``(images, HU per normalised unit or None)``: the training folder's, the validation folder's or the
-    reported held-out images."""
+def scored_images(prior, modality: str, training: str | None, validation: str | None, pixel_sizes: bool = False):
+    """``(images, HU per normalised unit or None)``: the training folder's, the validation folder's, the 693 head
+    at three pixel sizes or the reported held-out images."""
     hu_per_unit = (prior.intensity.high - prior.intensity.low) / 2 if modality == "ct" else None
+    if pixel_sizes:
+        if modality != "ct":
+            raise SystemExit("--pixel-sizes: a CT prior is needed (the 693 head CT)")
+        return ct_pixel_sizes(prior), hu_per_unit
     if training:
         return training_images(prior, training, modality), hu_per_unit
     if validation:
@@ -289,6 +312,8 @@ def main():
                         "folder instead of the reported ones (choosing between training runs)")
     which.add_argument("--training", metavar="FOLDER", help="score the middle slice of each volume of the recipe's "
                         "training folder instead (does the network fit what it was trained on?)")
+    which.add_argument("--pixel-sizes", action="store_true", help="CT: score the 693 head at 0.48, 0.96 and 1.9 mm "
+                       "pixels instead (does the prior hold at the evaluation matrix's coarser scale?)")
     parser.add_argument("--symmetry", choices=["d4"], help="the prior's denoiser averaged over the square's rotations "
                         "and flips (8 network evaluations per image; `load_prior(..., symmetry=...)`)")
     parser.add_argument("--patch-gmm", metavar="PRIOR", help="also the patch-GMM prior (e.g. patch-gmm-ct) as a column")
@@ -300,7 +325,7 @@ def main():
     modality = args.modality or ("ct" if getattr(prior.intensity, "unit", "") == "HU" else "mri")
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    images, hu_per_unit = scored_images(prior, modality, args.training, args.validation)
+    images, hu_per_unit = scored_images(prior, modality, args.training, args.validation, args.pixel_sizes)
     steps = prior.card.get("training", {}).get("steps")
     label = args.label or (f"{args.prior} ({args.symmetry} mean)" if args.symmetry else args.prior)
     groups: dict = {}
